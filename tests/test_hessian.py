@@ -120,7 +120,7 @@ def test_epsilon_sharpness_quadratic_and_restores_params():
             loss_fn, [w], eps=eps, steps=10, method=method, generator=torch.Generator().manual_seed(0)
         )
         assert got == pytest.approx(expected, rel=1e-6), method
-        assert float(w) == 0.0
+        assert float(w.detach()) == 0.0
 
 
 def test_epsilon_sharpness_orders_sharp_and_flat(problem):
