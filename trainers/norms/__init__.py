@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from typing import Any
 
 from torch import nn
@@ -72,6 +73,14 @@ class NormFactory:
     def __call__(self, num_features: int, dims: int) -> nn.Module:
         return create_norm_layer(self.name, num_features, dims, **self.kwargs)
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Let a variant rewrite the built model (e.g. weight standardization wraps the convs):
+        it does so by defining ``prepare_model(model)`` in its own module."""
+        module = sys.modules[NORMS.get(self.name).__module__]
+        hook = getattr(module, "prepare_model", None)
+        return hook(model) if callable(hook) else model
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         return f"NormFactory({self.name!r}{', ' + args if args else ''})"
+

@@ -1,0 +1,539 @@
+"""Early-stopping rules as plain Python objects, and a replay over recorded curves.
+
+Why plain objects: the same rule must decide identically inside a Lightning callback, in a unit
+test on a hand-made curve, and in the benchmark that replays thousands of recorded curves. A rule
+consumes one epoch at a time (``update(value, train_value)``), answers stop / go, and remembers
+the best epoch (whose weights a callback restores). No torch, no Trainer.
+
+Rules (``make_rule(name, **kwargs)``; ``mode="min"`` unless told):
+
+``curvature``  (shiftlab's rule; :class:`CurvatureRule`) reads the *shape* of the curve: a
+    weighted local quadratic fit over a trailing window gives the smoothed value, slope and
+    curvature at the newest epoch with standard errors; it stops when the minimum has been passed
+    with confidence, or when the improvement still to come is below ``min_delta``.
+``patience``   Lightning/Keras style: stop after ``patience`` epochs without an improvement of
+    more than ``min_delta``.
+``gl``         Prechelt (1998) GL_alpha: stop when the generalization loss
+    ``GL = 100 * (E_va / E_opt - 1)`` exceeds ``alpha``.
+``pq``         Prechelt's PQ_alpha: at the end of each strip of ``k`` epochs, stop when
+    ``GL / P_k > alpha`` with training progress ``P_k = 1000 * (mean of the strip's train errors /
+    their min - 1)``. Needs the training curve.
+``up``         Prechelt's UP_s: stop when the validation error rose at the end of ``s``
+    successive strips of ``k`` epochs.
+
+Every rule takes ``mode`` (``min`` | ``max``) and ``warmup`` (epochs before any decision; the
+best epoch is still tracked during warm-up). A non-finite monitored value stops at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "StoppingRule",
+    "PatienceRule",
+    "GLRule",
+    "PQRule",
+    "UPRule",
+    "CurvatureRule",
+    "LocalFit",
+    "local_quadratic_fit",
+    "Decision",
+    "make_rule",
+    "replay",
+    "RULES",
+]
+
+MODES = ("min", "max")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return mode
+
+
+class StoppingRule:
+    """Base class: best-epoch bookkeeping, warm-up, non-finite check, state (de)serialisation.
+
+    Subclasses implement :meth:`_decide` (called after warm-up with the epoch already recorded)
+    returning a stop reason or ``None``.
+    """
+
+    name = "base"
+    needs_train = False
+
+    def __init__(self, mode: str = "min", warmup: int = 0) -> None:
+        self.mode = _check_mode(mode)
+        if int(warmup) < 0:
+            raise ValueError(f"warmup={warmup} is out of range; allowed: warmup >= 0")
+        self.warmup = int(warmup)
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.epoch = -1  # index of the last epoch seen
+        self.values: list[float] = []
+        self.train_values: list[float] = []
+        self.best_value = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = -1
+        self.stopped_epoch: int | None = None
+        self.reason: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same decision after a resume (JSON-friendly)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else v)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _better(self, a: float, b: float, delta: float = 0.0) -> bool:
+        """True when ``a`` improves on ``b`` by more than ``delta``."""
+        return a < b - delta if self.mode == "min" else a > b + delta
+
+    def _sign(self) -> float:
+        """+1 in min mode; -1 in max mode, so ``sign * value`` is always 'lower is better'."""
+        return 1.0 if self.mode == "min" else -1.0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_epoch is not None
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-epoch numbers worth logging (why the rule decided what it did)."""
+        return {}
+
+    # -- the step ------------------------------------------------------------------------------
+    def update(self, value: float, train_value: float | None = None) -> bool:
+        """Record one epoch; return True when training should stop after it."""
+        if self.stopped:
+            return True
+        value = float(value)
+        self.epoch += 1
+        self.values.append(value)
+        if train_value is not None:
+            self.train_values.append(float(train_value))
+        elif self.needs_train:
+            raise ValueError(f"rule {self.name!r} needs the training curve; pass train_value")
+        if not math.isfinite(value):
+            return self._stop(f"monitored value is {value} at epoch {self.epoch}")
+        self._track_best(value)
+        if self.epoch < self.warmup:
+            self._observe()
+            return False
+        reason = self._decide()
+        return self._stop(reason) if reason else False
+
+    def _track_best(self, value: float) -> None:
+        """Update the epoch whose weights would be restored (raw arg-best by default)."""
+        if self.best_epoch < 0 or self._better(value, self.best_value):
+            self.best_value, self.best_epoch = value, self.epoch
+
+    def _observe(self) -> None:
+        """Hook for rules that keep running statistics during warm-up too."""
+
+    def _decide(self) -> str | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _stop(self, reason: str) -> bool:
+        self.stopped_epoch, self.reason = self.epoch, reason
+        return True
+
+
+# ------------------------------------------------------------------------------------------------
+# classic criteria
+# ------------------------------------------------------------------------------------------------
+class PatienceRule(StoppingRule):
+    """Stop after ``patience`` consecutive epochs without improving the reference by more than
+    ``min_delta`` (Lightning's ``EarlyStopping`` semantics, counted in epochs)."""
+
+    name = "patience"
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0, mode: str = "min",
+                 warmup: int = 0) -> None:
+        if int(patience) < 0:
+            raise ValueError(f"patience={patience} is out of range; allowed: patience >= 0")
+        if float(min_delta) < 0:
+            raise ValueError(f"min_delta={min_delta} is out of range; allowed: min_delta >= 0")
+        self.patience, self.min_delta = int(patience), float(min_delta)
+        super().__init__(mode=mode, warmup=warmup)
+
+    def reset(self) -> None:
+        super().reset()
+        self.ref = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+
+    def _track(self) -> None:
+        v = self.values[-1]
+        if self._better(v, self.ref, self.min_delta):
+            self.ref, self.wait = v, 0
+        else:
+            self.wait += 1
+
+    def _observe(self) -> None:
+        self._track()
+
+    def _decide(self) -> str | None:
+        self._track()
+        if self.wait > self.patience or (self.patience == 0 and self.wait > 0):
+            return (f"no improvement > {self.min_delta:g} in {self.wait} epochs "
+                    f"(patience={self.patience})")
+        return None
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"wait": float(self.wait)}
+
+
+def _relative_loss(rule: StoppingRule, value: float) -> float:
+    """Prechelt's generalization loss in percent, generalized to max mode as the relative
+    degradation ``100 * (best / value - 1)``. Needs positive values."""
+    best = rule.best_value
+    if value <= 0 or best <= 0:
+        raise ValueError(f"rule {rule.name!r} needs positive monitored values (got {value:g}, "
+                         f"best {best:g}); monitor a loss or an error rate")
+    return 100.0 * (value / best - 1.0) if rule.mode == "min" else 100.0 * (best / value - 1.0)
+
+
+class GLRule(StoppingRule):
+    """Prechelt's GL_alpha: stop as soon as ``GL(t) = 100 (E_va(t) / E_opt(t) - 1) > alpha``."""
+
+    name = "gl"
+
+    def __init__(self, alpha: float = 5.0, mode: str = "min", warmup: int = 0) -> None:
+        if float(alpha) < 0:
+            raise ValueError(f"alpha={alpha} is out of range; allowed: alpha >= 0")
+        self.alpha = float(alpha)
+        super().__init__(mode=mode, warmup=warmup)
+
+    def reset(self) -> None:
+        super().reset()
+        self.gl = 0.0
+
+    def _observe(self) -> None:
+        self.gl = _relative_loss(self, self.values[-1])
+
+    def _decide(self) -> str | None:
+        self._observe()
+        if self.gl > self.alpha:
+            return f"GL={self.gl:.3g} > alpha={self.alpha:g}"
+        return None
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"gl": self.gl}
+
+
+def training_progress(train: Sequence[float], k: int) -> float:
+    """Prechelt's ``P_k(t) = 1000 * (sum of the last k train errors / (k * their min) - 1)``."""
+    strip = train[-k:]
+    lo = min(strip)
+    if lo <= 0:
+        return math.inf if sum(strip) > 0 else 0.0
+    return 1000.0 * (sum(strip) / (len(strip) * lo) - 1.0)
+
+
+class PQRule(StoppingRule):
+    """Prechelt's PQ_alpha: at each end of a strip of ``k`` epochs, stop when ``GL / P_k > alpha``.
+
+    ``P_k`` is measured on the training curve (``train_value``), always in 'lower is better'
+    orientation (pass a loss or an error).
+    """
+
+    name = "pq"
+    needs_train = True
+
+    def __init__(self, alpha: float = 0.5, k: int = 5, mode: str = "min", warmup: int = 0) -> None:
+        if float(alpha) < 0:
+            raise ValueError(f"alpha={alpha} is out of range; allowed: alpha >= 0")
+        if int(k) < 1:
+            raise ValueError(f"k={k} is out of range; allowed: k >= 1")
+        self.alpha, self.k = float(alpha), int(k)
+        super().__init__(mode=mode, warmup=warmup)
+
+    def reset(self) -> None:
+        super().reset()
+        self.gl, self.pk, self.pq = 0.0, math.inf, 0.0
+
+    def _decide(self) -> str | None:
+        self.gl = _relative_loss(self, self.values[-1])
+        if (self.epoch + 1) % self.k != 0:
+            return None
+        self.pk = training_progress(self.train_values, self.k)
+        self.pq = self.gl / self.pk if self.pk > 0 else (math.inf if self.gl > 0 else 0.0)
+        if self.pq > self.alpha:
+            return f"GL/P_k={self.pq:.3g} > alpha={self.alpha:g} (GL={self.gl:.3g}, P_k={self.pk:.3g})"
+        return None
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"gl": self.gl, "pk": self.pk, "pq": self.pq}
+
+
+class UPRule(StoppingRule):
+    """Prechelt's UP_s: stop when the validation error rose (fell, in max mode) at the end of
+    ``s`` successive strips of ``k`` epochs, each compared with the end of the previous strip."""
+
+    name = "up"
+
+    def __init__(self, s: int = 3, k: int = 5, mode: str = "min", warmup: int = 0) -> None:
+        if int(s) < 1 or int(k) < 1:
+            raise ValueError(f"s={s}, k={k} are out of range; allowed: s >= 1 and k >= 1")
+        self.s, self.k = int(s), int(k)
+        super().__init__(mode=mode, warmup=warmup)
+
+    def reset(self) -> None:
+        super().reset()
+        self.ups = 0
+
+    def _strip_end(self) -> None:
+        if (self.epoch + 1) % self.k != 0 or self.epoch < self.k:
+            return
+        now, before = self.values[-1], self.values[-1 - self.k]
+        self.ups = self.ups + 1 if self._better(before, now) else 0
+
+    def _observe(self) -> None:
+        self._strip_end()
+
+    def _decide(self) -> str | None:
+        self._strip_end()
+        if self.ups >= self.s:
+            return f"validation worsened in {self.ups} successive strips of {self.k} (s={self.s})"
+        return None
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"ups": float(self.ups)}
+
+
+# ------------------------------------------------------------------------------------------------
+# curvature rule
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LocalFit:
+    """Weighted quadratic ``y(s) = value + slope*s + curvature*s^2/2`` around the newest epoch
+    (``s = 0``; ``s < 0`` is the past), with standard errors from the residual variance."""
+
+    value: float
+    slope: float
+    curvature: float
+    se_value: float
+    se_slope: float
+    se_curvature: float
+    n: int
+
+
+def _inv3(a: list[list[float]]) -> list[list[float]] | None:
+    """Inverse of a symmetric 3x3 matrix by cofactors; None if (numerically) singular."""
+    (p, q, r), (_, s, t), (_, _, u) = a
+    det = p * (s * u - t * t) - q * (q * u - t * r) + r * (q * t - s * r)
+    scale = max(abs(p * s * u), 1e-300)
+    if abs(det) < 1e-12 * scale:
+        return None
+    c = [[s * u - t * t, r * t - q * u, q * t - r * s],
+         [r * t - q * u, p * u - r * r, q * r - p * t],
+         [q * t - r * s, q * r - p * t, p * s - q * q]]
+    return [[x / det for x in row] for row in c]
+
+
+def _matmul3(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
+
+
+def local_quadratic_fit(y: Sequence[float], half_life: float | None = None) -> LocalFit | None:
+    """Weighted least-squares quadratic through ``y`` (equally spaced, newest last).
+
+    Weights ``w_i = 0.5 ** (age_i / half_life)`` (uniform if ``half_life`` is None) favour
+    recent epochs. Coordinates are centred on the newest point so the intercept is the smoothed
+    current value and the linear term the current slope (a one-sided Savitzky-Golay filter with
+    error bars). The noise is taken as homoscedastic, so the weights are a choice of estimator,
+    not of noise model: the covariance is the sandwich ``sigma^2 M^-1 (A'W^2A) M^-1`` with
+    ``M = A'WA`` and ``sigma^2`` from the weighted residuals (Kish effective sample size for the
+    degrees of freedom). Needs at least 4 points; returns None otherwise or when singular.
+    """
+    n = len(y)
+    if n < 4:
+        return None
+    xs = [float(i - (n - 1)) for i in range(n)]
+    ws = [1.0 if not half_life else 0.5 ** (-x / half_life) for x in xs]
+    basis = [(1.0, x, 0.5 * x * x) for x in xs]  # value, slope, curvature
+    m = [[sum(w * f[i] * f[j] for w, f in zip(ws, basis)) for j in range(3)] for i in range(3)]
+    m2 = [[sum(w * w * f[i] * f[j] for w, f in zip(ws, basis)) for j in range(3)] for i in range(3)]
+    aty = [sum(w * f[i] * v for w, f, v in zip(ws, basis, y)) for i in range(3)]
+    inv = _inv3(m)
+    if inv is None:
+        return None
+    beta = [sum(inv[i][j] * aty[j] for j in range(3)) for i in range(3)]
+    resid = [v - sum(b * fi for b, fi in zip(beta, f)) for f, v in zip(basis, y)]
+    sw = sum(ws)
+    n_eff = sw * sw / sum(w * w for w in ws)
+    sigma2 = sum(w * r * r for w, r in zip(ws, resid)) / sw * n_eff / max(n_eff - 3.0, 1.0)
+    cov = _matmul3(_matmul3(inv, m2), inv)
+    se = [math.sqrt(max(sigma2 * cov[i][i], 0.0)) for i in range(3)]
+    return LocalFit(beta[0], beta[1], beta[2], se[0], se[1], se[2], n)
+
+
+class CurvatureRule(StoppingRule):
+    """Stop from the fitted shape of the validation curve (shiftlab's rule).
+
+    Each epoch (after ``warmup``) it fits :func:`local_quadratic_fit` to the last ``window``
+    values, transformed by ``log`` (relative changes; used when every value is positive) and
+    oriented so that lower is better, and stops when either
+
+    1. **the minimum is behind** (``rise``): the current slope is positive with confidence,
+       ``slope > z * se_slope``, and the best epoch lies at least ``min_behind`` epochs back; or
+    2. **little is left to gain** (``plateau``): an optimistic estimate of the improvement still
+       to come, ``R``, is below ``min_delta``. With the optimistic slope ``g = max(0, -slope) +
+       z * se_slope`` (descent speed) and curvature ``c``: ``R = min(g^2 / c, g * lookahead)`` if
+       ``c > 0`` (the tail of an exponential decay ``y = A exp(-k s)`` with that slope and
+       curvature has exactly ``y'^2 / y''`` left; the linear bound caps it over ``lookahead``
+       epochs), else ``R = g * lookahead``. In log space ``min_delta`` is a relative change.
+
+    The best epoch is the raw arg-best of the monitored values (``restore="raw"``) or of the
+    smoothed values (``restore="smoothed"``), both causal so a callback can save weights then.
+
+    Defaults were tuned on half of the benchmark corpus (see
+    ``experiments/early_stopping_benchmark.py``) and reported on the other half.
+    """
+
+    name = "curvature"
+
+    def __init__(self, window: int = 12, half_life: float | None = 8.0, z: float = 2.0,
+                 min_delta: float = 0.01, lookahead: float = 20.0, min_behind: int = 2,
+                 log: bool = True, restore: str = "raw", mode: str = "min",
+                 warmup: int = 8) -> None:
+        if int(window) < 4:
+            raise ValueError(f"window={window} is out of range; allowed: window >= 4")
+        if half_life is not None and float(half_life) <= 0:
+            raise ValueError(f"half_life={half_life} is out of range; allowed: > 0 or null")
+        if float(z) < 0 or float(min_delta) < 0 or float(lookahead) <= 0:
+            raise ValueError("z, min_delta must be >= 0 and lookahead > 0 "
+                             f"(got z={z}, min_delta={min_delta}, lookahead={lookahead})")
+        if restore not in ("raw", "smoothed"):
+            raise ValueError(f"restore={restore!r} is unknown; allowed: raw, smoothed")
+        self.window, self.z, self.min_delta = int(window), float(z), float(min_delta)
+        self.half_life = None if half_life is None else float(half_life)
+        self.lookahead, self.min_behind = float(lookahead), int(min_behind)
+        self.log, self.restore = bool(log), restore
+        super().__init__(mode=mode, warmup=warmup)
+
+    def reset(self) -> None:
+        super().reset()
+        self.smoothed = math.nan  # transformed, oriented: lower is better
+        self.slope = math.nan
+        self.curvature = math.nan
+        self.se_slope = math.nan
+        self.remaining = math.nan
+        self.use_log = self.log
+        self.best_smoothed = math.inf
+        self.raw_best_value = math.inf if self.mode == "min" else -math.inf
+        self.raw_best_epoch = -1
+
+    def _transform(self, ys: Sequence[float]) -> list[float]:
+        sign = self._sign()
+        if self.use_log:
+            return [sign * math.log(v) for v in ys]
+        return [sign * v for v in ys]
+
+    def _track_best(self, value: float) -> None:
+        if self.use_log and value <= 0:  # log needs positive values: fall back for good
+            self.use_log, self.best_smoothed = False, math.inf
+        if self.raw_best_epoch < 0 or self._better(value, self.raw_best_value):
+            self.raw_best_value, self.raw_best_epoch = value, self.epoch
+        self._fit()
+        if self.restore == "raw":
+            self.best_value, self.best_epoch = self.raw_best_value, self.raw_best_epoch
+        elif self.smoothed < self.best_smoothed or self.best_epoch < 0:
+            self.best_smoothed = self.smoothed
+            self.best_value, self.best_epoch = value, self.epoch
+
+    def _fit(self) -> None:
+        ys = self._transform(self.values[-self.window:])
+        fit = local_quadratic_fit(ys, self.half_life)
+        if fit is None:
+            self.smoothed = ys[-1]
+            self.slope = self.curvature = self.se_slope = self.remaining = math.nan
+            return
+        self.smoothed, self.slope, self.curvature = fit.value, fit.slope, fit.curvature
+        self.se_slope = fit.se_slope
+        g = max(0.0, -fit.slope) + self.z * fit.se_slope
+        lin = g * self.lookahead
+        self.remaining = min(g * g / fit.curvature, lin) if fit.curvature > 0 else lin
+
+    def _decide(self) -> str | None:
+        if math.isnan(self.slope):
+            return None
+        behind = self.epoch - self.best_epoch
+        if self.slope > self.z * self.se_slope and behind >= self.min_behind:
+            return (f"minimum passed: slope={self.slope:.3g} > z*se={self.z * self.se_slope:.3g}, "
+                    f"best epoch {self.best_epoch} is {behind} epochs back")
+        if self.remaining < self.min_delta:
+            return (f"plateau: extrapolated remaining improvement {self.remaining:.3g} < "
+                    f"min_delta={self.min_delta:g} (slope={self.slope:.3g}, "
+                    f"curvature={self.curvature:.3g})")
+        return None
+
+    def diagnostics(self) -> dict[str, float]:
+        """Smoothed value in the monitored metric's units; slope, curvature and the remaining
+        improvement in the transformed, lower-is-better units the decision uses."""
+        sm = self._sign() * self.smoothed
+        if self.use_log and math.isfinite(sm):
+            sm = math.exp(sm)
+        return {"smoothed": sm, "slope": self.slope, "curvature": self.curvature,
+                "se_slope": self.se_slope, "remaining": self.remaining}
+
+
+# ------------------------------------------------------------------------------------------------
+# factory and replay
+# ------------------------------------------------------------------------------------------------
+RULES: dict[str, Callable[..., StoppingRule]] = {
+    "curvature": CurvatureRule,
+    "patience": PatienceRule,
+    "gl": GLRule,
+    "pq": PQRule,
+    "up": UPRule,
+}
+
+
+def make_rule(name: str, **kwargs: Any) -> StoppingRule:
+    """Build a rule by name (``curvature`` | ``patience`` | ``gl`` | ``pq`` | ``up``)."""
+    try:
+        cls = RULES[name]
+    except KeyError:
+        raise ValueError(f"rule={name!r} is unknown; allowed: {', '.join(RULES)}") from None
+    return cls(**kwargs)
+
+
+@dataclass
+class Decision:
+    """Outcome of a replay. ``stop_epoch``: 0-based index of the epoch after which training
+    stops (the last index when the rule never fires); ``best_epoch``: the epoch restored."""
+
+    stop_epoch: int
+    best_epoch: int
+    stopped: bool
+    reason: str | None
+    trace: list[dict[str, float]] = field(default_factory=list)
+
+
+def replay(rule: StoppingRule | str, val_loss: Sequence[float],
+           train_loss: Sequence[float] | None = None, trace: bool = False,
+           **kwargs: Any) -> Decision:
+    """Run ``rule`` (an object, reset first, or a name for :func:`make_rule`) over a recorded
+    curve, epoch by epoch, exactly as a callback would see it."""
+    if isinstance(rule, str):
+        rule = make_rule(rule, **kwargs)
+    elif kwargs:
+        raise ValueError("keyword arguments are only accepted with a rule name")
+    if len(val_loss) == 0:
+        raise ValueError("val_loss is empty; replay needs at least one epoch")
+    if train_loss is not None and len(train_loss) != len(val_loss):
+        raise ValueError(f"train_loss has {len(train_loss)} epochs, val_loss {len(val_loss)}")
+    rule.reset()
+    rows: list[dict[str, float]] = []
+    for i, v in enumerate(val_loss):
+        stop = rule.update(v, None if train_loss is None else train_loss[i])
+        if trace:
+            rows.append(rule.diagnostics())
+        if stop:
+            return Decision(i, rule.best_epoch, True, rule.reason, rows)
+    return Decision(len(val_loss) - 1, rule.best_epoch, False, None, rows)

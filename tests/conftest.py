@@ -1,0 +1,40 @@
+"""Shared test helpers: compose the real Hydra config with overrides, run it in a temp dir."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(REPO / "configs")
+
+
+def compose_cfg(overrides: list[str], out: Path | None = None):
+    """The composed ``train`` config, as Hydra would build it for ``shiftlab-train overrides``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    extra = [f"paths.output_dir={out}"] if out is not None else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides) + extra)
+
+
+QUIET = ["print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "callbacks=none", "trainer.accelerator=cpu"]
+
+
+@pytest.fixture
+def run_cfg(tmp_path):
+    """``run_cfg(*overrides)`` -> composed config writing into a fresh temp run directory."""
+
+    def make(*overrides: str, quiet: bool = True):
+        return compose_cfg((QUIET if quiet else []) + list(overrides), tmp_path / "run")
+
+    return make
