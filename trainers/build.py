@@ -77,6 +77,14 @@ def kubeflow_env_present(env: os._Environ | dict = os.environ) -> bool:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+    # `trainer.enable_progress_bar=false` / `enable_model_summary=false` switch the configured
+    # rich callbacks off instead of making Lightning refuse the combination.
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_model_summary", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     plugins = []
     mode = cfg.get("cluster_env", "auto")
     if mode == "kubeflow" or (mode == "auto" and kubeflow_env_present()):

@@ -51,15 +51,17 @@ def _check(unary: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 def _safe_max(a: Tensor, dim: int) -> Tensor:
-    """Max along ``dim`` (kept), with -inf rows replaced by 0 so ``a - m`` stays finite/-inf."""
-    m = a.amax(dim=dim, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    """Max along ``dim`` (kept), clamped to the dtype's lowest finite value so that an all -inf
+    row gives ``a - m = -inf`` (exp 0) instead of NaN."""
+    return a.amax(dim=dim, keepdim=True).clamp_min(torch.finfo(a.dtype).min)
 
 
-def log_matmul_exp(a: Tensor, exp_trans: Tensor, col_max: Tensor) -> Tensor:
-    """``logsumexp_i(a[:, i] + trans[i, j])`` for ``a`` (B, K), given ``exp(trans - col_max)``."""
+def log_matmul_exp(a: Tensor, exp_trans: Tensor, shifted: Tensor) -> Tensor:
+    """``logsumexp_i(a[:, i] + trans[i, j]) + u[:, j]`` for ``a`` (B, K), given
+    ``exp(trans - col_max)`` and ``shifted = u + col_max``. In-place adds are autograd-safe here
+    (``log`` saves its input, not its output) and save two allocations per step."""
     m = _safe_max(a, dim=-1)
-    return torch.log(torch.exp(a - m) @ exp_trans) + m + col_max
+    return torch.log(torch.exp(a - m) @ exp_trans).add_(m).add_(shifted)
 
 
 def _prep_trans(trans: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,9 +81,10 @@ def forward(unary: Tensor, trans: Tensor, start: Tensor, mask: Tensor | None = N
     unary, lengths = _check(unary, mask)
     B, T, K = unary.shape
     exp_trans, col_max = _prep_trans(trans)
+    shifted = unary + col_max
     alphas = [start + unary[:, 0]]
     for t in range(1, T):
-        alphas.append(log_matmul_exp(alphas[-1], exp_trans, col_max) + unary[:, t])
+        alphas.append(log_matmul_exp(alphas[-1], exp_trans, shifted[:, t]))
     log_alpha = torch.stack(alphas, dim=1)
     last = _gather_last(log_alpha, lengths)
     if end is not None:

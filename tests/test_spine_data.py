@@ -1,0 +1,113 @@
+"""Data modules: label noise rate and seeding, splits, offline generation, CIFAR-10 archive code."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.data import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
+from trainers.data.label_noise import corrupt_labels
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.4, 0.6])
+def test_label_noise_hits_the_requested_rate(rate):
+    y = torch.arange(1000) % 10
+    noisy, mask = corrupt_labels(y, rate, 10, seed=3)
+    assert mask.sum().item() == round(rate * 1000)
+    assert torch.equal(noisy != y, mask)  # every corrupted label really changed, nothing else did
+    assert noisy.min() >= 0 and noisy.max() < 10
+
+
+def test_label_noise_is_seeded():
+    y = torch.arange(500) % 7
+    a, ma = corrupt_labels(y, 0.3, 7, seed=1)
+    b, mb = corrupt_labels(y, 0.3, 7, seed=1)
+    c, mc = corrupt_labels(y, 0.3, 7, seed=2)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    assert not torch.equal(ma, mc)
+
+
+def test_label_noise_rejects_out_of_range():
+    with pytest.raises(ValueError, match="data.label_noise"):
+        corrupt_labels(torch.zeros(3, dtype=torch.long), 1.0, 2, 0)
+
+
+def test_datamodule_records_corruption_and_is_seeded():
+    a, b = DigitsDataModule(label_noise=0.4, seed=5), DigitsDataModule(label_noise=0.4, seed=5)
+    a.setup(), b.setup()
+    ts = a.train_set
+    assert torch.equal(ts.y != ts.y_true, ts.corrupted)
+    assert abs(ts.corrupted.float().mean().item() - 0.4) < 1e-3
+    assert torch.equal(ts.x, b.train_set.x) and torch.equal(ts.y, b.train_set.y)
+    n = len(a.train_set) + len(a.val_set) + len(a.test_set)
+    assert n == 1797
+
+
+def test_train_order_depends_only_on_seed_and_epoch():
+    dm = DigitsDataModule(batch_size=32, seed=1)
+    dm.setup()
+    first = [b[1] for b in dm.train_dataloader()]
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(0)
+    again = [b[1] for b in loader]
+    loader.sampler.set_epoch(1)
+    other = [b[1] for b in loader]
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    assert not all(torch.equal(p, q) for p, q in zip(first, other))
+
+
+def test_mnist1d_is_generated_without_writing_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dm = MNIST1DDataModule(seed=0)
+    dm.setup()
+    assert list(tmp_path.iterdir()) == []
+    assert dm.input_shape == (1, 40) and dm.num_classes == 10
+    assert len(dm.test_set) == 1000
+
+
+def test_synthetic_kinds():
+    for kind in ("clusters", "teacher"):
+        dm = SyntheticDataModule(kind=kind, num_samples=300, dim=6, num_classes=3)
+        dm.setup()
+        assert dm.input_shape == (6,) and dm.num_classes == 3
+    with pytest.raises(ValueError, match="data.kind"):
+        SyntheticDataModule(kind="spiral")
+
+
+def write_tiny_cifar(root, per_file: int = 6) -> tuple[str, str]:
+    """A CIFAR-10-format archive (python pickles in cifar-10-batches-py/), returned as (url, md5)."""
+    rng = np.random.default_rng(0)
+    folder = root / "src" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, size=per_file))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive.as_uri(), hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_cifar10_download_extract_and_load(tmp_path):
+    url, md5 = write_tiny_cifar(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path / "data"), url=url, md5=md5, val_fraction=0.2, seed=0)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.input_shape == (3, 32, 32) and dm.num_classes == 10
+    assert len(dm.train_set) + len(dm.val_set) == 30 and len(dm.test_set) == 6
+    assert abs(dm.train_set.x.mean().item()) < 3  # normalized
+
+
+def test_cifar10_md5_mismatch_is_reported(tmp_path):
+    url, _ = write_tiny_cifar(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path / "data"), url=url, md5="0" * 32)
+    with pytest.raises(RuntimeError, match="data.md5"):
+        dm.prepare_data()
+    assert not os.path.exists(tmp_path / "data" / "cifar-10-batches-py")
