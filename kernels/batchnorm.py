@@ -8,7 +8,7 @@ Forward in training is three launches:
    fills the GPU.
 2. ``_bn_combine_kernel``: one program per channel block merges the chunk partials in a fixed
    order (deterministic, no atomics) into the batch mean and biased variance.
-3. ``_bn_apply_kernel``: ``y = act(x * scale + shift [+ residual])``.
+3. ``_bn_apply_kernel``: ``y = act((x - mean) * scale + beta [+ residual])``.
 
 Backward mirrors it: per-chunk partial sums of ``dy`` and ``dy * xhat`` (the ReLU mask is
 recomputed from ``x`` [+ residual], never stored), an ordered combine, then the elementwise
@@ -31,14 +31,17 @@ if _backend.HAS_TRITON:
 
     @triton.jit
     def _bn_stats_kernel(X, P_CNT, P_MEAN, P_M2, C, S, sN, sC, sS, num_sb, total, per_prog,
-                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         pid_p = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         ar_s = tl.arange(0, BLOCK_S)
-        cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK_C], dtype=ACC)
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
+        m2 = tl.zeros([BLOCK_C], dtype=ACC)
+        # Shift by a per-channel pivot (the channel's first value, the same in every program) so
+        # that fp32 sums of large-offset data stay exact; partial means are relative to it.
+        pivot = tl.load(X + offs_c.to(tl.int64) * sC, mask=mask_c, other=0.0).to(ACC)
         start = pid_p * per_prog
         for i in range(0, per_prog):
             j = start + i
@@ -48,8 +51,8 @@ if _backend.HAS_TRITON:
             m = mask_s[:, None] & mask_c[None, :]
             ptr = (X + n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                    + offs_c[None, :].to(tl.int64) * sC)
-            x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-            t_cnt = tl.sum(mask_s.to(tl.float32), axis=0)
+            x = tl.where(m, tl.load(ptr, mask=m, other=0.0).to(ACC) - pivot[None, :], 0.0)
+            t_cnt = tl.sum(mask_s.to(ACC), axis=0)
             t_mean = tl.sum(x, axis=0) / tl.maximum(t_cnt, 1.0)
             d = tl.where(m, x - t_mean[None, :], 0.0)
             t_m2 = tl.sum(d * d, axis=0)
@@ -65,12 +68,13 @@ if _backend.HAS_TRITON:
         tl.store(P_M2 + out, m2, mask=mask_c)
 
     @triton.jit
-    def _bn_combine_kernel(P_CNT, P_MEAN, P_M2, MEAN, VAR, C, P, BLOCK_C: tl.constexpr):
+    def _bn_combine_kernel(X, sC, P_CNT, P_MEAN, P_M2, MEAN, VAR, C, P, BLOCK_C: tl.constexpr,
+                           ACC: tl.constexpr):
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
-        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK_C], dtype=ACC)
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
+        m2 = tl.zeros([BLOCK_C], dtype=ACC)
         for p in range(0, P):
             t_cnt = tl.load(P_CNT + p * C + offs_c, mask=mask_c, other=0.0)
             t_mean = tl.load(P_MEAN + p * C + offs_c, mask=mask_c, other=0.0)
@@ -81,26 +85,28 @@ if _backend.HAS_TRITON:
             mean = mean + delta * frac
             m2 = m2 + t_m2 + delta * delta * cnt * frac
             cnt = new_cnt
-        tl.store(MEAN + offs_c, mean, mask=mask_c)
+        pivot = tl.load(X + offs_c.to(tl.int64) * sC, mask=mask_c, other=0.0).to(ACC)
+        tl.store(MEAN + offs_c, mean + pivot, mask=mask_c)
         tl.store(VAR + offs_c, m2 / tl.maximum(cnt, 1.0), mask=mask_c)
 
     @triton.jit
-    def _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-        mean = tl.load(MEAN + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        var = tl.load(VAR + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+    def _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     ACC: tl.constexpr):
+        mean = tl.load(MEAN + offs_c, mask=mask_c, other=0.0).to(ACC)
+        var = tl.load(VAR + offs_c, mask=mask_c, other=1.0).to(ACC)
         inv = 1.0 / tl.sqrt(var + eps)
         scale = inv
         if HAS_W:
-            scale = inv * tl.load(W + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-        shift = -mean * scale
+            scale = inv * tl.load(W + offs_c, mask=mask_c, other=1.0).to(ACC)
+        beta = tl.zeros_like(mean)
         if HAS_B:
-            shift = shift + tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        return mean, inv, scale, shift
+            beta = tl.load(B + offs_c, mask=mask_c, other=0.0).to(ACC)
+        return mean, inv, scale, beta
 
     @triton.jit
     def _bn_apply_kernel(X, R, Y, MEAN, VAR, W, B, eps, C, S, sN, sC, sS, num_sb,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
-                         RELU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                         RELU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         j = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -109,11 +115,11 @@ if _backend.HAS_TRITON:
         m = (offs_s < S)[:, None] & mask_c[None, :]
         off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                + offs_c[None, :].to(tl.int64) * sC)
-        _, _, scale, shift = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B)
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        y = x * scale[None, :] + shift[None, :]
+        mean, _, scale, beta = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B, ACC)
+        x = tl.load(X + off, mask=m, other=0.0).to(ACC)
+        y = (x - mean[None, :]) * scale[None, :] + beta[None, :]
         if HAS_R:
-            y = y + tl.load(R + off, mask=m, other=0.0).to(tl.float32)
+            y = y + tl.load(R + off, mask=m, other=0.0).to(ACC)
         if RELU:
             y = tl.maximum(y, 0.0)
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
@@ -122,14 +128,14 @@ if _backend.HAS_TRITON:
     def _bn_bwd_reduce_kernel(X, DY, R, MEAN, VAR, W, B, P_SDY, P_SDYX, eps, C, S, sN, sC, sS,
                               num_sb, total, per_prog, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                               HAS_R: tl.constexpr, RELU: tl.constexpr,
-                              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         pid_p = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         ar_s = tl.arange(0, BLOCK_S)
-        mean, inv, scale, shift = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B)
-        sdy = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sdyx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        mean, inv, scale, beta = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B, ACC)
+        sdy = tl.zeros([BLOCK_C], dtype=ACC)
+        sdyx = tl.zeros([BLOCK_C], dtype=ACC)
         start = pid_p * per_prog
         for i in range(0, per_prog):
             j = start + i
@@ -138,12 +144,12 @@ if _backend.HAS_TRITON:
             m = ((offs_s < S) & (tl.full([BLOCK_S], j, tl.int32) < total))[:, None] & mask_c[None, :]
             off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                    + offs_c[None, :].to(tl.int64) * sC)
-            x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(X + off, mask=m, other=0.0).to(ACC)
+            dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
             if RELU:
-                pre = x * scale[None, :] + shift[None, :]
+                pre = (x - mean[None, :]) * scale[None, :] + beta[None, :]
                 if HAS_R:
-                    pre = pre + tl.load(R + off, mask=m, other=0.0).to(tl.float32)
+                    pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
                 dy = tl.where(pre > 0.0, dy, 0.0)
             sdy += tl.sum(dy, axis=0)
             sdyx += tl.sum(dy * (x - mean[None, :]), axis=0)
@@ -152,11 +158,11 @@ if _backend.HAS_TRITON:
         tl.store(P_SDYX + out, sdyx * inv, mask=mask_c)
 
     @triton.jit
-    def _sum_rows_kernel(P_A, P_B, A, B, C, P, BLOCK_C: tl.constexpr):
+    def _sum_rows_kernel(P_A, P_B, A, B, C, P, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        a = tl.zeros([BLOCK_C], dtype=ACC)
+        b = tl.zeros([BLOCK_C], dtype=ACC)
         for p in range(0, P):
             a += tl.load(P_A + p * C + offs_c, mask=mask_c, other=0.0)
             b += tl.load(P_B + p * C + offs_c, mask=mask_c, other=0.0)
@@ -167,7 +173,7 @@ if _backend.HAS_TRITON:
     def _bn_bwd_apply_kernel(X, DY, R, DX, DR, MEAN, VAR, W, B, SDY, SDYX, inv_count, eps,
                              C, S, sN, sC, sS, num_sb, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                              HAS_R: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         j = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -176,13 +182,13 @@ if _backend.HAS_TRITON:
         m = (offs_s < S)[:, None] & mask_c[None, :]
         off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                + offs_c[None, :].to(tl.int64) * sC)
-        mean, inv, scale, shift = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B)
-        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+        mean, inv, scale, beta = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B, ACC)
+        x = tl.load(X + off, mask=m, other=0.0).to(ACC)
+        dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
         if RELU:
-            pre = x * scale[None, :] + shift[None, :]
+            pre = (x - mean[None, :]) * scale[None, :] + beta[None, :]
             if HAS_R:
-                pre = pre + tl.load(R + off, mask=m, other=0.0).to(tl.float32)
+                pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
             dy = tl.where(pre > 0.0, dy, 0.0)
             if HAS_R:
                 tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=m)
@@ -216,13 +222,22 @@ def _chunks(x: Tensor, v: View3, bs: int, bc: int) -> tuple[int, int, int, int]:
     return num_sb, total, per, triton.cdiv(total, per)
 
 
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics and accumulation dtype: fp64 for fp64 inputs (gradcheck), else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc(x: Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
 def _torch_3d(x: Tensor) -> Tensor:
-    """(N, C, S) fp32 view for the torch fallback."""
-    return x.reshape(x.shape[0], x.shape[1], -1).float()
+    """(N, C, S) view in the accumulation dtype for the torch fallback."""
+    return x.reshape(x.shape[0], x.shape[1], -1).to(stat_dtype(x))
 
 
 def _bcast(t: Tensor) -> Tensor:
-    return t.float()[None, :, None]
+    return t[None, :, None]
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,26 +251,30 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     x, v = as_view3(x)
     bs, bc = _tiles(x, v)
     num_sb, total, per, P = _chunks(x, v, bs, bc)
-    f32 = dict(device=x.device, dtype=torch.float32)
+    f32 = dict(device=x.device, dtype=stat_dtype(x))
     p_cnt, p_mean, p_m2 = (torch.empty(P, C, **f32) for _ in range(3))
     _bn_stats_kernel[(P, triton.cdiv(C, bc))](
         x, p_cnt, p_mean, p_m2, C, v.S, v.sN, v.sC, v.sS, num_sb, total, per,
-        BLOCK_S=bs, BLOCK_C=bc)
+        BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     mean, var = torch.empty(C, **f32), torch.empty(C, **f32)
     bc2 = min(1024, triton.next_power_of_2(C))
-    _bn_combine_kernel[(triton.cdiv(C, bc2),)](p_cnt, p_mean, p_m2, mean, var, C, P, BLOCK_C=bc2)
+    _bn_combine_kernel[(triton.cdiv(C, bc2),)](x, v.sC, p_cnt, p_mean, p_m2, mean, var, C, P, BLOCK_C=bc2, ACC=_acc(x))
     return mean, var
 
 
 def bn_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              residual: Optional[Tensor], eps: float, relu: bool) -> Tensor:
-    """``act(x * scale + shift [+ residual])`` with scale/shift from (mean, var, weight, bias)."""
+    """``act((x - mean) * w / sqrt(var + eps) + b [+ residual])``.
+
+    ``x - mean`` comes first: with a large mean and small spread, ``x * scale + shift`` would
+    cancel catastrophically."""
     out = torch.empty_like(x)
     if not _backend.use_triton(x):
-        inv = torch.rsqrt(var.float() + eps)
-        scale = inv * weight.float() if weight is not None else inv
-        shift = -mean.float() * scale + (bias.float() if bias is not None else 0.0)
-        y = _torch_3d(x) * scale[None, :, None] + shift[None, :, None]
+        sd = stat_dtype(x)
+        inv = torch.rsqrt(var.to(sd) + eps)
+        scale = inv * weight.to(sd) if weight is not None else inv
+        beta = bias.to(sd) if bias is not None else torch.zeros_like(scale)
+        y = (_torch_3d(x) - _bcast(mean.to(sd))) * scale[None, :, None] + beta[None, :, None]
         if residual is not None:
             y = y + _torch_3d(residual)
         if relu:
@@ -271,7 +290,7 @@ def bn_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bia
         weight if weight is not None else mean, bias if bias is not None else mean,
         eps, v.C, v.S, v.sN, v.sC, v.sS, num_sb,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None, RELU=relu,
-        BLOCK_S=bs, BLOCK_C=bc)
+        BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     return y if y is out else out.copy_(y)
 
 
@@ -281,8 +300,9 @@ def bn_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight:
     """Per-channel ``sum(dy')`` and ``sum(dy' * xhat)`` (fp32), ``dy'`` = dy through the ReLU."""
     C = x.shape[1]
     if not _backend.use_triton(x):
+        sd = stat_dtype(x)
         g = _torch_3d(dy)
-        inv = torch.rsqrt(var.float() + eps)
+        inv = torch.rsqrt(var.to(sd) + eps)
         xhat = (_torch_3d(x) - _bcast(mean)) * inv[None, :, None]
         if relu:
             g = g * (_bn_pre_torch(x, mean, var, weight, bias, residual, eps) > 0)
@@ -292,25 +312,26 @@ def bn_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight:
     rc = like(residual, xc) if residual is not None else None
     bs, bc = _tiles(xc, v)
     num_sb, total, per, P = _chunks(xc, v, bs, bc)
-    f32 = dict(device=x.device, dtype=torch.float32)
+    f32 = dict(device=x.device, dtype=stat_dtype(x))
     p_a, p_b = torch.empty(P, C, **f32), torch.empty(P, C, **f32)
     _bn_bwd_reduce_kernel[(P, triton.cdiv(C, bc))](
         xc, dyc, rc if rc is not None else xc, mean, var,
         weight if weight is not None else mean, bias if bias is not None else mean,
         p_a, p_b, eps, C, v.S, v.sN, v.sC, v.sS, num_sb, total, per,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None, RELU=relu,
-        BLOCK_S=bs, BLOCK_C=bc)
+        BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     sdy, sdyx = torch.empty(C, **f32), torch.empty(C, **f32)
     bc2 = min(1024, triton.next_power_of_2(C))
-    _sum_rows_kernel[(triton.cdiv(C, bc2),)](p_a, p_b, sdy, sdyx, C, P, BLOCK_C=bc2)
+    _sum_rows_kernel[(triton.cdiv(C, bc2),)](p_a, p_b, sdy, sdyx, C, P, BLOCK_C=bc2, ACC=_acc(x))
     return sdy, sdyx
 
 
 def _bn_pre_torch(x, mean, var, weight, bias, residual, eps) -> Tensor:
-    inv = torch.rsqrt(var.float() + eps)
-    scale = inv * weight.float() if weight is not None else inv
-    shift = -mean.float() * scale + (bias.float() if bias is not None else 0.0)
-    pre = _torch_3d(x) * scale[None, :, None] + shift[None, :, None]
+    sd = stat_dtype(x)
+    inv = torch.rsqrt(var.to(sd) + eps)
+    scale = inv * weight.to(sd) if weight is not None else inv
+    beta = bias.to(sd) if bias is not None else torch.zeros_like(scale)
+    pre = (_torch_3d(x) - _bcast(mean.to(sd))) * scale[None, :, None] + beta[None, :, None]
     if residual is not None:
         pre = pre + _torch_3d(residual)
     return pre
@@ -323,13 +344,14 @@ def bn_backward_apply(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: 
     dx = torch.empty_like(x)
     dres = torch.empty_like(residual) if (residual is not None and relu) else None
     if not _backend.use_triton(x):
+        sd = stat_dtype(x)
         g = _torch_3d(dy)
         if relu:
             g = g * (_bn_pre_torch(x, mean, var, weight, bias, residual, eps) > 0)
             if dres is not None:
                 dres.copy_(g.reshape(x.shape))
-        inv = torch.rsqrt(var.float() + eps)
-        scale = inv * weight.float() if weight is not None else inv
+        inv = torch.rsqrt(var.to(sd) + eps)
+        scale = inv * weight.to(sd) if weight is not None else inv
         if training:
             xhat = (_torch_3d(x) - _bcast(mean)) * inv[None, :, None]
             g = g - _bcast(sdy) / count - xhat * _bcast(sdyx) / count
@@ -349,7 +371,7 @@ def bn_backward_apply(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: 
         weight if weight is not None else mean, bias if bias is not None else mean,
         sdy, sdyx, 1.0 / count, eps, v.C, v.S, v.sN, v.sC, v.sS, num_sb,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None, RELU=relu,
-        TRAINING=training, BLOCK_S=bs, BLOCK_C=bc)
+        TRAINING=training, BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     if dxc is not dx:
         dx.copy_(dxc)
     if drc is not None and drc is not dres:
@@ -373,15 +395,16 @@ def bn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
     if mean_in is None or var_in is None:
         mean, var = batch_stats(x)
     else:
-        mean, var = mean_in.float().clone(), var_in.float().clone()
+        sd = stat_dtype(x)
+        mean, var = mean_in.to(sd, copy=True), var_in.to(sd, copy=True)
     return bn_apply(x, mean, var, weight, bias, residual, eps, relu), mean, var
 
 
 @bn_fwd.register_fake
 def _(x, weight, bias, residual, mean_in, var_in, eps, relu):
     C = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(C, dtype=torch.float32),
-            x.new_empty(C, dtype=torch.float32))
+    return (torch.empty_like(x), x.new_empty(C, dtype=stat_dtype(x)),
+            x.new_empty(C, dtype=stat_dtype(x)))
 
 
 @torch.library.custom_op("shiftlab::bn_bwd", mutates_args=())
@@ -402,8 +425,8 @@ def bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 def _(dy, x, weight, bias, residual, mean, var, eps, relu, training):
     C = x.shape[1]
     dres = torch.empty_like(residual) if (residual is not None and relu) else x.new_empty(0)
-    return (torch.empty_like(x), x.new_empty(C, dtype=torch.float32),
-            x.new_empty(C, dtype=torch.float32), dres)
+    return (torch.empty_like(x), x.new_empty(C, dtype=stat_dtype(x)),
+            x.new_empty(C, dtype=stat_dtype(x)), dres)
 
 
 def _bn_setup(ctx, inputs, output) -> None:
@@ -458,7 +481,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         if total <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} "
                              "values per channel over all ranks")
-        mean, var = mu.float(), (M2 / total).float()
+        mean, var = mu.to(stat_dtype(x)), (M2 / total).to(stat_dtype(x))
         y = bn_apply(x, mean, var, weight, bias, residual, eps, relu)
         ctx.save_for_backward(x, weight, bias, residual, mean, var)
         ctx.eps, ctx.relu, ctx.group, ctx.total = eps, relu, group, total

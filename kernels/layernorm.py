@@ -24,27 +24,30 @@ if _backend.HAS_TRITON:
     @triton.jit
     def _ln_fwd_kernel(X, Y, W, B, MEAN, RSTD, M, N, sx, eps, HAS_W: tl.constexpr,
                        HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         rmask = rows < M
         cmask = cols < N
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None].to(tl.int64) * sx + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(ACC)
         if IS_RMS:
-            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            mean = tl.zeros([BLOCK_M], dtype=ACC)
             d = x
-        else:
-            mean = tl.sum(x, axis=1) / N
-            d = tl.where(mask, x - mean[:, None], 0.0)
+        else:  # shift by each row's first value so fp32 sums of large-offset rows stay exact
+            pivot = tl.load(X + rows.to(tl.int64) * sx, mask=rmask, other=0.0).to(ACC)
+            xs = tl.where(mask, x - pivot[:, None], 0.0)
+            mean_s = tl.sum(xs, axis=1) / N
+            d = tl.where(mask, xs - mean_s[:, None], 0.0)
+            mean = mean_s + pivot
         var = tl.sum(d * d, axis=1) / N
         rstd = 1.0 / tl.sqrt(var + eps)
         y = d * rstd[:, None]
         if HAS_W:
-            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         if HAS_B:
-            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
         tl.store(Y + rows[:, None].to(tl.int64) * N + cols[None, :], y.to(Y.dtype.element_ty),
                  mask=mask)
         tl.store(MEAN + rows, mean, mask=rmask)
@@ -53,22 +56,22 @@ if _backend.HAS_TRITON:
     @triton.jit
     def _ln_bwd_kernel(X, DY, DX, W, MEAN, RSTD, PDW, PDB, M, N, sx, sdy, rows_per_prog,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
-        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=ACC)
+        db = tl.zeros([BLOCK_N], dtype=ACC)
         if HAS_W:
-            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
         start = pid * rows_per_prog
         for r0 in range(start, start + rows_per_prog, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             rmask = rows < M
             mask = rmask[:, None] & cmask[None, :]
             r64 = rows[:, None].to(tl.int64)
-            x = tl.load(X + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + r64 * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + r64 * sx + cols[None, :], mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + r64 * sdy + cols[None, :], mask=mask, other=0.0).to(ACC)
             mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -93,10 +96,10 @@ if _backend.HAS_TRITON:
             tl.store(PDB + pid * N + cols, db, mask=cmask)
 
     @triton.jit
-    def _sum_partials_kernel(P, OUT, G, N, BLOCK: tl.constexpr):
+    def _sum_partials_kernel(P, OUT, G, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < N
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK], dtype=ACC)
         for g in range(0, G):
             acc += tl.load(P + g * N + cols, mask=cmask, other=0.0)
         tl.store(OUT + cols, acc, mask=cmask)
@@ -106,6 +109,15 @@ def _use_kernels(x: Tensor, N: int) -> bool:
     if N > MAX_FUSED_N:
         return False
     return _backend.use_triton(x)
+
+
+def _sd(x: Tensor) -> torch.dtype:
+    """Statistics/accumulation dtype: fp64 for fp64 inputs (gradcheck), else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc(x: Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 def _fwd_cfg(N: int) -> tuple[int, int, int]:
@@ -126,23 +138,23 @@ def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: 
     M, N = x.shape
     y = x.new_empty((M, N))
     if not _use_kernels(x, N):
-        xf = x.float()
-        mean = torch.zeros(M, device=x.device) if rms else xf.mean(1)
+        xf = x.to(_sd(x))
+        mean = torch.zeros(M, device=x.device, dtype=_sd(x)) if rms else xf.mean(1)
         d = xf - mean[:, None]
         rstd = torch.rsqrt(d.square().mean(1) + eps)
         out = d * rstd[:, None]
         if weight is not None:
-            out = out * weight.float()
+            out = out * weight.to(_sd(x))
         if bias is not None:
-            out = out + bias.float()
+            out = out + bias.to(_sd(x))
         return y.copy_(out), mean, rstd
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    mean = torch.empty(M, device=x.device, dtype=_sd(x))
+    rstd = torch.empty(M, device=x.device, dtype=_sd(x))
     bm, bn, warps = _fwd_cfg(N)
     _ln_fwd_kernel[(triton.cdiv(M, bm),)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
         M, N, x.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, IS_RMS=rms,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, ACC=_acc(x), num_warps=warps)
     return y, mean, rstd
 
 
@@ -151,9 +163,9 @@ def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rst
     M, N = x.shape
     dx = x.new_empty((M, N))
     if not _use_kernels(x, N):
-        xhat = (x.float() - mean[:, None]) * rstd[:, None]
-        g = dy.float()
-        wdy = g * weight.float() if weight is not None else g
+        xhat = (x.to(_sd(x)) - mean[:, None]) * rstd[:, None]
+        g = dy.to(_sd(x))
+        wdy = g * weight.to(_sd(x)) if weight is not None else g
         c1 = (xhat * wdy).mean(1, keepdim=True)
         inner = wdy - xhat * c1 if rms else wdy - xhat * c1 - wdy.mean(1, keepdim=True)
         dx.copy_(inner * rstd[:, None])
@@ -165,19 +177,19 @@ def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rst
     G = max(1, min(blocks, _backend.num_programs_target(x)))
     rows_per_prog = triton.cdiv(blocks, G) * bm
     G = triton.cdiv(M, rows_per_prog)
-    f32 = dict(device=x.device, dtype=torch.float32)
+    f32 = dict(device=x.device, dtype=_sd(x))
     pdw = torch.empty(G, N, **f32)
     pdb = torch.empty(G, N, **f32)
     _ln_bwd_kernel[(G,)](
         x, dy, dx, weight if weight is not None else x, mean, rstd, pdw, pdb, M, N,
         x.stride(0), dy.stride(0), rows_per_prog, HAS_W=weight is not None, HAS_B=has_bias,
-        IS_RMS=rms, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+        IS_RMS=rms, BLOCK_M=bm, BLOCK_N=bn, ACC=_acc(x), num_warps=warps)
     dw, db = torch.zeros(N, **f32), torch.zeros(N, **f32)
     blk = min(1024, triton.next_power_of_2(N))
     if weight is not None:
-        _sum_partials_kernel[(triton.cdiv(N, blk),)](pdw, dw, G, N, BLOCK=blk)
+        _sum_partials_kernel[(triton.cdiv(N, blk),)](pdw, dw, G, N, BLOCK=blk, ACC=_acc(x))
     if has_bias:
-        _sum_partials_kernel[(triton.cdiv(N, blk),)](pdb, db, G, N, BLOCK=blk)
+        _sum_partials_kernel[(triton.cdiv(N, blk),)](pdb, db, G, N, BLOCK=blk, ACC=_acc(x))
     return dx, dw, db
 
 
@@ -191,8 +203,8 @@ def ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: flo
 @ln_fwd.register_fake
 def _(x, weight, bias, eps, rms):
     M = x.shape[0]
-    return (x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
-            x.new_empty(M, dtype=torch.float32))
+    return (x.new_empty(x.shape), x.new_empty(M, dtype=_sd(x)),
+            x.new_empty(M, dtype=_sd(x)))
 
 
 @torch.library.custom_op("shiftlab::ln_bwd", mutates_args=())
@@ -206,8 +218,8 @@ def ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: 
 @ln_bwd.register_fake
 def _(dy, x, weight, mean, rstd, has_bias, rms):
     N = x.shape[1]
-    return (x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32),
-            x.new_empty(N, dtype=torch.float32))
+    return (x.new_empty(x.shape), x.new_empty(N, dtype=_sd(x)),
+            x.new_empty(N, dtype=_sd(x)))
 
 
 def _ln_setup(ctx, inputs, output) -> None:
