@@ -383,7 +383,7 @@ class CurvatureRule(StoppingRule):
        ``slope > z * se_slope``, and the best epoch lies at least ``min_behind`` epochs back; or
     2. **little is left to gain** (``plateau``): an optimistic estimate of the improvement still
        to come, ``R``, is below ``min_delta``. With the optimistic slope ``g = max(0, -slope) +
-       z * se_slope`` (descent speed) and curvature ``c``: ``R = min(g^2 / c, g * lookahead)`` if
+       z_plateau * se_slope`` (descent speed; ``z_plateau`` defaults to ``z``) and curvature ``c``: ``R = min(g^2 / c, g * lookahead)`` if
        ``c > 0`` (the tail of an exponential decay ``y = A exp(-k s)`` with that slope and
        curvature has exactly ``y'^2 / y''`` left; the linear bound caps it over ``lookahead``
        epochs), else ``R = g * lookahead``. In log space ``min_delta`` is a relative change.
@@ -398,7 +398,7 @@ class CurvatureRule(StoppingRule):
     name = "curvature"
 
     def __init__(self, window: int = 12, half_life: float | None = 8.0, z: float = 2.0,
-                 min_delta: float = 0.01, lookahead: float = 20.0, min_behind: int = 2,
+                 z_plateau: float | None = None, min_delta: float = 0.01, lookahead: float = 20.0, min_behind: int = 2,
                  log: bool = True, restore: str = "raw", mode: str = "min",
                  warmup: int = 8) -> None:
         if int(window) < 4:
@@ -411,6 +411,7 @@ class CurvatureRule(StoppingRule):
         if restore not in ("raw", "smoothed"):
             raise ValueError(f"restore={restore!r} is unknown; allowed: raw, smoothed")
         self.window, self.z, self.min_delta = int(window), float(z), float(min_delta)
+        self.z_plateau = self.z if z_plateau is None else float(z_plateau)
         self.half_life = None if half_life is None else float(half_life)
         self.lookahead, self.min_behind = float(lookahead), int(min_behind)
         self.log, self.restore = bool(log), restore
@@ -455,7 +456,7 @@ class CurvatureRule(StoppingRule):
             return
         self.smoothed, self.slope, self.curvature = fit.value, fit.slope, fit.curvature
         self.se_slope = fit.se_slope
-        g = max(0.0, -fit.slope) + self.z * fit.se_slope
+        g = max(0.0, -fit.slope) + self.z_plateau * fit.se_slope
         lin = g * self.lookahead
         self.remaining = min(g * g / fit.curvature, lin) if fit.curvature > 0 else lin
 
