@@ -289,7 +289,8 @@ def plot_param(rows: Sequence[Mapping[str, Any]], metric: str, param: str, best:
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {param}" + (f"  ({failed} failed, not shown)" if failed else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -1,0 +1,112 @@
+"""shiftlab-report on fabricated run directories (the end-to-end case is in test_sweep.py)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainers import report
+
+
+def _run(root: Path, name: str, *, summary: dict | None = None, trial: dict | None = None,
+         overrides: list[str] | None = None, config: dict | None = None) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+    if trial is not None:
+        (d / "trial.json").write_text(json.dumps(trial))
+    if overrides is not None or config is not None:
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides or []))
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {}))
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "summary.json").write_text("{}")  # must not be taken for a run
+    return d
+
+
+@pytest.fixture()
+def sweep_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "sw"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({
+        "metric": "val/loss", "direction": "minimize",
+        "settings": {"params": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1, "log": True},
+                                "norm": ["batchnorm", "none"]}}}))
+    def trial(n, state, value, lr, norm, reason):
+        return {"number": n, "state": state, "value": value, "reason": reason,
+                "params": {"optimizer.lr": lr, "norm": norm}}
+    _run(root, "trials/0000", summary={"status": "completed", "val/loss": 0.30, "val/acc": 0.91, "epochs_run": 5,
+                                       "stop_reason": "max_epochs=5 reached"},
+         trial=trial(0, "complete", 0.30, 0.01, "batchnorm", "max_epochs=5 reached"))
+    _run(root, "trials/0001", summary={"status": "completed", "val/loss": 0.20, "val/acc": 0.95, "epochs_run": 5},
+         trial=trial(1, "complete", 0.20, 0.003, "none", "max_epochs=5 reached"))
+    _run(root, "trials/0002", summary={"status": "completed", "val/loss": 0.90, "epochs_run": 1, "sweep/pruned": True,
+                                       "stop_reason": "pruned by MedianPruner at epoch 0 (val/loss=0.9)"},
+         trial=trial(2, "pruned", 0.90, 1e-4, "none", "pruned by MedianPruner at epoch 0 (val/loss=0.9)"))
+    _run(root, "trials/0003", trial=trial(3, "failed", None, 0.5, "batchnorm", "RuntimeError: CUDA out of memory"))
+    (root / "ray").mkdir()  # Tune's own directory is not a run
+    return root
+
+
+def test_table_csv_plots_and_best_run(sweep_dir: Path) -> None:
+    out = report.make_report(sweep_dir)
+    assert out["best"] == "trials/0001" and out["metric"] == "val/loss" and out["rows"] == 4
+    with out["csv"].open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run"] for r in rows] == ["trials/0001", "trials/0000", "trials/0002", "trials/0003"]
+    assert [r["state"] for r in rows] == ["complete", "complete", "pruned", "failed"]
+    assert rows[0]["optimizer.lr"] == "0.003" and rows[0]["norm"] == "none" and rows[0]["val/acc"] == "0.95"
+    assert rows[3]["reason"] == "RuntimeError: CUDA out of memory" and rows[3]["val/loss"] == ""
+    md = out["markdown"].read_text()
+    assert "**Best run: `trials/0001`** -- val/loss = 0.2 (optimizer.lr=0.003, norm=none)" in md
+    assert "4 runs: 2 complete, 1 pruned, 1 failed" in md
+    assert "pruned by MedianPruner at epoch 0" in md and "CUDA out of memory" in md
+    assert "| `trials/0001` (best) | complete | 0.2 |" in md
+    names = sorted(p.name for p in out["plots"])
+    assert names == ["val_loss_vs_norm.png", "val_loss_vs_optimizer_lr.png"]
+    assert all(p.stat().st_size > 5000 for p in out["plots"])
+
+
+def test_metric_and_direction_from_the_command_line(sweep_dir: Path, capsys) -> None:
+    assert report.main([str(sweep_dir), "--metric", "val/acc", "--direction", "maximize"]) == 0
+    assert "best: trials/0001" in capsys.readouterr().out
+    assert report.main([str(sweep_dir), "--metric", "val/loss", "--direction", "maximize"]) == 0
+    # maximizing the loss: the pruned (0.9) and failed runs never count as best
+    assert "best: trials/0000" in capsys.readouterr().out
+
+
+def test_plain_hydra_multirun_without_trial_records(tmp_path: Path) -> None:
+    root = tmp_path / "multirun"
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0"], config=cfg)
+    _run(root, "1", summary={"status": "completed", "val/acc": 0.9}, overrides=["optimizer.lr=0.01", "seed=0"], config=cfg)
+    _run(root, "2", summary={"status": "diverged", "stop_reason": "loss is nan at epoch 2"},
+         overrides=["optimizer.lr=10.0", "seed=0"], config=cfg)
+    out = report.make_report(root)
+    assert out["best"] == "1" and out["direction"] == "maximize"
+    md = out["markdown"].read_text()
+    assert "diverged: loss is nan at epoch 2" in md and "from run config" in md
+    assert {p.name for p in out["plots"]} == {"val_acc_vs_optimizer_lr.png", "val_acc_vs_seed.png"}
+
+
+def test_no_completed_run_still_reports(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    _run(root, "a", trial={"state": "failed", "reason": "boom", "params": {"x": 1}, "metric": "val/acc"})
+    out = report.make_report(root, metric="val/acc")
+    assert out["best"] is None
+    assert "**Best run: none**" in out["markdown"].read_text()
+
+
+def test_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("shiftlab-report: error: sweep dir")
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert "no run directories" in capsys.readouterr().err
+    _run(tmp_path / "nometric", "a", summary={"status": "completed", "x": 1})
+    assert report.main([str(tmp_path / "nometric")]) == 2
+    assert "pass --metric" in capsys.readouterr().err

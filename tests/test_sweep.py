@@ -1,0 +1,273 @@
+"""shiftlab-sweep: search-space parsing, settings validation, the pruning callback, one real study."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import optuna
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from callbacks.optuna_pruning import OptunaPruning, OptunaReporter, active_reporter, current_reporter
+from trainers import sweep as sw
+
+
+# --------------------------------------------------------------------------------------------
+# search space and overrides
+# --------------------------------------------------------------------------------------------
+def test_mapping_search_space() -> None:
+    space = sw.parse_search_space({
+        "optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+        "model.width": {"type": "int", "low": 16, "high": 128, "step": 16},
+        "norm": {"type": "categorical", "choices": ["batchnorm", "none"]},
+        "batching.batch_size": [32, 64],
+    })
+    assert space["optimizer.lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    assert space["model.width"] == optuna.distributions.IntDistribution(16, 128, step=16)
+    assert space["norm"].choices == ("batchnorm", "none")
+    assert space["batching.batch_size"].choices == (32, 64)
+
+
+def test_hydra_sweeper_syntax_is_accepted() -> None:
+    space = sw.parse_search_space({
+        "optimizer": "choice(sgd, adam)",
+        "optimizer.lr": "tag(log, interval(1e-4, 0.3))",
+        "seed": "range(0, 10, 2)",
+        "data.label_noise": "interval(0.0, 0.5)",
+    })
+    assert space["optimizer"].choices == ("sgd", "adam")
+    assert space["optimizer.lr"] == optuna.distributions.FloatDistribution(1e-4, 0.3, log=True)
+    assert space["seed"] == optuna.distributions.IntDistribution(0, 8, step=2)  # range() excludes its stop
+    assert space["data.label_noise"] == optuna.distributions.FloatDistribution(0.0, 0.5)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"type": "flaot", "low": 0, "high": 1}, "sweep.params.x.type='flaot' is not allowed; allowed: float, int, categorical"),
+    ({"type": "float", "low": 0}, "sweep.params.x needs low and high"),
+    ({"type": "float", "low": 1.0, "high": 0.0}, "sweep.params.x"),
+    ({"type": "categorical", "choices": []}, "sweep.params.x.choices is empty"),
+    ("choice(", "sweep.params.x='choice(' does not parse"),
+    ("3", "is not a search space"),
+    (3, "is not a search space"),
+])
+def test_bad_search_space_names_the_key(spec, needle) -> None:
+    with pytest.raises(sw.SweepError, match=None) as err:
+        sw.parse_search_space({"x": spec})
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_route_overrides_moves_short_sweep_keys() -> None:
+    routed = sw.route_overrides(["backend=ray", "ray.address=127.0.0.1:6379", "n_trials=4", "optimizer.lr=0.1",
+                                 "+sampler_args.n_startup_trials=2", "hparams_search=digits_mlp", "seed=3"])
+    assert routed == ["sweep.backend=ray", "sweep.ray.address=127.0.0.1:6379", "sweep.n_trials=4", "optimizer.lr=0.1",
+                      "+sweep.sampler_args.n_startup_trials=2", "hparams_search=digits_mlp", "seed=3"]
+
+
+@pytest.mark.parametrize("value", [0.1, 1e-7, 3, True, None, "batchnorm", "a b", "x=y", "it's", "/tmp/a-b/c.d"])
+def test_format_override_round_trips_through_hydra(value) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_override(sw.format_override("k", value)).value()
+    assert parsed == value
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------
+def _cfg(**sweep):
+    base = {"study_name": "s", "dir": "/tmp/x", "n_trials": 2, "params": {"optimizer.lr": [0.1, 0.01]}}
+    base.update(sweep)
+    return OmegaConf.create({"task_name": "t", "seed": 1, "optimized_metric": "val/acc",
+                             "optimized_metric_mode": "max", "sweep": base})
+
+
+def test_settings_derive_direction_from_metric_mode() -> None:
+    s = sw.SweepSettings.from_cfg(_cfg())
+    assert s.direction == "maximize" and s.metric == "val/acc" and s.backend == "local"
+
+
+@pytest.mark.parametrize("sweep, needle", [
+    ({"backend": "slurm"}, "sweep.backend='slurm' is not allowed; allowed: local, ray"),
+    ({"n_trials": 0}, "sweep.n_trials=0 is not allowed; allowed: an integer >= 1"),
+    ({"sampler": "bayes"}, "sweep.sampler='bayes' is unknown; allowed: tpe, random"),
+    ({"pruner": "early"}, "sweep.pruner='early' is unknown; allowed: median"),
+    ({"direction": "minimize"}, "contradicts optimized_metric_mode='max'"),
+    ({"backend": "ray", "pruner": "wilcoxon"}, "allowed with backend=ray: none, median, successive_halving, hyperband"),
+    ({"nope": 1}, "sweep.nope is not a sweep setting"),
+])
+def test_bad_settings_name_the_key(sweep, needle) -> None:
+    with pytest.raises(sw.SweepError) as err:
+        sw.SweepSettings.from_cfg(_cfg(**sweep))
+    assert needle in str(err.value)
+
+
+def test_missing_hparams_search_lists_the_available_ones() -> None:
+    cfg = OmegaConf.create({"optimized_metric": "val/acc"})
+    with pytest.raises(sw.SweepError, match="hparams_search=<name> is required.*digits_mlp"):
+        sw.SweepSettings.from_cfg(cfg)
+
+
+def test_sampler_is_seeded_and_pruner_built_from_args() -> None:
+    s = sw.SweepSettings.from_cfg(_cfg(sampler="random", pruner="median", pruner_args={"n_startup_trials": 7}))
+    a, b = sw.build_sampler(s), sw.build_sampler(s)
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    draws = [optuna.create_study(sampler=x).ask({"p": dist}).params["p"] for x in (a, b)]
+    assert draws[0] == draws[1]
+    assert sw.build_pruner(s)._n_startup_trials == 7
+    with pytest.raises(sw.SweepError, match="sweep.pruner_args=.*do not fit MedianPruner"):
+        sw.build_pruner(sw.SweepSettings.from_cfg(_cfg(pruner_args={"bogus": 1})))
+
+
+def test_cli_rejects_bad_input_with_one_line(capsys) -> None:
+    assert sw.main(["hparams_search=digits_mlp", "backend=slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "shiftlab-sweep: error: sweep.backend='slurm' is not allowed; allowed: local, ray"
+    assert sw.main(["hparams_search=nope"]) == 2
+    assert "hparams_search" in capsys.readouterr().err
+    assert sw.main(["hparams_search=digits_mlp", "optimizer.lr=-1"]) == 2
+    assert "optimizer.lr=-1" in capsys.readouterr().err
+
+
+def test_trial_config_adds_the_pruning_callback(tmp_path: Path) -> None:
+    cfg = sw.trial_config(["hparams_search=digits_mlp"], {"optimizer.lr": 0.05, "batching.batch_size": 32},
+                          tmp_path / "t0", "val/acc")
+    assert cfg.optimizer.lr == 0.05 and cfg.batching.batch_size == 32
+    assert cfg.paths.output_dir == str(tmp_path / "t0")
+    assert cfg.callbacks.optuna_pruning == {"_target_": sw.PRUNING_CALLBACK, "monitor": "val/acc"}
+    with pytest.raises(sw.SweepError, match="optimizer.lr is both overridden on the command line and swept"):
+        sw.trial_config(["optimizer.lr=0.1"], {"optimizer.lr": 0.05}, tmp_path / "t1", "val/acc")
+
+
+def test_failing_trial_is_recorded_not_raised(tmp_path: Path) -> None:
+    study = optuna.create_study()
+    trial = study.ask()
+
+    def boom(cfg):
+        raise RuntimeError("out of memory\nsecond line")
+
+    rec = sw.run_trial([], {"optimizer.lr": 0.1}, tmp_path / "t", OptunaReporter(trial), "val/acc",
+                       meta={"number": 0}, train_fn=boom)
+    assert rec["state"] == "failed" and rec["reason"] == "RuntimeError: out of memory"
+    on_disk = json.loads((tmp_path / "t" / "trial.json").read_text())
+    assert on_disk["state"] == "failed" and "Traceback" in (tmp_path / "t" / "error.log").read_text()
+
+    rec = sw.run_trial([], {"optimizer.lr": 0.1}, tmp_path / "u", OptunaReporter(study.ask()), "val/acc",
+                       train_fn=lambda cfg: {"status": "completed", "val/acc": "nan"})
+    assert rec["state"] == "failed" and "must be a finite number" in rec["reason"]
+
+
+# --------------------------------------------------------------------------------------------
+# the pruning callback on a toy module (no spine needed)
+# --------------------------------------------------------------------------------------------
+class _Toy(L.LightningModule):
+    """Logs val/loss = 1 / (epoch + 1): each epoch looks better than the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, _):
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, _):
+        self.log("val/loss", 1.0 / (self.current_epoch + 1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=2)
+
+
+class _Reporter:
+    """Prunes once ``prune_at`` epochs were reported."""
+
+    pruner_name = "FakePruner"
+
+    def __init__(self, prune_at: int | None) -> None:
+        self.prune_at, self.pruned, self.reason, self.history = prune_at, False, None, []
+
+    def report(self, value, step):
+        self.history.append((step, value))
+
+    def should_prune(self):
+        return self.prune_at is not None and len(self.history) > self.prune_at
+
+
+def _fit(cb: OptunaPruning, epochs: int = 6) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=epochs, callbacks=[cb], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accelerator="cpu")
+    trainer.fit(_Toy())
+    return trainer
+
+
+def test_callback_reports_each_epoch_and_stops_when_pruned() -> None:
+    rep = _Reporter(prune_at=2)
+    cb = OptunaPruning(monitor="val/loss")
+    with active_reporter(rep):
+        trainer = _fit(cb)
+    assert current_reporter() is None
+    assert [s for s, _ in rep.history] == [0, 1, 2]
+    assert [round(v, 4) for _, v in rep.history] == [1.0, 0.5, 0.3333]
+    assert trainer.current_epoch == 3  # stopped after epoch 2, not at max_epochs=6
+    assert cb.pruned and cb.stop_reason == "pruned by FakePruner at epoch 2 (val/loss=0.3333)"
+    assert rep.pruned and rep.reason == cb.stop_reason
+    assert cb.summary_items() == {"sweep/pruned": True, "sweep/pruned_epoch": 2, "sweep/reported_epochs": 3}
+    restored = OptunaPruning()
+    restored.load_state_dict(cb.state_dict())
+    assert restored.pruned and restored.stop_reason == cb.stop_reason
+
+
+def test_callback_is_inert_outside_a_sweep_and_strict_on_typos() -> None:
+    trainer = _fit(OptunaPruning(monitor="val/loss"), epochs=2)
+    assert trainer.current_epoch == 2
+    with active_reporter(_Reporter(None)), pytest.raises(KeyError, match="monitor='val/acc' was not logged.*val/loss"):
+        _fit(OptunaPruning(monitor="val/acc"), epochs=1)
+
+
+def test_callback_with_a_real_optuna_pruner() -> None:
+    study = optuna.create_study(direction="minimize",
+                                pruner=optuna.pruners.ThresholdPruner(upper=0.4))
+    trial = study.ask()
+    cb = OptunaPruning(monitor="val/loss", reporter=OptunaReporter(trial))
+    _fit(cb)
+    # val/loss = 1, 0.5, 0.33: the threshold pruner (upper=0.4) prunes at epoch 0 already (1 > 0.4)
+    assert cb.pruned and cb.pruned_epoch == 0 and "ThresholdPruner" in cb.stop_reason
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {0: 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# a real study on the spine: one trial completes, one is pruned, the report names both
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_study_with_a_pruned_trial_end_to_end(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    code = sw.main([
+        "hparams_search=digits_mlp", "n_trials=2", "storage=null", f"sweep.dir={out}",
+        "sweep.pruner_args={n_startup_trials:1,n_warmup_steps:0}",
+        "sweep.enqueue=[{optimizer.lr:0.01,batching.batch_size:64},{optimizer.lr:1.0e-6,batching.batch_size:64}]",
+        "trainer.max_epochs=3", "print_config=false", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "test=false",
+    ])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["counts"] == {"complete": 1, "pruned": 1}
+    good, bad = (json.loads((out / "trials" / f"{i:04d}" / "trial.json").read_text()) for i in (0, 1))
+    assert good["state"] == "complete" and good["params"]["optimizer.lr"] == 0.01 and good["epochs_reported"] == 3
+    assert bad["state"] == "pruned" and bad["epochs_reported"] == 1
+    assert bad["reason"].startswith("pruned by MedianPruner at epoch 0 (val/acc=")
+    assert bad["value"] < good["value"]
+    summary = json.loads((out / "trials" / "0001" / "summary.json").read_text())
+    assert summary["stop_reason"] == bad["reason"] and summary["epochs_run"] == 1
+    assert (out / "trials" / "0000" / ".hydra" / "config.yaml").exists()
+    md = (out / "report" / "report.md").read_text()
+    assert "**Best run: `trials/0000`**" in md and "pruned by MedianPruner" in md
+    assert "best: " in capsys.readouterr().out
