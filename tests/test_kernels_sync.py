@@ -1,0 +1,112 @@
+"""SyncBatchNorm path: 2 gloo processes on CPU (Triton interpreter) with uneven per-rank batches
+must match single-process BatchNorm on the concatenated batch (forward, dx, summed dW/dB, running
+stats)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of kernels
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+BATCHES = (3, 6)  # uneven on purpose
+SHAPE = (4, 5, 6)  # C, H, W
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data(relu: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(BATCHES), *SHAPE, generator=g) * 2 + 1
+    dy = torch.randn(x.shape, generator=g)
+    r = torch.randn(x.shape, generator=g) if relu else None
+    return x, dy, r
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, relu: bool) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        from kernels import TritonBatchNormReLU2d, TritonSyncBatchNorm
+
+        x, dy, r = _data(relu)
+        lo = sum(BATCHES[:rank])
+        sl = slice(lo, lo + BATCHES[rank])
+        if relu:
+            m = TritonBatchNormReLU2d(SHAPE[0], momentum=None, sync=True)
+        else:
+            m = TritonSyncBatchNorm(SHAPE[0], momentum=0.3)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 1.5, SHAPE[0]))
+            m.bias.copy_(torch.linspace(-0.2, 0.3, SHAPE[0]))
+        xs = x[sl].clone().to(memory_format=torch.channels_last if rank else torch.contiguous_format)
+        xs.requires_grad_()
+        rs = r[sl].clone().requires_grad_() if relu else None
+        seen = []
+        m.stats_observer = lambda mean, var: seen.append((mean, var))
+        y = m(xs, rs) if relu else m(xs)
+        (y * dy[sl]).sum().backward()
+        torch.save({"y": y.detach(), "dx": xs.grad, "dr": rs.grad if relu else None,
+                    "dw": m.weight.grad, "db": m.bias.grad, "rm": m.running_mean, "rv": m.running_var,
+                    "obs": seen[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_sync_bn_two_ranks_uneven_batches(tmp_path, relu):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), relu), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, dy, r = _data(relu)
+    ref = nn.BatchNorm2d(SHAPE[0], momentum=None if relu else 0.3).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 1.5, SHAPE[0]))
+        ref.bias.copy_(torch.linspace(-0.2, 0.3, SHAPE[0]))
+    xr = x.double().requires_grad_()
+    rr = r.double().requires_grad_() if relu else None
+    y = ref(xr)
+    if relu:
+        y = torch.relu(y + rr)
+    (y * dy.double()).sum().backward()
+
+    def close(a, b, tol=1e-5):
+        assert ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)) < tol
+
+    close(torch.cat([res[0]["y"], res[1]["y"]]), y.detach())
+    close(torch.cat([res[0]["dx"], res[1]["dx"]]), xr.grad)
+    if relu:
+        close(torch.cat([res[0]["dr"], res[1]["dr"]]), rr.grad)
+    close(res[0]["dw"] + res[1]["dw"], ref.weight.grad)
+    close(res[0]["db"] + res[1]["db"], ref.bias.grad)
+    for rank in range(2):
+        close(res[rank]["rm"], ref.running_mean)
+        close(res[rank]["rv"], ref.running_var)
+        mean, var = res[rank]["obs"]
+        close(mean, x.double().mean(dim=(0, 2, 3)))
+        close(var, x.double().var(dim=(0, 2, 3), unbiased=False))
+
+
+def test_merge_stats_is_exact_for_uneven_groups():
+    from kernels.batchnorm import merge_stats
+
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(n, 3, generator=g, dtype=torch.float64) * 3 + 100 for n in (1, 4, 9)]
+    count = torch.tensor([[float(p.shape[0])] * 3 for p in parts])
+    mean = torch.stack([p.mean(0) for p in parts])
+    m2 = torch.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts])
+    n, mu, M2 = merge_stats(count, mean, m2)
+    full = torch.cat(parts)
+    assert torch.equal(n, torch.full((3,), 14.0, dtype=torch.float64))
+    assert torch.allclose(mu, full.mean(0), atol=1e-12, rtol=0)
+    assert torch.allclose(M2, ((full - full.mean(0)) ** 2).sum(0), rtol=1e-12)
