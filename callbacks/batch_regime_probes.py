@@ -6,8 +6,16 @@ math in :mod:`callbacks.hessian` (the curvature early-stopping monitor uses the 
 the top Hessian eigenvalue (power iteration), the Hessian trace (Hutchinson) and, optionally,
 Keskar's epsilon-sharpness.
 
-Logged keys: ``sharpness/top_eig``, ``sharpness/trace`` and, with ``epsilon_sharpness=True``,
-``sharpness/eps``. The last values go to ``summary.json`` (``summary_items``).
+Logged keys (prefix ``log_prefix``, default ``sharpness``, the same names as
+:class:`callbacks.sharpness_monitor.SharpnessMonitor`, so use one of the two per run):
+``sharpness/top_eigenvalue``, ``sharpness/trace`` and, with ``epsilon_sharpness=True``,
+``sharpness/eps_sharpness``. The last values go to ``summary.json`` (``summary_items``).
+
+Overhead control: besides ``every_n_epochs``, ``max_overhead`` skips a scheduled probe while the
+time spent probing exceeds that fraction of the training time so far (cheap full-batch epochs
+would otherwise be dominated by the probe). The last epoch is always probed, so the end-of-training
+sharpness is always there. The skip decision is taken on rank 0 and broadcast, so all DDP ranks
+probe at the same epochs.
 """
 from __future__ import annotations
 
@@ -51,11 +59,11 @@ def sharpness_on_subset(
     out: dict[str, float] = {}
     with eval_mode(model):
         if power_iters > 0:
-            out["top_eig"] = top_hessian_eigenvalue(loss_fn, params, power_iters, tol, generator)
+            out["top_eigenvalue"] = top_hessian_eigenvalue(loss_fn, params, power_iters, tol, generator)
         if trace_samples > 0:
             out["trace"] = hutchinson_trace(loss_fn, params, trace_samples, generator)
         if eps_sharpness is not None:
-            out["eps"] = epsilon_sharpness(
+            out["eps_sharpness"] = epsilon_sharpness(
                 loss_fn, params, eps=eps_sharpness, steps=eps_steps, generator=generator
             )
     return out
@@ -76,6 +84,9 @@ class SharpnessProbe(Callback):
         eps: box size of the epsilon-sharpness (Keskar used 1e-3 and 5e-4).
         eps_steps: ascent steps of the epsilon-sharpness maximisation.
         seed: seed of the subset and of the random probe vectors.
+        max_overhead: skip scheduled probes while probe time exceeds this fraction of the
+            training time so far (``None``: never skip).
+        log_prefix: prefix of the logged keys.
 
     Cost per probe: one forward+backward plus ``power_iters + trace_samples`` double-backward
     passes on ``subset_size`` samples; ``self.seconds`` accumulates the time spent.
@@ -93,6 +104,8 @@ class SharpnessProbe(Callback):
         eps: float = 1e-3,
         eps_steps: int = 10,
         seed: int = 0,
+        max_overhead: float | None = 0.1,
+        log_prefix: str = "sharpness",
     ) -> None:
         super().__init__()
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
@@ -109,12 +122,35 @@ class SharpnessProbe(Callback):
         self.eps = float(eps)
         self.eps_steps = check_positive_int("eps_steps", eps_steps, allow_zero=True)
         self.seed = seed
+        if max_overhead is not None and not max_overhead > 0:
+            raise ValueError(f"max_overhead must be null or > 0, got {max_overhead!r}")
+        self.max_overhead = max_overhead
+        self.log_prefix = log_prefix
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
+        self.skipped = 0
+        self._fit_start: float | None = None
         self.stop_reason: str | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_start = time.perf_counter() - self.seconds
+
+    def _over_budget(self, trainer: Any) -> bool:
+        if self.max_overhead is None or self._fit_start is None:
+            return False
+        train_seconds = time.perf_counter() - self._fit_start - self.seconds
+        over = self.seconds > self.max_overhead * max(train_seconds, 0.0)
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and getattr(trainer, "world_size", 1) > 1:
+            over = bool(strategy.broadcast(over, src=0))
+        return over
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not is_probe_epoch(trainer, self.every_n_epochs):
+            return
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if not (last or trainer.should_stop) and self._over_budget(trainer):
+            self.skipped += 1
             return
         t0 = time.perf_counter()
         split = train_split(trainer)
@@ -129,19 +165,23 @@ class SharpnessProbe(Callback):
         )
         self.history.append({"epoch": float(trainer.current_epoch), **values})
         for key, value in values.items():
-            pl_module.log(f"sharpness/{key}", value, on_step=False, on_epoch=True)
+            pl_module.log(f"{self.log_prefix}/{key}", value, on_step=False, on_epoch=True)
         self.seconds += time.perf_counter() - t0
 
     def summary_items(self) -> dict[str, float]:
         if not self.history:
             return {}
-        out = {f"sharpness/{k}": v for k, v in self.history[-1].items() if k != "epoch"}
-        out["sharpness/probe_seconds"] = round(self.seconds, 3)
+        p = self.log_prefix
+        out = {f"{p}/{k}": v for k, v in self.history[-1].items() if k != "epoch"}
+        out[f"{p}/probe_seconds"] = round(self.seconds, 3)
+        out[f"{p}/probes_skipped"] = self.skipped
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history], "seconds": self.seconds}
+        return {"history": [dict(h) for h in self.history], "seconds": self.seconds,
+                "skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.seconds = float(state_dict.get("seconds", 0.0))
+        self.skipped = int(state_dict.get("skipped", 0))
