@@ -57,8 +57,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             status = "interrupted"
         if status == "completed" and cfg.get("test", True):
             trainer.test(module, datamodule=dm, verbose=False)
-            test_metrics = dict(module.test_report)
-            test_metrics["loss"] = float(trainer.callback_metrics.get("test/loss", math.nan))
+            # Under ddp_spawn the report stays in the workers; the logged scalars come back.
+            test_metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("test/")}
+            test_metrics.update(module.test_report)
     wall = time.perf_counter() - start
 
     summary = build_summary(trainer, module, dm, history_cb.history, status, error, wall, test_metrics)
