@@ -5,7 +5,7 @@ known exactly — posterior-marginal decoding with the true parameters is the Ba
 per-position decoder, and the true ``log p(x)`` is the ceiling for any fitted likelihood — so every
 run can report its gap to the optimum.
 
-Tensors: ``x`` (N, T) long symbols and ``y`` (N, T) long hidden states, both ``PAD`` (-1) after
+Tensors: ``x`` (N, T) long symbols and ``y`` (N, T) long hidden states, both ``PAD`` (-100) after
 each sequence's length; batches stay ``(x, y)`` and the mask is ``x >= 0``. Lengths are kept in
 each split's ``extras["lengths"]``. Label noise (``data.label_noise``) is symmetric and applied per
 *token* to the training split's hidden-state labels (``corrupted`` is then (N, T)).

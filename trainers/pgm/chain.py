@@ -23,7 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-PAD = -1  # padding value for observations and labels in (N, T) long tensors
+# Padding value for observations and labels in (N, T) long tensors: PyTorch's cross-entropy
+# ``ignore_index``, so per-position losses written for classifiers skip padding as well.
+PAD = -100
 
 
 class ForwardResult(NamedTuple):

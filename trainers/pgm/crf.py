@@ -65,7 +65,8 @@ class _Tagger(nn.Module):
         self.encoder = SequenceEncoder(num_symbols, K, norm=norm, **encoder_kw)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.log_marginals(x, mask)
+        """Log posterior marginals as (B, K, T) (PyTorch's (N, C, d) classifier layout)."""
+        return self.log_marginals(x, x >= 0 if mask is None else mask).transpose(1, 2)
 
 
 class LinearChainCRF(_Tagger):

@@ -160,7 +160,9 @@ class HMM(nn.Module):
         return chain.viterbi(unary, log_trans, log_start, mask)[0]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.log_marginals(x, mask)
+        """Log posterior marginals as (B, K, T): PyTorch's (N, C, d) layout, so classifier code
+        (``F.cross_entropy(out, y)`` with ``PAD`` = ignore_index) works on it unchanged."""
+        return self.log_marginals(x, x >= 0 if mask is None else mask).transpose(1, 2)
 
 
 def true_model_scores(params: HMMParams, x: Tensor, mask: Tensor, y: Tensor | None = None
