@@ -1,0 +1,363 @@
+"""Benchmark the Triton norms against eager PyTorch and torch.compile.
+
+    python -m kernels.bench OUT_DIR [--ops bn,bn_relu,bn_add_relu,ln] [--dtypes bf16,fp32]
+                                   [--batches 128,256] [--quick] [--compile static|dynamic|off]
+
+Writes ``OUT_DIR/bench.json`` (every row + summary) and ``OUT_DIR/bench.png`` (speedups), and
+prints a table. Times are medians of ``triton.testing.do_bench`` in ms: ``fwd`` (training-mode
+forward with autograd recording), ``bwd`` (backward of a retained graph) and ``fwd_bwd``.
+
+Byte model (N elements of s bytes; parameters and statistics ignored):
+BatchNorm fwd 3Ns (stats pass reads x, normalize pass reads x and writes y; +Ns per residual),
+bwd 5Ns (reduce pass reads x, dy; dx pass reads x, dy, writes dx; +2Ns with a residual: read r,
+write dr); LayerNorm fwd 2Ns, bwd 3Ns. Achieved GB/s = bytes / time, reported as a % of a
+``copy_`` of the same tensor measured in the same run (2Ns / time).
+
+Without CUDA it exits with a message, unless ``--cpu`` is given: then it runs a tiny smoke
+configuration with a wall-clock timer (in the Triton interpreter when ``TRITON_INTERPRET=1``),
+which checks the script, not the speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ResNet-50 (torchvision, 224x224) BatchNorm shapes (C, H, W), each listed once.
+RESNET50_BN = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
+               (512, 28, 28), (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14),
+               (512, 7, 7), (2048, 7, 7)]
+LN_M = [2048, 4096, 8192, 16384]
+LN_N = [1024, 2048, 4096, 8192, 16384]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BN_OPS = ("bn", "bn_relu", "bn_add_relu")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    p.add_argument("out_dir", nargs="?", default="outputs/bench")
+    p.add_argument("--ops", default="bn,bn_relu,ln",
+                   help="comma list of bn, bn_relu, bn_add_relu, ln")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp16, fp32")
+    p.add_argument("--batches", default="128,256", help="BatchNorm batch sizes")
+    p.add_argument("--layouts", default="nchw,nhwc", help="comma list of nchw, nhwc")
+    p.add_argument("--quick", action="store_true", help="a few shapes per op")
+    p.add_argument("--compile", default="static", choices=("static", "dynamic", "off"),
+                   help="torch.compile baseline: one graph per shape, dynamic shapes, or none")
+    p.add_argument("--warmup", type=int, default=10, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=40, help="do_bench repetitions (ms)")
+    p.add_argument("--cpu", action="store_true", help="smoke run without CUDA (tiny shapes)")
+    a = p.parse_args(argv)
+    for key, allowed in (("ops", BN_OPS + ("ln",)), ("dtypes", tuple(DTYPES)),
+                         ("layouts", ("nchw", "nhwc"))):
+        vals = [v for v in getattr(a, key).split(",") if v]
+        bad = [v for v in vals if v not in allowed]
+        if bad:
+            p.error(f"--{key}={','.join(bad)} is invalid; allowed: {', '.join(allowed)}")
+        setattr(a, key, vals)
+    a.batches = [int(b) for b in a.batches.split(",") if b]
+    return a
+
+
+class Timer:
+    """Median time in ms: ``do_bench`` on CUDA, a wall clock on CPU (smoke runs only)."""
+
+    def __init__(self, cuda: bool, warmup: int, rep: int) -> None:
+        self.cuda, self.warmup, self.rep = cuda, warmup, rep
+
+    def __call__(self, fn: Callable[[], object], grad_to_none=None) -> float:
+        if self.cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep,
+                                                 grad_to_none=grad_to_none, return_mode="median"))
+        fn()
+        ts = []
+        for _ in range(3):
+            if grad_to_none:
+                for t in grad_to_none:
+                    t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+
+def eager_bn_backend(x: torch.Tensor, m: nn.BatchNorm2d) -> str:
+    sel = getattr(torch._C, "_select_batch_norm_backend", None)
+    if sel is None:
+        return "unknown"
+    try:
+        return str(sel(x, m.weight, m.bias, m.running_mean, m.running_var, True, m.eps)).split(".")[-1]
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        return f"unknown ({type(e).__name__})"
+
+
+def peak_mib(fn: Callable[[], object], cuda: bool) -> float | None:
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(timer: Timer, forward: Callable[[], torch.Tensor], dy: torch.Tensor, leaves: list,
+            cuda: bool) -> dict:
+    """fwd, bwd and fwd+bwd medians plus the fwd+bwd peak memory of one implementation."""
+    def fb():
+        forward().backward(dy)
+
+    out = {"fwd": timer(forward, grad_to_none=leaves)}
+    y = forward()
+    try:
+        out["bwd"] = timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
+        out["bwd_method"] = "retain_graph"
+    except RuntimeError:  # some compiled graphs refuse a retained backward
+        out["bwd"] = None
+        out["bwd_method"] = "fwd_bwd - fwd"
+    del y
+    out["fwd_bwd"] = timer(fb, grad_to_none=leaves)
+    if out["bwd"] is None:
+        out["bwd"] = max(out["fwd_bwd"] - out["fwd"], 0.0)
+    for t in leaves:
+        t.grad = None
+    out["peak_mib"] = peak_mib(fb, cuda)
+    return out
+
+
+def compiled(fn: Callable, mode: str) -> Callable | None:
+    if mode == "off":
+        return None
+    return torch.compile(fn, dynamic=(mode == "dynamic"))
+
+
+def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer: Timer) -> list[dict]:
+    from kernels import TritonBatchNorm2d, TritonBatchNormReLU2d
+
+    dtype = DTYPES[dtype_name]
+    cuda = device == "cuda"
+    shapes = RESNET50_BN if not (a.quick or a.cpu) else [RESNET50_BN[0], RESNET50_BN[8]]
+    batches = a.batches if not a.cpu else [2]
+    if a.cpu:
+        shapes = [(3, 5, 7)]
+    relu = op != "bn"
+    rows = []
+    for batch in batches:
+        for C, H, W in shapes:
+            for layout in a.layouts:
+                fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+                x = torch.randn(batch, C, H, W, device=device, dtype=dtype).to(memory_format=fmt)
+                x.requires_grad_()
+                dy = torch.randn_like(x)
+                res = torch.randn_like(x).requires_grad_() if op == "bn_add_relu" else None
+                ours = (TritonBatchNormReLU2d if relu else TritonBatchNorm2d)(C).to(device)
+                ref = nn.BatchNorm2d(C).to(device)
+
+                def eager(ref=ref, x=x, res=res):
+                    y = ref(x)
+                    if res is not None:
+                        y = y + res
+                    return F.relu(y) if relu else y
+
+                def ours_fn(ours=ours, x=x, res=res):
+                    return ours(x, res)
+
+                impls: dict[str, Callable] = {"ours": ours_fn, "eager": eager}
+                comp = compiled(eager, a.compile)
+                if comp is not None:
+                    impls["compile"] = comp
+                leaves_of = {"ours": [x, ours.weight, ours.bias], "eager": [x, ref.weight, ref.bias],
+                             "compile": [x, ref.weight, ref.bias]}
+                if res is not None:
+                    for v in leaves_of.values():
+                        v.append(res)
+                n_el, s = x.numel(), x.element_size()
+                extra = 1 if res is not None else 0
+                bytes_ = {"fwd": (3 + extra) * n_el * s, "bwd": (5 + 2 * extra) * n_el * s}
+                bytes_["fwd_bwd"] = bytes_["fwd"] + bytes_["bwd"]
+                dst = torch.empty_like(x)
+                t_copy = timer(lambda: dst.copy_(x))
+                copy_gbs = 2 * n_el * s / t_copy / 1e6
+                row = {"op": op, "dtype": dtype_name, "layout": layout, "shape": [batch, C, H, W],
+                       "eager_backend": eager_bn_backend(x.detach(), ref), "copy_ms": t_copy,
+                       "copy_gbs": copy_gbs, "bytes": bytes_}
+                for name, fn in impls.items():
+                    r = measure(timer, fn, dy, leaves_of[name], cuda)
+                    for phase in ("fwd", "bwd", "fwd_bwd"):
+                        gbs = bytes_[phase] / max(r[phase], 1e-9) / 1e6
+                        r[f"{phase}_gbs"] = gbs
+                        r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
+                    row[name] = r
+                rows.append(row)
+                print(fmt_row(row), flush=True)
+                del x, dy, res, dst
+    return rows
+
+
+def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer) -> list[dict]:
+    from kernels import TritonLayerNorm
+
+    dtype = DTYPES[dtype_name]
+    cuda = device == "cuda"
+    grid = [(m, n) for m in LN_M for n in LN_N]
+    if a.quick:
+        grid = [(4096, 1024), (4096, 4096), (8192, 8192), (4096, 16384)]
+    if a.cpu:
+        grid = [(8, 64)]
+    rows = []
+    for M, N in grid:
+        x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(x)
+        ours = TritonLayerNorm(N, device=device, dtype=dtype)
+        ref = nn.LayerNorm(N, device=device, dtype=dtype)
+        impls: dict[str, Callable] = {"ours": lambda: ours(x), "eager": lambda: ref(x)}
+        comp = compiled(lambda: ref(x), a.compile)
+        if comp is not None:
+            impls["compile"] = comp
+        leaves_of = {"ours": [x, ours.weight, ours.bias], "eager": [x, ref.weight, ref.bias],
+                     "compile": [x, ref.weight, ref.bias]}
+        n_el, s = x.numel(), x.element_size()
+        bytes_ = {"fwd": 2 * n_el * s, "bwd": 3 * n_el * s, "fwd_bwd": 5 * n_el * s}
+        dst = torch.empty_like(x)
+        t_copy = timer(lambda: dst.copy_(x))
+        copy_gbs = 2 * n_el * s / t_copy / 1e6
+        row = {"op": "ln", "dtype": dtype_name, "layout": "rows", "shape": [M, N],
+               "eager_backend": "native", "copy_ms": t_copy, "copy_gbs": copy_gbs, "bytes": bytes_}
+        for name, fn in impls.items():
+            r = measure(timer, fn, dy, leaves_of[name], cuda)
+            for phase in ("fwd", "bwd", "fwd_bwd"):
+                gbs = bytes_[phase] / max(r[phase], 1e-9) / 1e6
+                r[f"{phase}_gbs"] = gbs
+                r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
+            row[name] = r
+        rows.append(row)
+        print(fmt_row(row), flush=True)
+    return rows
+
+
+def fmt_row(row: dict) -> str:
+    shape = "x".join(map(str, row["shape"]))
+    parts = [f"{row['op']:<11} {row['dtype']:<4} {row['layout']:<4} {shape:<18}"]
+    o = row["ours"]
+    parts.append(f"ours fwd/bwd/fb {o['fwd']:.4f}/{o['bwd']:.4f}/{o['fwd_bwd']:.4f} ms "
+                 f"({o['fwd_bwd_pct_copy']:.0f}% copy)")
+    for base in ("eager", "compile"):
+        if base in row:
+            parts.append(f"x{row[base]['fwd_bwd'] / o['fwd_bwd']:.2f} vs {base}")
+    parts.append(f"[eager={row['eager_backend']}]")
+    return "  ".join(parts)
+
+
+def geomean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Geomean speedups of ours (fwd+bwd) per op and dtype, plus the targets from the issue."""
+    out: dict = {}
+    for op in sorted({r["op"] for r in rows}):
+        for dt in sorted({r["dtype"] for r in rows}):
+            sel = [r for r in rows if r["op"] == op and r["dtype"] == dt]
+            if not sel:
+                continue
+            key = f"{op}/{dt}"
+            out[key] = {}
+            for base in ("eager", "compile"):
+                for phase in ("fwd", "bwd", "fwd_bwd"):
+                    g = geomean([r[base][phase] / r["ours"][phase] for r in sel if base in r])
+                    if g is not None:
+                        out[key][f"{phase}_speedup_vs_{base}"] = g
+            big = [r for r in sel if math.prod(r["shape"]) >= 2**24]
+            if big:
+                out[key]["fwd_bwd_pct_copy_large_min"] = min(r["ours"]["fwd_bwd_pct_copy"] for r in big)
+            if op == "ln":
+                for cond, name in ((lambda n: n >= 4096, "N>=4096"), (lambda n: n == 1024, "N=1024")):
+                    s2 = [r for r in sel if cond(r["shape"][1])]
+                    if s2:
+                        out[key][f"fwd_bwd_speedup_vs_eager_{name}_geomean"] = geomean(
+                            [r["eager"]["fwd_bwd"] / r["ours"]["fwd_bwd"] for r in s2])
+                        out[key][f"fwd_bwd_speedup_vs_eager_{name}_min"] = min(
+                            r["eager"]["fwd_bwd"] / r["ours"]["fwd_bwd"] for r in s2)
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({(r["op"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8, 0.45 * len(rows) / max(len(ops), 1) + 4),
+                                                  3.2 * len(ops)), squeeze=False)
+    for ax, (op, dt) in zip(axes[:, 0], ops):
+        sel = [r for r in rows if r["op"] == op and r["dtype"] == dt]
+        labels = [f"{'x'.join(map(str, r['shape']))} {r['layout']}" for r in sel]
+        xs = range(len(sel))
+        for k, (base, off) in enumerate((("eager", -0.2), ("compile", 0.2))):
+            vals = [r[base]["fwd_bwd"] / r["ours"]["fwd_bwd"] if base in r else 0 for r in sel]
+            ax.bar([i + off for i in xs], vals, width=0.4, label=f"vs {base}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("fwd+bwd speedup")
+        ax.set_title(f"{op} {dt}: ours vs eager / torch.compile (>1 = ours faster)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not a.cpu:
+        print("kernels.bench: no CUDA device; nothing to measure (use --cpu for a smoke run).")
+        return 0
+    device = "cuda" if cuda else "cpu"
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer(cuda, a.warmup, a.rep)
+    from kernels import backend_name
+
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "backend": backend_name(device),
+            "torch": torch.__version__, "argv": sys.argv[1:], "compile": a.compile}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"kernels.bench on {meta['device']} (kernels backend: {meta['backend']})", flush=True)
+    rows: list[dict] = []
+    dtypes = a.dtypes if not a.cpu else ["fp32"]
+    for op in a.ops:
+        for dt in dtypes:
+            if op == "ln":
+                rows += ln_rows(a, dt, device, timer)
+            else:
+                rows += bn_rows(a, op, dt, device, timer)
+    summary = summarize(rows)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows},
+                                               indent=1))
+    plot(rows, out / "bench.png")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
