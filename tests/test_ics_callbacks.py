@@ -1,0 +1,95 @@
+"""The covariate-shift callbacks in real training runs: no effect on training, logging, state."""
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.covariate_shift_callbacks import (ActivationDriftMonitor, GradientICSMonitor,
+                                                 LandscapeSmoothnessMonitor)
+
+
+class LossRecorder(L.Callback):
+    """Keeps every training step's loss tensor, per run tag (referenced from the config)."""
+
+    runs: dict[str, list[torch.Tensor]] = {}
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        LossRecorder.runs[tag] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        LossRecorder.runs[self.tag].append(outputs["loss"].detach().clone())
+
+
+BASE = ["norm=noisy_bn", "model.dropout=0.2", "optimizer=adam", "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=2", "test=false", "scheduler=constant",
+        "trainer.deterministic=true"]
+PROBES = ["callbacks=covariate_shift", "callbacks.activation_drift.every_n_steps=2",
+          "callbacks.gradient_ics.every_n_steps=3", "callbacks.landscape.every_n_steps=3",
+          "callbacks.landscape.num_etas=2", "callbacks.activation_drift.split=train"]
+
+
+@pytest.mark.timeout(120)
+def test_probes_leave_training_bit_identical(tmp_path):
+    from conftest import QUIET, compose_cfg
+    from trainers.train import train
+
+    quiet = [o for o in QUIET if not o.startswith("callbacks=")]
+    runs = {}
+    for tag, extra in (("off", ["callbacks=default"]), ("on", PROBES)):
+        out = tmp_path / tag
+        cfg = compose_cfg(quiet + BASE + extra + ["+callbacks.recorder._target_=test_ics_callbacks.LossRecorder",
+                                                   f"+callbacks.recorder.tag={tag}"], out)
+        summary = train(cfg)
+        runs[tag] = (summary, out)
+    off, on = LossRecorder.runs["off"], LossRecorder.runs["on"]
+    assert len(off) == len(on) == 12
+    for a, b in zip(off, on):
+        assert torch.equal(a, b), (off, on)
+    w_off = torch.load(runs["off"][1] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    w_on = torch.load(runs["on"][1] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for k in w_off:
+        assert torch.equal(w_off[k], w_on[k]), k
+
+    summary, out = runs["on"]
+    assert "gradient_ics/net.5/cos" in summary and "landscape/beta_smoothness" in summary
+    hist = json.loads((out / "probes" / "gradient_ics.json").read_text())["history"]
+    assert [h["step"] for h in hist] == [0, 3, 6, 9]
+    drift = json.loads((out / "probes" / "activation_drift.json").read_text())["history"]
+    assert [h["step"] for h in drift] == [0, 2, 4, 6, 8, 10]
+    for name in ("activation_drift", "gradient_ics", "landscape"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    with open(out / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert "activation_drift/net.2/in/p50" in header and "landscape/loss_range" in header
+
+
+def test_callback_state_round_trip_and_off_switch():
+    cb = GradientICSMonitor(every_n_steps=0)
+
+    class T:
+        global_step = 0
+
+    assert not cb.due(T())
+    cb2 = LandscapeSmoothnessMonitor(every_n_steps=5)
+    assert cb2.due(T())
+    cb2.history = [{"step": 0, "epoch": 0, "loss_range": 0.5}]
+    cb2.seconds = 1.5
+    assert not cb2.due(T())  # once per step
+    fresh = LandscapeSmoothnessMonitor(every_n_steps=5)
+    fresh.load_state_dict(cb2.state_dict())
+    assert fresh.history == cb2.history and fresh.summary_items()["landscape/loss_range"] == 0.5
+    assert LandscapeSmoothnessMonitor(eta_range=(1.0, 2.0), num_etas=3).etas(0.1) == pytest.approx([0.1, 0.15, 0.2])
+
+
+def test_callbacks_reject_bad_values():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GradientICSMonitor(every_n_steps=-1)
+    with pytest.raises(ValueError, match="callbacks.activation_drift.split"):
+        ActivationDriftMonitor(split="test")
+    with pytest.raises(ValueError, match="callbacks.landscape.eta_range"):
+        LandscapeSmoothnessMonitor(eta_range=(0.0, 1.0))
