@@ -28,8 +28,11 @@ log = logging.getLogger("shiftlab")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, test and write one run directory; return the summary dict."""
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train, test and write one run directory; return the summary dict.
+
+    ``extra_callbacks`` are added to the configured ones (benchmarks, notebooks, sweep drivers).
+    """
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
@@ -38,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("fit")
     module = build_module(cfg, dm)
     history_cb = EpochHistory()
-    callbacks = build_callbacks(cfg) + [history_cb, DivergenceGuard()]
+    callbacks = build_callbacks(cfg) + list(extra_callbacks or []) + [history_cb, DivergenceGuard()]
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
     if cfg.get("print_config") and trainer.is_global_zero:
         print_config_tree(cfg)

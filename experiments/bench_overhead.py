@@ -1,0 +1,107 @@
+"""Framework overhead: shiftlab's epoch time vs a minimal hand-written PyTorch loop.
+
+Both train the same model on the same data with the same batch size and optimizer, and run one
+validation pass per epoch. shiftlab runs as users run it (Lightning Trainer, torchmetrics,
+logging, divergence guard), with the progress bar off since the hand loop prints nothing.
+
+    python -m experiments.bench_overhead [--config digits_mlp|mnist1d_cnn] [--epochs 8]
+
+Prints the median epoch time of each and the ratio (target: <= 1.15).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from torch.nn import functional as F
+
+from trainers.build import build_datamodule, build_module
+from trainers.train import CONFIG_DIR, train
+
+SETUPS = {
+    "digits_mlp": ["data=digits", "model=mlp", "norm=batchnorm", "optimizer=adam", "batching.batch_size=64"],
+    "mnist1d_cnn": ["experiment=mnist1d_cnn"],
+}
+
+
+class EpochTimer(L.Callback):
+    """Wall time of each epoch: training batches plus the validation pass."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+def compose_cfg(setup: str, epochs: int, out: Path):
+    overrides = SETUPS[setup] + [f"trainer.max_epochs={epochs}", "print_config=false", "callbacks=none",
+                                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                                 "trainer.accelerator=cpu", "test=false", "logger=csv", f"paths.output_dir={out}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def shiftlab_epochs(cfg) -> list[float]:
+    timer = EpochTimer()
+    train(cfg, extra_callbacks=[timer])
+    return timer.times
+
+
+def hand_loop_epochs(cfg) -> list[float]:
+    """The same work written by hand: shuffle, forward, backward, step; then one validation pass."""
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    model = build_module(cfg, dm).model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr) if cfg.optimizer.name == "adam" else \
+        torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
+    x, y, xv, yv = dm.train_set.x, dm.train_set.y, dm.val_set.x, dm.val_set.y
+    bs, times = dm.batch_size, []
+    for epoch in range(cfg.trainer.max_epochs):
+        t = time.perf_counter()
+        model.train()
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
+        for s in range(0, x.shape[0], bs):
+            idx = perm[s:s + bs]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, xv.shape[0], 1024):
+                F.cross_entropy(model(xv[s:s + 1024]), yv[s:s + 1024])
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(SETUPS), default="digits_mlp")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--out", default="outputs/bench_overhead")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = compose_cfg(args.config, args.epochs, Path(args.out))
+    ours = shiftlab_epochs(cfg)[1:]  # the first epoch includes one-off warm-up in both
+    hand = hand_loop_epochs(cfg)[1:]
+    m_ours, m_hand = statistics.median(ours), statistics.median(hand)
+    result = {"config": args.config, "epochs_timed": len(ours), "batch_size": int(cfg.batching.batch_size),
+              "shiftlab_epoch_s": round(m_ours, 4), "hand_loop_epoch_s": round(m_hand, 4),
+              "ratio": round(m_ours / m_hand, 3), "target": 1.15, "threads": torch.get_num_threads()}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
