@@ -105,5 +105,8 @@ def tile(v: View3, elems: int) -> tuple[int, int]:
         bs = max(1, min(next_pow2(v.S), elems // bc))
     else:
         bs = min(next_pow2(v.S), elems)
+        if v.S > 128:  # least padding of the last tile among 128..bs (ties: the longer tile)
+            cands = [c for c in (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if c <= bs]
+            bs = min(cands, key=lambda c: (-(-v.S // c) * c, -c))
         bc = max(1, min(next_pow2(v.C), elems // bs))
     return bs, bc

@@ -201,6 +201,28 @@ if _backend.HAS_TRITON:
             dx = scale[None, :] * dy
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _bn_update_running_kernel(RM, RV, NBT, MEAN, VAR, C, momentum, unbias,
+                                  CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One program: it bumps num_batches_tracked and reads it back race-free.
+        nbt = tl.load(NBT) + 1
+        tl.store(NBT, nbt)
+        if CUMULATIVE:
+            f = 1.0 / nbt.to(tl.float32)
+        else:
+            f = momentum
+        for c0 in range(0, C, BLOCK_C):
+            offs = c0 + tl.arange(0, BLOCK_C)
+            m = offs < C
+            rm = tl.load(RM + offs, mask=m, other=0.0)
+            rv = tl.load(RV + offs, mask=m, other=0.0)
+            mean = tl.load(MEAN + offs, mask=m, other=0.0)
+            var = tl.load(VAR + offs, mask=m, other=0.0) * unbias
+            new_m = (1.0 - f) * rm.to(tl.float32) + f * mean.to(tl.float32)
+            new_v = (1.0 - f) * rv.to(tl.float32) + f * var.to(tl.float32)
+            tl.store(RM + offs, new_m.to(RM.dtype.element_ty), mask=m)
+            tl.store(RV + offs, new_v.to(RV.dtype.element_ty), mask=m)
+
 
 # ----------------------------------------------------------------------------- launchers
 _STATS_TILE = 4096
@@ -390,19 +412,19 @@ def bn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
            relu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize with batch statistics (``mean_in is None``) or the given ones.
 
-    Returns ``(y, mean, var)``: the fp32 statistics used (biased variance).
+    Returns ``(y, mean, var)``: the batch statistics (fp32, biased variance); in eval mode
+    (statistics given) ``mean``/``var`` are empty -- the backward reads the given ones.
     """
     if mean_in is None or var_in is None:
         mean, var = batch_stats(x)
-    else:
-        sd = stat_dtype(x)
-        mean, var = mean_in.to(sd, copy=True), var_in.to(sd, copy=True)
-    return bn_apply(x, mean, var, weight, bias, residual, eps, relu), mean, var
+        return bn_apply(x, mean, var, weight, bias, residual, eps, relu), mean, var
+    empty = x.new_empty(0, dtype=stat_dtype(x))
+    return bn_apply(x, mean_in, var_in, weight, bias, residual, eps, relu), empty, empty.clone()
 
 
 @bn_fwd.register_fake
 def _(x, weight, bias, residual, mean_in, var_in, eps, relu):
-    C = x.shape[1]
+    C = x.shape[1] if mean_in is None or var_in is None else 0
     return (torch.empty_like(x), x.new_empty(C, dtype=stat_dtype(x)),
             x.new_empty(C, dtype=stat_dtype(x)))
 
@@ -432,8 +454,11 @@ def _(dy, x, weight, bias, residual, mean, var, eps, relu, training):
 def _bn_setup(ctx, inputs, output) -> None:
     x, weight, bias, residual, mean_in, _var_in, eps, relu = inputs
     _, mean, var = output
+    training = mean_in is None or _var_in is None
+    if not training:
+        mean, var = mean_in, _var_in
     ctx.save_for_backward(x, weight, bias, residual, mean, var)
-    ctx.eps, ctx.relu, ctx.training = eps, relu, mean_in is None
+    ctx.eps, ctx.relu, ctx.training = eps, relu, training
 
 
 def _bn_backward(ctx, dy, _dmean, _dvar):
@@ -452,6 +477,32 @@ def _bn_backward(ctx, dy, _dmean, _dvar):
 
 
 bn_fwd.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+@torch.library.custom_op("shiftlab::bn_update_running",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_update_running(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                      mean: Tensor, var: Tensor, momentum: float, cumulative: bool,
+                      count: float) -> None:
+    """``nn.BatchNorm``'s running-stat step in one launch: bump ``num_batches_tracked``, then
+    ``r = (1 - f) r + f s`` with ``f = momentum`` (or ``1 / num_batches_tracked`` when
+    ``cumulative``) and the unbiased batch variance."""
+    unbias = count / (count - 1) if count > 1 else 1.0
+    if not _backend.use_triton(mean):
+        num_batches_tracked.add_(1)
+        f = 1.0 / num_batches_tracked.double() if cumulative else momentum
+        running_mean.copy_((1 - f) * running_mean.double() + f * mean.double())
+        running_var.copy_((1 - f) * running_var.double() + f * var.double() * unbias)
+        return
+    C = running_mean.numel()
+    _bn_update_running_kernel[(1,)](running_mean, running_var, num_batches_tracked, mean, var, C,
+                                    float(momentum), unbias, CUMULATIVE=cumulative,
+                                    BLOCK_C=min(1024, triton.next_power_of_2(max(C, 1))))
+
+
+@bn_update_running.register_fake
+def _(running_mean, running_var, num_batches_tracked, mean, var, momentum, cumulative, count):
+    return None
 
 
 # ----------------------------------------------------------------------------- SyncBatchNorm
@@ -541,13 +592,6 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         update = self.training and self.track_running_stats and self.running_mean is not None
-        factor: float | Tensor = 0.0
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / self.num_batches_tracked.to(torch.float32) if self.momentum is None
-                      else self.momentum)
-        elif update:
-            factor = self.momentum if self.momentum is not None else 0.0
         w = self.weight if self.affine else None
         b = self.bias if self.affine else None
         if residual is not None and residual.shape != x.shape:
@@ -556,23 +600,21 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             y, mean, var, total = _SyncBatchNorm.apply(x, w, b, residual, self.eps, self.fuse_relu,
                                                        self.process_group)
             count = float(total)
+        elif bn_training:
+            count = _reduced_count(x)
+            if count <= 1:
+                raise ValueError("Expected more than 1 value per channel when training, got "
+                                 f"input size {x.size()}")
+            y, mean, var = torch.ops.shiftlab.bn_fwd(x, w, b, residual, None, None, self.eps,
+                                                     self.fuse_relu)
         else:
-            if bn_training:
-                count = _reduced_count(x)
-                if count <= 1:
-                    raise ValueError("Expected more than 1 value per channel when training, got "
-                                     f"input size {x.size()}")
-                y, mean, var = torch.ops.shiftlab.bn_fwd(x, w, b, residual, None, None,
-                                                         self.eps, self.fuse_relu)
-            else:
-                y, mean, var = torch.ops.shiftlab.bn_fwd(x, w, b, residual, self.running_mean,
-                                                         self.running_var, self.eps, self.fuse_relu)
-        if bn_training and update:
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1))
-                rm, rv = self.running_mean, self.running_var
-                rm.mul_(1 - factor).add_((mean * factor).to(rm.dtype))
-                rv.mul_(1 - factor).add_((unbiased * factor).to(rv.dtype))
+            y, mean, var = torch.ops.shiftlab.bn_fwd(x, w, b, residual, self.running_mean,
+                                                     self.running_var, self.eps, self.fuse_relu)
+        if update:
+            torch.ops.shiftlab.bn_update_running(
+                self.running_mean, self.running_var, self.num_batches_tracked, mean.detach(),
+                var.detach(), 0.0 if self.momentum is None else float(self.momentum),
+                self.momentum is None, float(count))
         if bn_training and self.stats_observer is not None:
             self.stats_observer(mean.detach(), var.detach())
         return y

@@ -415,6 +415,10 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.shiftlab.bn_bwd.default,
                           (torch.randn_like(x), x, w, b, None, mean, var, 1e-5, True, True),
                           test_utils=("test_schema", "test_faketensor"))
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(2)
+    torch.library.opcheck(torch.ops.shiftlab.bn_update_running.default,
+                          (rm, rv, nbt, mean, var, 0.0, True, 75.0),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------- GPU
