@@ -87,6 +87,7 @@ class SequenceModule(ClassificationModule):
                 raise ValueError(f"module=sequence needs a chain model (model=hmm|crf|position_softmax); "
                                  f"{type(model).__name__} has no {attr}()")
         super().__init__(model, optimizer, scheduler, batching, num_classes)
+        model.wrapped_by_sequence_module = True
         self.num_bins = int(num_bins)
         self.track_train_acc = bool(track_train_acc)
         match = not getattr(model, "supervised", True)

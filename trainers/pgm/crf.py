@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from trainers.models import default_norm, make_activation
 from trainers.pgm import chain
+from trainers.pgm.hmm import require_sequence_module
 
 
 class SequenceEncoder(nn.Module):
@@ -66,6 +67,7 @@ class _Tagger(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Log posterior marginals as (B, K, T) (PyTorch's (N, C, d) classifier layout)."""
+        require_sequence_module(self)
         return self.log_marginals(x, x >= 0 if mask is None else mask).transpose(1, 2)
 
 

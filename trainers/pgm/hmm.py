@@ -162,7 +162,16 @@ class HMM(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Log posterior marginals as (B, K, T): PyTorch's (N, C, d) layout, so classifier code
         (``F.cross_entropy(out, y)`` with ``PAD`` = ignore_index) works on it unchanged."""
+        require_sequence_module(self)
         return self.log_marginals(x, x >= 0 if mask is None else mask).transpose(1, 2)
+
+
+def require_sequence_module(model: nn.Module) -> None:
+    """Training a chain model through a per-position classifier loss would silently optimize the
+    wrong objective; :class:`trainers.pgm_module.SequenceModule` marks the models it wraps."""
+    if model.training and not getattr(model, "wrapped_by_sequence_module", False):
+        raise RuntimeError(f"{type(model).__name__} must be trained with module=sequence "
+                           "(e.g. experiment=pgm_hmm|pgm_crf|pgm_softmax, or add module=sequence)")
 
 
 def true_model_scores(params: HMMParams, x: Tensor, mask: Tensor, y: Tensor | None = None
