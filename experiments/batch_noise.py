@@ -340,7 +340,9 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
     # 2. memorization curves (noise > 0)
     noisy = [n for n in noises if n > 0]
     if noisy:
-        fig, axes = plt.subplots(1, len(noisy), figsize=(4.2 * len(noisy), 4.0), squeeze=False)
+        rows = 1  # legend row under the panels
+        fig, axes = plt.subplots(1, len(noisy), figsize=(max(6.4, 4.2 * len(noisy)), 4.4 + 0.25 * rows),
+                                 squeeze=False)
         for ax, n in zip(axes[0], noisy):
             for reg in regimes:
                 rs = groups.get((reg, n), [])
@@ -353,10 +355,13 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
             ax.set_ylabel("training accuracy (%)")
             ax.set_ylim(0, 101)
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=6, ncol=2)
-        fig.suptitle(f"{title}: memorization - solid: corrupted samples vs their given (wrong) label, "
-                     "dashed: clean samples", fontsize=9)
-        fig.tight_layout()
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=COLORS.get(reg), label=reg) for reg in regimes]
+        fig.legend(handles=handles, fontsize=8, ncol=min(6, len(regimes)), loc="lower center")
+        fig.suptitle(f"{title}: memorization (Zhang et al. 2017)\nsolid: corrupted samples scored "
+                     "against their given (wrong) label; dashed: clean samples", fontsize=9)
+        fig.tight_layout(rect=(0, 0.06 + 0.04 * rows, 1, 1))
         fig.savefig(out / "memorization.png", dpi=120)
         plt.close(fig)
         files.append("memorization.png")
@@ -385,7 +390,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
     files.append("sharpness_end.png")
 
     # 4. B_simple over training
-    fig, axes = plt.subplots(1, len(noises), figsize=(4.2 * len(noises), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(noises), figsize=(max(6.4, 4.2 * len(noises)), 4.0), squeeze=False)
     for ax, n in zip(axes[0], noises):
         for reg in regimes:
             e, v = _mean_curve(groups.get((reg, n), []), "noise/b_simple")
@@ -396,7 +401,8 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
         ax.set_title(f"label noise {n:g}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{title}: simple gradient noise scale over training (mean over seeds)", fontsize=9)
+    fig.suptitle(f"{title}: simple gradient noise scale B_simple (McCandlish et al. 2018) over training,"
+                 "\nmean over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "b_simple.png", dpi=120)
     plt.close(fig)
