@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of kernels
+import torch
+
+if not torch.cuda.is_available():  # CPU: run the Triton kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of kernels
 
 import socket
 
