@@ -180,22 +180,27 @@ class CurvatureEarlyStopping(RuleEarlyStopping):
 
     Fits a weighted local quadratic to the last ``window`` values of ``monitor`` (log scale when
     positive) and stops when the slope is positive with ``z`` standard errors and the best epoch
-    is ``min_behind`` epochs back, or when the optimistic remaining improvement
-    ``min(g^2/curvature, g*lookahead)`` falls below ``min_delta`` (relative, on log scale). See
-    :class:`callbacks.early_stopping.CurvatureRule` for the details and the tuned defaults.
+    is ``min_behind`` epochs back, or when the optimistic remaining improvement falls below
+    ``min_delta`` (relative, on log scale) with the best epoch ``plateau_behind`` epochs back;
+    either condition must hold ``confirm`` epochs in a row. Every argument left at None takes the
+    tuned default of :class:`callbacks.early_stopping.CurvatureRule`, which documents them.
     """
+
+    _RULE_ARGS = ("window", "z", "z_plateau", "min_delta", "lookahead", "min_behind",
+                  "plateau_behind", "confirm", "robust", "log", "restore")
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", window: int | None = None,
                  half_life: float | None | str = "default", z: float | None = None,
                  z_plateau: float | None = None, min_delta: float | None = None,
                  lookahead: float | None = None, min_behind: int | None = None,
-                 log: bool | None = None, restore: str | None = None, warmup: int | None = None,
-                 **kwargs: Any) -> None:
-        rule_kw = {k: v for k, v in dict(window=window, z=z, z_plateau=z_plateau,
-                                         min_delta=min_delta, lookahead=lookahead,
-                                         min_behind=min_behind, log=log, restore=restore).items()
-                   if v is not None}
-        if half_life != "default":
+                 plateau_behind: int | None = None, confirm: int | None = None,
+                 robust: int | None = None, log: bool | None = None, restore: str | None = None,
+                 warmup: int | None = None, **kwargs: Any) -> None:
+        given = dict(window=window, z=z, z_plateau=z_plateau, min_delta=min_delta,
+                     lookahead=lookahead, min_behind=min_behind, plateau_behind=plateau_behind,
+                     confirm=confirm, robust=robust, log=log, restore=restore)
+        rule_kw = {k: v for k, v in given.items() if v is not None}
+        if half_life != "default":  # None is meaningful here: uniform weights
             rule_kw["half_life"] = half_life
         super().__init__("curvature", monitor=monitor, mode=mode, warmup=warmup, **rule_kw,
                          **kwargs)

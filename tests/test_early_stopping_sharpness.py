@@ -14,7 +14,7 @@ def test_measure_matches_explicit_hessian():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
-    mon = SharpnessMonitor(power_iters=200, tol=1e-10, trace_samples=4000)
+    mon = SharpnessMonitor(power_iters=100, tol=1e-9, trace_samples=300)
     top, trace = mon.measure(model, x, y)
 
     w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
@@ -25,7 +25,7 @@ def test_measure_matches_explicit_hessian():
     h = torch.autograd.functional.hessian(loss_of, torch.cat([w0.flatten(), b0]))
     eig = torch.linalg.eigvalsh(h)
     assert top == pytest.approx(float(eig.abs().max()), rel=1e-3)
-    assert trace == pytest.approx(float(torch.trace(h)), rel=0.1)
+    assert trace == pytest.approx(float(torch.trace(h)), rel=0.25)
     assert model.training  # mode restored
 
 

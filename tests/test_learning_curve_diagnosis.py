@@ -60,6 +60,7 @@ def test_bad_input_is_rejected():
         diagnose([1.0], [1.0], window=0)
 
 
+@pytest.mark.slow
 def test_spine_run_with_curvature_stop_and_diagnosis(run_cfg, tmp_path):
     """callbacks=curvature_stop in a real run: the stop reason and the diagnosis reach
     summary.json, the plots are written, and the restored weights are tested."""
@@ -67,7 +68,7 @@ def test_spine_run_with_curvature_stop_and_diagnosis(run_cfg, tmp_path):
 
     cfg = run_cfg("callbacks=curvature_stop", "trainer.enable_progress_bar=false",
                   "data.label_noise=0.4", "optimizer.lr=0.01", "scheduler=constant",
-                  "trainer.max_epochs=60",
+                  "trainer.max_epochs=40",
                   "+callbacks.diagnosis._target_=callbacks.learning_curve_diagnosis.LearningCurveDiagnosis")
     summary = train(cfg)
     out = tmp_path / "run"
@@ -75,7 +76,7 @@ def test_spine_run_with_curvature_stop_and_diagnosis(run_cfg, tmp_path):
     es = saved["early_stopping"]
     assert es["rule"] == "curvature" and es["stopped"], saved["stop_reason"]
     assert saved["stop_reason"].startswith("curvature rule on val/loss stopped after epoch")
-    assert saved["epochs_run"] == es["stopped_epoch"] + 1 < 60
+    assert saved["epochs_run"] == es["stopped_epoch"] + 1 < 40
     assert es["restored_epoch"] == es["best_epoch"] <= es["stopped_epoch"]
     assert saved["diagnosis"]["label"] in LABELS
     assert (out / "plots" / "learning_curve_diagnosis.png").exists()
