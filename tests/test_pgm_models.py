@@ -175,3 +175,17 @@ def test_bayes_ceiling_beats_trained_models():
         assert s["bayes_acc"] == pytest.approx(bayes_acc)
         assert s["acc"] > 0.5, (name, s)  # learned something (chance is ~1/3)
         assert s["acc"] <= bayes_acc + 0.01, (name, s)
+
+
+def test_matched_accuracy_metric():
+    from trainers.pgm_module import MatchedAccuracy
+
+    target = torch.tensor([[0, 1, 2, 2, chain.PAD]])
+    pred = torch.tensor([[1, 2, 0, 0, 0]])  # a relabelling of the truth
+    mask = target >= 0
+    matched, plain = MatchedAccuracy(3, match=True), MatchedAccuracy(3, match=False)
+    for m in (matched, plain):
+        m.update(pred, target, mask)
+    assert float(matched.compute()) == 1.0
+    assert float(plain.compute()) == 0.0
+    assert torch.isnan(MatchedAccuracy(3, match=True).compute())

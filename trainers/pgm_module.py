@@ -29,7 +29,7 @@ from trainers.batching import FullBatch, MiniBatch
 from trainers.full_batch import all_reduce_gradients
 from trainers.module import ClassificationModule
 from trainers.pgm import calibration, metrics
-from trainers.pgm.matching import best_permutation, confusion
+from trainers.pgm.matching import confusion, permutation_from_confusion
 from trainers.pgm.metrics import ChainModel
 
 
@@ -56,17 +56,8 @@ class MatchedAccuracy(Metric):
             return torch.tensor(float("nan"))
         if not self.match:
             return c.trace().double() / total
-        perm = best_permutation_from_confusion(c)
+        perm = permutation_from_confusion(c)
         return c[torch.arange(self.num_classes), perm].sum().double() / total
-
-
-def best_permutation_from_confusion(c: Tensor) -> Tensor:
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(c.double().numpy(), maximize=True)
-    perm = torch.empty(c.shape[0], dtype=torch.long)
-    perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
-    return perm
 
 
 class SequenceModule(ClassificationModule):

@@ -21,13 +21,17 @@ def confusion(pred: Tensor, target: Tensor, num_classes: int, mask: Tensor | Non
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
-def best_permutation(pred: Tensor, target: Tensor, num_classes: int, mask: Tensor | None = None) -> Tensor:
-    """``perm`` with ``perm[learned_state] = true_state`` maximizing the number of matches."""
-    c = confusion(pred, target, num_classes, mask).double().numpy()
-    rows, cols = linear_sum_assignment(c, maximize=True)
-    perm = np.empty(num_classes, dtype=np.int64)
+def permutation_from_confusion(c: Tensor) -> Tensor:
+    """``perm`` maximizing ``sum_k c[k, perm[k]]`` (rows: learned states, columns: true ones)."""
+    rows, cols = linear_sum_assignment(c.double().cpu().numpy(), maximize=True)
+    perm = np.empty(c.shape[0], dtype=np.int64)
     perm[rows] = cols
     return torch.from_numpy(perm)
+
+
+def best_permutation(pred: Tensor, target: Tensor, num_classes: int, mask: Tensor | None = None) -> Tensor:
+    """``perm`` with ``perm[learned_state] = true_state`` maximizing the number of matches."""
+    return permutation_from_confusion(confusion(pred, target, num_classes, mask))
 
 
 def apply_permutation(pred: Tensor, perm: Tensor) -> Tensor:
