@@ -97,7 +97,7 @@ def plt():
 
 
 def write_report(out: Path, title: str, command: str, rows: list[tuple[str, str, str, str]],
-                 notes: Sequence[str], figures: Sequence[str], wall_s: float) -> Path:
+                 notes: Sequence[str], figures: Sequence[str], wall_s: float, extra: Sequence[str] = ()) -> Path:
     """README-style markdown: claim vs measured vs held, figures, notes, how it was run."""
     lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
              f"Wall time: {wall_s:.0f} s", "", "| claim (paper) | measured here | held? |", "|---|---|---|"]
@@ -108,6 +108,8 @@ def write_report(out: Path, title: str, command: str, rows: list[tuple[str, str,
             lines += [f"- *{c}*: {detail}"]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if extra:
+        lines += [""] + list(extra)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     path = out / "SUMMARY.md"
     path.write_text("\n".join(lines) + "\n")
