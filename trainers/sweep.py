@@ -513,6 +513,11 @@ def run_ray(settings: SweepSettings, overrides: Sequence[str], max_epochs: int) 
     from ray.tune.search.optuna import OptunaSearch
 
     space = parse_search_space(settings.params)
+    for i, point in enumerate(settings.enqueue):
+        missing = sorted(set(space) - set(point))
+        if missing:
+            raise SweepError(f"sweep.enqueue[{i}] lacks {missing[0]}; allowed with backend=ray: points that set "
+                             f"every swept parameter ({', '.join(space)})")
     settings.dir.mkdir(parents=True, exist_ok=True)
     mode = "max" if settings.direction == "maximize" else "min"
     storage = optuna.storages.RDBStorage(settings.storage) if settings.storage else None

@@ -1,0 +1,129 @@
+"""A 2-trial sweep on a real Ray head on 127.0.0.1, one trial stopped early by Tune's scheduler.
+
+The head is started with ``ray start --head --block`` in its own session, on free loopback ports,
+with usage stats off and a temporary directory; it is stopped by signalling its own process group
+(never a machine-wide ``ray stop``, which would also stop other users' Ray processes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("ray.tune")
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+def _stop_session(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the ``ray start --block`` process (it stops its children), then SIGKILL stragglers."""
+    sid = proc.pid
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 10
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """``host:port`` of a fresh single-node Ray cluster on loopback (2 CPUs, small object store)."""
+    tmp = Path(tempfile_dir := tmp_path_factory.mktemp("ray"))
+    gcs, dashboard, client, agent = _free_ports(4)
+    ray = Path(sys.executable).with_name("ray")
+    cmd = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--num-cpus=2", "--num-gpus=0", "--object-store-memory=100000000", "--include-dashboard=false",
+           f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+           f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", f"--temp-dir={tempfile_dir}"]
+    log = (tmp / "head.log").open("w")
+    env = dict(os.environ, **RAY_ENV)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (tmp / "head.log").read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray head did not start:\n" + (tmp / "head.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        _stop_session(proc)
+        log.close()
+    assert _session_pids(proc.pid) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_trial_sweep_on_a_ray_head(ray_head: str, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "trainers.sweep", "hparams_search=digits_mlp", "n_trials=2", "backend=ray",
+           f"ray.address={ray_head}", "ray.max_concurrent=1", f"sweep.dir={out}", "trainer.max_epochs=3",
+           "print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+           "test=false", "sweep.pruner_args={n_startup_trials:1,n_warmup_steps:0}",
+           "sweep.enqueue=[{optimizer.lr:0.01,batching.batch_size:64,optimizer.weight_decay:1.0e-5},"
+           "{optimizer.lr:1.0e-6,batching.batch_size:64,optimizer.weight_decay:1.0e-5}]"]
+    env = dict(os.environ, **RAY_ENV, SHIFTLAB_ROOT=str(tmp_path), WANDB_MODE="disabled")
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"Connecting to existing Ray cluster at address: {ray_head}" in run.stderr + run.stdout
+
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["backend"] == "ray" and sweep["counts"] == {"complete": 1, "pruned": 1}
+    trials = {t["params"]["optimizer.lr"]: t for t in
+              (json.loads(p.read_text()) for p in (out / "trials").glob("*/trial.json"))}
+    good, bad = trials[0.01], trials[1e-6]
+    assert good["state"] == "complete" and good["backend"] == "ray" and good["epochs_reported"] == 3
+    assert bad["state"] == "pruned" and bad["reason"].startswith("stopped by MedianStoppingRule after epoch 0")
+    assert sweep["best"]["trial_id"] == good["trial_id"]
+    for t in (good, bad):
+        run_dir = Path(t["run_dir"])
+        assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "metrics.csv").exists()
+    assert json.loads((Path(good["run_dir"]) / "summary.json").read_text())["status"] == "completed"
+    # Tune's OptunaSearch kept the study in the configured SQLite storage
+    with sqlite3.connect(out / "study.db") as db:
+        assert db.execute("select count(*) from trials").fetchone()[0] == 2
+    md = (out / "report" / "report.md").read_text()
+    assert f"**Best run: `trials/{good['trial_id']}`**" in md and "stopped by MedianStoppingRule" in md
