@@ -7,6 +7,7 @@ an equivalent torch implementation and warns once.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -57,5 +58,10 @@ def num_programs_target(x: torch.Tensor) -> int:
     exercise the multi-chunk combine while keeping tests fast.
     """
     if x.is_cuda and not INTERPRET:
-        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        return 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

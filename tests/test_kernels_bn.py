@@ -67,7 +67,7 @@ def ours_for(shape, **kw) -> nn.Module:
 def check_against_torch(x: torch.Tensor, ours: nn.Module, steps: int = 2, tol: float | None = None):
     """Forward, input/weight/bias gradients and running stats over ``steps`` steps."""
     tol = tol if tol is not None else TOL[x.dtype]
-    ref = torch_twin(ours, x.dim())
+    ref = torch_twin(ours, x.dim()).to(x.device)
     ours.to(x.device)
     for step in range(steps):
         xo = (x + step * 0.25).detach().requires_grad_()
@@ -77,7 +77,8 @@ def check_against_torch(x: torch.Tensor, ours: nn.Module, steps: int = 2, tol: f
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             assert yo.is_contiguous(memory_format=torch.channels_last)
         assert rel_err(yo, yr) < tol, ("forward", step, rel_err(yo, yr))
-        gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(step),
+                         dtype=torch.float64).to(x.device)
         (yo * gy.to(yo)).sum().backward()
         (yr * gy).sum().backward()
         assert rel_err(xo.grad, xr.grad) < tol * 4, ("dx", step, rel_err(xo.grad, xr.grad))

@@ -41,7 +41,7 @@ def check(ours: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float | None = 
     yo, yr = ours(xo), ref(xr)
     assert yo.dtype == x.dtype
     assert rel_err(yo, yr) < tol, ("forward", rel_err(yo, yr))
-    g = randn(yr.shape, seed=7, dtype=torch.float64)
+    g = randn(yr.shape, seed=7, dtype=torch.float64, device=x.device)
     (yo * g.to(yo)).sum().backward()
     (yr * g).sum().backward()
     assert rel_err(xo.grad, xr.grad) < 4 * tol, ("dx", rel_err(xo.grad, xr.grad))
