@@ -93,3 +93,23 @@ def test_callbacks_reject_bad_values():
         ActivationDriftMonitor(split="test")
     with pytest.raises(ValueError, match="callbacks.landscape.eta_range"):
         LandscapeSmoothnessMonitor(eta_range=(0.0, 1.0))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_probes_under_two_process_cpu_ddp_with_synced_bn(tmp_path):
+    """Lightning ddp_spawn (gloo, 2 CPU ranks), norm=batch_renorm syncing in-layer, all probes on:
+    no deadlock (every rank runs the probes' forwards), probe files written by rank 0."""
+    from conftest import QUIET, compose_cfg
+    from trainers.train import train
+
+    quiet = [o for o in QUIET if not o.startswith("callbacks=")]
+    out = tmp_path / "ddp"
+    cfg = compose_cfg(quiet + ["trainer=ddp_sim", "norm=batch_renorm", "norm.warmup_steps=1", "norm.r_max_steps=3",
+                               "norm.d_max_steps=3", "trainer.max_epochs=1", "+trainer.limit_train_batches=4",
+                               "+trainer.limit_val_batches=1", "test=false"] + PROBES, out)
+    summary = train(cfg)
+    assert summary["status"] == "completed", summary
+    hist = json.loads((out / "probes" / "gradient_ics.json").read_text())["history"]
+    assert [h["step"] for h in hist] == [0, 3]
+    assert all(0 < h["net.4/grad_norm"] for h in hist)
