@@ -25,16 +25,19 @@ from trainers.pgm import chain
 from trainers.pgm.hmm import hmm_unary, make_hmm
 
 
-def _time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Minimum wall time of ``fn`` in milliseconds (the least disturbed run on a shared CPU)."""
+def _time_pair(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int = 2
+               ) -> tuple[float, float]:
+    """Minimum wall times (ms) of ``a`` and ``b``, called alternately so that both see the same
+    background load on a shared CPU; the minimum is the least disturbed run."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        a(), b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * min(ts)
+        for fn, ts in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return 1e3 * min(ta), 1e3 * min(tb)
 
 
 def _import_peer():
@@ -94,8 +97,12 @@ def run(batch: int, length: int, states: int, symbols: int, repeats: int, seed: 
     res: dict = {"batch": batch, "length": length, "states": states, "symbols": symbols,
                  "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "cpu": platform.processor() or platform.machine()}
-    res["ours_ms"] = {"forward": _time(ours_fwd, repeats), "forward+autograd": _time(ours_grad, repeats),
-                      "forward-backward": _time(ours_fb, repeats)}
+    ours = {"forward": ours_fwd, "forward+autograd": ours_grad, "forward-backward": ours_fb}
+    # variable lengths (uniform in [T/2, T]), masked: the forward pass costs the same
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    mask = chain.lengths_to_mask(lengths, length)
+    unary_var = unary.masked_fill(~mask[..., None], 0.0)
+    ours_var = {"forward (masked lengths)": lambda: chain.log_partition(unary_var, log_trans, log_start, mask)}
     res["max_abs_ll_err_ours_vs_float64"] = float((ours_ll.double() - exact_ll).abs().max())
 
     try:
@@ -121,11 +128,10 @@ def run(batch: int, length: int, states: int, symbols: int, repeats: int, seed: 
         def peer_fb():
             return model.forward_backward(emissions=unary)
 
-        res["peer_ms"] = {"forward": _time(peer_fwd, repeats), "forward+autograd": _time(peer_grad, repeats),
-                          "forward-backward": _time(peer_fb, repeats)}
-        res["peer_ms_from_symbols"] = {"log_probability": _time(lambda: model.log_probability(X), repeats)}
-        res["ours_ms_from_symbols"] = {"log_likelihood": _time(
-            lambda: chain.log_partition(hmm_unary(log_emit, x, None), log_trans, log_start), repeats)}
+        peer = {"forward": peer_fwd, "forward+autograd": peer_grad, "forward-backward": peer_fb,
+                "log-likelihood from symbols": lambda: model.log_probability(X)}
+        ours["log-likelihood from symbols"] = lambda: chain.log_partition(hmm_unary(log_emit, x, None),
+                                                                          log_trans, log_start)
         res["max_abs_emission_diff"] = float((peer_unary - unary).abs().max())
         res["max_abs_ll_diff_vs_peer"] = float((peer_ll - ours_ll).abs().max())
         res["max_rel_ll_diff_vs_peer"] = float(((peer_ll - ours_ll).abs() / ours_ll.abs()).max())
@@ -137,10 +143,14 @@ def run(batch: int, length: int, states: int, symbols: int, repeats: int, seed: 
             u = unary.detach().requires_grad_(True)
             reference_forward(u, log_trans, log_start).sum().backward()
 
-        res["peer_ms"] = {"forward": _time(lambda: reference_forward(unary, log_trans, log_start), repeats),
-                          "forward+autograd": _time(ref_grad, repeats)}
+        peer = {"forward": lambda: reference_forward(unary, log_trans, log_start), "forward+autograd": ref_grad}
         res["max_abs_ll_diff_vs_peer"] = float((ref_ll - ours_ll).abs().max())
     res["peer"] = peer_name
+    res["ours_ms"], res["peer_ms"] = {}, {}
+    for k in peer:
+        res["ours_ms"][k], res["peer_ms"][k] = _time_pair(ours[k], peer[k], repeats)
+    for k, fn in ours_var.items():
+        res["ours_ms"][k] = _time_pair(fn, fn, repeats)[0]
     res["ratio_peer_over_ours"] = {k: res["peer_ms"][k] / res["ours_ms"][k] for k in res["peer_ms"]}
     return res
 
@@ -161,9 +171,12 @@ def main() -> None:
     res = run(a.batch, a.length, a.states, a.symbols, a.repeats, peer_error=peer_error)
     print(f"peer: {res['peer']}; batch {a.batch}, T {a.length}, K {a.states}, V {a.symbols}, "
           f"{res['dtype']}, torch {res['torch']}, {res['threads']} thread(s)")
-    for k in res["peer_ms"]:
-        print(f"  {k:18s} ours {res['ours_ms'][k]:8.2f} ms   peer {res['peer_ms'][k]:8.2f} ms   "
-              f"ratio peer/ours {res['ratio_peer_over_ours'][k]:5.2f}")
+    for k in res["ours_ms"]:
+        if k in res["peer_ms"]:
+            print(f"  {k:28s} ours {res['ours_ms'][k]:8.2f} ms   peer {res['peer_ms'][k]:8.2f} ms   "
+                  f"ratio peer/ours {res['ratio_peer_over_ours'][k]:5.2f}")
+        else:
+            print(f"  {k:28s} ours {res['ours_ms'][k]:8.2f} ms")
     print(f"  max |log-lik ours - peer| = {res['max_abs_ll_diff_vs_peer']:.3e} "
           f"(ours vs float64: {res['max_abs_ll_err_ours_vs_float64']:.3e})")
     ok = res["max_abs_ll_diff_vs_peer"] <= 1e-4 * max(1.0, float(a.length))
