@@ -82,7 +82,7 @@ def test_metric_and_direction_from_the_command_line(sweep_dir: Path, capsys) -> 
 def test_plain_hydra_multirun_without_trial_records(tmp_path: Path) -> None:
     root = tmp_path / "multirun"
     cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
-    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0"], config=cfg)
+    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0", "hydra.run.dir=x"], config=cfg)
     _run(root, "1", summary={"status": "completed", "val/acc": 0.9}, overrides=["optimizer.lr=0.01", "seed=0"], config=cfg)
     _run(root, "2", summary={"status": "diverged", "stop_reason": "loss is nan at epoch 2"},
          overrides=["optimizer.lr=10.0", "seed=0"], config=cfg)
@@ -90,7 +90,9 @@ def test_plain_hydra_multirun_without_trial_records(tmp_path: Path) -> None:
     assert out["best"] == "1" and out["direction"] == "maximize"
     md = out["markdown"].read_text()
     assert "diverged: loss is nan at epoch 2" in md and "from run config" in md
-    assert {p.name for p in out["plots"]} == {"val_acc_vs_optimizer_lr.png", "val_acc_vs_seed.png"}
+    # seed is the same in every run: a column, not a plot; hydra.* overrides are not parameters
+    assert {p.name for p in out["plots"]} == {"val_acc_vs_optimizer_lr.png"}
+    assert "| seed |" in md and "hydra.run.dir" not in md
 
 
 def test_no_completed_run_still_reports(tmp_path: Path) -> None:

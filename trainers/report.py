@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 STATES = ("complete", "pruned", "failed", "running")
+NOT_PARAMS = ("hydra.", "paths.", "print_config", "trainer.enable_")  # overrides that are not experiment knobs
 SKIP_DIRS = {"report", "ray", ".hydra", "checkpoints", "plots", "wandb", "tensorboard"}
 
 
@@ -107,7 +108,8 @@ def collect(root: Path, swept: Sequence[str] | None = None) -> list[dict[str, An
             params = dict(trial["params"])
         else:
             overrides = _overrides(run_dir)
-            params = {k: v for k, v in overrides.items() if swept is None or k in swept}
+            params = {k: v for k, v in overrides.items()
+                      if (k in swept if swept is not None else not k.startswith(NOT_PARAMS))}
         scalars = {k: v for k, v in (summary or {}).items() if _scalar(v) and not isinstance(v, bool)}
         rows.append({"run": run_dir.relative_to(root).as_posix(), "state": state, "reason": reason,
                      "params": params, "summary": scalars, "trial": trial or {}, "config": _config(run_dir)})
@@ -324,7 +326,7 @@ def make_report(root: Path | str, metric: str | None = None, direction: str | No
     specs = (meta.get("settings") or {}).get("params") or {}
     plots = [plot_param(rows, metric, p, best, out / "plots" / f"{_safe(metric)}_vs_{_safe(p)}.png",
                         log_hint=_searched_on_log_scale(specs.get(p)))
-             for p in _param_names(rows)]
+             for p in _param_names(rows) if len({repr(r["params"].get(p)) for r in rows if p in r["params"]}) > 1]
     write_csv(rows, metric, out / "runs.csv")
     md = markdown(rows, metric, direction, source, plots, root if out == root / "report" else out.parent)
     (out / "report.md").write_text(md)
