@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: CI has 2 cores and small models gain nothing from more (and lose a lot
+# when the machine is shared).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "configs")
