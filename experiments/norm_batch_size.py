@@ -1,7 +1,7 @@
 """Normalization variants across batch sizes: where does BatchNorm break, and who holds up?
 
-One command: ``python -m experiments.norm_batch_size`` (digits images, 2-D CNN; ``--data mnist1d``
-for mnist1d). Writes fig_accuracy_vs_batch.png, results.json and SUMMARY.md.
+One command: ``python -m experiments.norm_batch_size`` (digits images, 2-D CNN); ``--setup
+mnist1d_cnn`` (1-D CNN) or ``--setup mnist1d_mlp`` (MLP on flat mnist1d vectors). Writes fig_accuracy_vs_batch.png, results.json and SUMMARY.md.
 
 Claims checked: BN degrades at tiny batches (Ioffe 2017; Wu & He 2018) while GroupNorm, LayerNorm
 and Batch Renorm hold up; Ghost BN (Hoffer et al. 2017) with small virtual batches inside a large
@@ -19,7 +19,11 @@ from experiments._repro import base_parser, plt, run, setup_threads, write_repor
 
 VARIANTS = ("none", "batchnorm", "groupnorm", "layernorm", "batch_renorm", "ghost_bn", "weight_std")
 BATCHES = (2, 4, 16, 64, 256)
-N_TRAIN = {"digits": 1258, "mnist1d": 3600}
+SETUPS = {  # name -> (experiment config, training samples, description)
+    "digits_cnn": ("norm_batch_size", 1258, "scikit-learn digits as 8x8 images, 2-D CNN (2 conv blocks x 32 channels)"),
+    "mnist1d_cnn": ("norm_batch_size_mnist1d", 3600, "mnist1d, 1-D CNN (3 conv blocks x 32 channels)"),
+    "mnist1d_mlp": ("norm_batch_size_mlp", 3600, "mnist1d flat 40-vectors, MLP 128-128 ReLU"),
+}
 VIRTUAL = 16
 MIN_EPOCHS, MIN_STEPS = 5, 400
 
@@ -45,7 +49,7 @@ def norm_overrides(norm: str, total_steps: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0], "norm_batch_size")
-    p.add_argument("--data", choices=("digits", "mnist1d"), default="digits")
+    p.add_argument("--setup", choices=tuple(SETUPS), default="digits_cnn")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     args = p.parse_args(argv)
@@ -53,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    exp = "norm_batch_size" if args.data == "digits" else "norm_batch_size_mnist1d"
+    exp, n_train, described = SETUPS[args.setup]
     results: dict[str, dict[int, dict[str, float]]] = {}
     for norm in args.variants:
         results[norm] = {}
         for b in args.batches:
-            lr, epochs, total = plan(b, N_TRAIN[args.data], args.quick)
+            lr, epochs, total = plan(b, n_train, args.quick)
             ov = [f"experiment={exp}", f"norm={norm}", f"batching.batch_size={b}", f"optimizer.lr={lr}",
                   f"trainer.max_epochs={epochs}"] + norm_overrides(norm, total)
             s = run(ov, out / f"{norm}_b{b}", reuse=args.reuse)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (per step)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"norm variant x batch size ({args.data})")
+    ax.set_title(f"norm variant x batch size ({args.setup})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fig_accuracy_vs_batch.png", dpi=120)
@@ -116,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.variants:
         table.append(f"| {n} | " + " | ".join(f"{acc(n, b):.1f}" for b in bs) + " |")
     notes = [
-        f"Data: {args.data}; " + ("digits as 8x8 images, 2-D CNN (2 conv blocks x 32 channels)" if args.data == "digits"
-                                  else "mnist1d, 1-D CNN (3 conv blocks x 32 channels)")
-        + "; SGD momentum 0.9, lr = 0.1 x B/64 (max 0.1), constant; every run gets max(5 epochs, 400 steps).",
+        f"Setup {args.setup}: {described}; SGD momentum 0.9, lr = 0.1 x B/64 (max 0.1), constant; every run gets max(5 epochs, 400 steps).",
         f"GroupNorm and weight_std: 8 groups of 4 channels; ghost_bn: virtual batch {VIRTUAL} (equals BN for B <= {VIRTUAL}); "
         "batch_renorm: the paper's warm-up scaled to the run (r_max=1, d_max=0 for the first 10% of steps, d_max=5 by 50%, r_max=3 by 80%).",
         "Test accuracy (eval mode: BN variants use running statistics). Single seed per cell; "
