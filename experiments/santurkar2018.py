@@ -157,8 +157,7 @@ def run_dln(norm: str, steps: int, lr: float, probe_every: int, seed: int = 0) -
 def figures_dln(out: Path, dln: dict[str, dict[str, Any]]) -> dict[str, Any]:
     p = plt()
     m: dict[str, Any] = {}
-    layer_names = sorted({k[:-3] for h in dln["batchnorm"]["ics"] for k in h if k.endswith("/l2")}, key=int)
-    # weight layers are the even Sequential indices with norm, 0,1,2.. without; use 1-based layer numbers
+    # ICS keys are Sequential indices (every other one with norms); plot against the layer number i
     fig, axes = p.subplots(1, 3, figsize=(13, 3.4))
     for norm, col in (("none", "C3"), ("batchnorm", "C0")):
         r = dln[norm]
@@ -185,7 +184,6 @@ def figures_dln(out: Path, dln: dict[str, dict[str, Any]]) -> dict[str, Any]:
     fig.tight_layout()
     fig.savefig(out / "fig_d_deep_linear_ics.png", dpi=120)
     p.close(fig)
-    del layer_names
     return m
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from trainers.norms import register_norm
-from trainers.norms._bn_common import StatBatchNorm, channel_view
+from trainers.norms._bn_common import StatBatchNorm
 
 
 def chunk_ids(n: int, virtual_batch_size: int, spatial: int, device) -> Tensor:

@@ -15,7 +15,6 @@ landscape and makes batch-independent GroupNorm competitive with BatchNorm at sm
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.norms import register_norm
