@@ -138,7 +138,10 @@ class TensorDataModule(L.LightningDataModule, abc.ABC):
             x_tr, y_tr = x_tr[:keep], y_tr[:keep]
         if self.standardize and x_tr.is_floating_point():
             mean = x_tr.mean(dim=0, keepdim=True)
-            std = x_tr.std(dim=0, keepdim=True).clamp_min(1e-6)
+            std = x_tr.std(dim=0, keepdim=True)
+            # A feature (pixel) constant on the training split is only centred: dividing by its
+            # ~0 std would blow up the few val/test samples where it is not constant.
+            std = torch.where(std < 1e-3, torch.ones_like(std), std)
             x_tr, x_val, x_test = ((t - mean) / std for t in (x_tr, x_val, x_test))
         self.num_classes = int(self.num_classes or int(torch.cat([y_tr, y_val, y_test]).max()) + 1)
         noisy, corrupted = corrupt_labels(y_tr, self.label_noise, self.num_classes, self.seed + 1)
