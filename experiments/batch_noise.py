@@ -580,6 +580,10 @@ def write_summary(runs: list[dict], tune_runs: list[dict], out: Path, meta: dict
             edge = "yes" if best[reg] in (min(t), max(t)) and len(t) > 1 else "no"
             lines.append(f"| {reg} | {cells} | {best[reg]:g} | {edge} | {2 * (1 + beta) / best[reg]:.3g} |")
         lines.append("")
+    else:
+        used = {reg: sorted({r["lr"] for r in runs if r["regime"] == reg}) for reg in regimes}
+        lines += ["## Learning rate per regime", "", "Given, not tuned in this sweep: " +
+                  ", ".join(f"{reg} {'/'.join(f'{lr:g}' for lr in lrs)}" for reg, lrs in used.items()), ""]
     lines += ["## Test accuracy (%), mean ± sd over seeds", "",
               "| regime | steps/epoch | " + " | ".join(f"noise {n:g}" for n in noises) + " |",
               "|---|---|" + "---|" * len(noises)]
@@ -673,6 +677,26 @@ def build_profile(args: argparse.Namespace) -> Profile:
     return replace(p, lr_grids=grids, extra=p.extra + list(args.override or []))
 
 
+def fixed_lrs(p: Profile) -> dict[str, float]:
+    """The single lr of every regime (``--skip-tune``)."""
+    multi = [r for r in p.regimes if len(p.lr_grids[r]) != 1]
+    if multi:
+        raise SystemExit(f"batch_noise: --skip-tune needs one lr per regime; give --lr REGIME=LR for {multi}")
+    return {r: p.lr_grids[r][0] for r in p.regimes}
+
+
+def read_tuning(p: Profile, out: Path) -> dict[str, float]:
+    """Pick each regime's lr from the finished tuning runs and record the choice."""
+    best, table = choose_lrs(collect_runs(out / "tune"))
+    missing = [r for r in p.regimes if r not in best]
+    if missing:
+        raise SystemExit(f"batch_noise: tuning produced no finished run for {missing}; see {out}/tune/*/launch.log")
+    (out / "tuned_lr.json").write_text(json.dumps({"chosen": best, "val_acc": {
+        r: {str(k): v for k, v in t.items()} for r, t in table.items()}}, indent=2))
+    print(f"[batch_noise] tuned lr: {best}", flush=True)
+    return {r: best[r] for r in p.regimes}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.batch_noise", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -690,6 +714,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--tune-noise", dest="tune_noise", type=float)
     run.add_argument("--lr", action="append", help="REGIME=lr[,lr...]: the lr grid of a regime (repeatable)")
     run.add_argument("--override", action="append", help="extra Hydra override for every run (repeatable)")
+    run.add_argument("--skip-tune", action="store_true",
+                     help="no tuning: every regime's --lr grid must hold exactly one lr, used as is")
     run.add_argument("--dry-run", action="store_true", help="print the multirun commands only")
     agg = sub.add_parser("aggregate", help="rebuild the report from finished runs")
     agg.add_argument("--out", type=Path, required=True)
@@ -703,17 +729,12 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or REPO / "outputs" / f"batch_noise_{args.profile}{'_quick' if args.quick else ''}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_launches(p, tune_launches(p, out), args.jobs, args.nice, args.dry_run)
-    if args.dry_run:
-        best = {r: p.lr_grids[r][len(p.lr_grids[r]) // 2] for r in p.regimes}
+    if args.skip_tune:
+        best = fixed_lrs(p)
     else:
-        best, table = choose_lrs([r for r in collect_runs(out / "tune")])
-        missing = [r for r in p.regimes if r not in best]
-        if missing:
-            raise SystemExit(f"batch_noise: tuning produced no finished run for {missing}; see {out}/tune/*/launch.log")
-        (out / "tuned_lr.json").write_text(json.dumps({"chosen": best, "val_acc": {
-            r: {str(k): v for k, v in t.items()} for r, t in table.items()}}, indent=2))
-        print(f"[batch_noise] tuned lr: {best}", flush=True)
+        run_launches(p, tune_launches(p, out), args.jobs, args.nice, args.dry_run)
+        best = ({r: p.lr_grids[r][len(p.lr_grids[r]) // 2] for r in p.regimes} if args.dry_run
+                else read_tuning(p, out))
     run_launches(p, sweep_launches(p, out, best), args.jobs, args.nice, args.dry_run)
     if args.dry_run:
         return
