@@ -271,3 +271,30 @@ def test_study_with_a_pruned_trial_end_to_end(tmp_path: Path, capsys) -> None:
     md = (out / "report" / "report.md").read_text()
     assert "**Best run: `trials/0000`**" in md and "pruned by MedianPruner" in md
     assert "best: " in capsys.readouterr().out
+
+
+def _fake_train(cfg):
+    """A stand-in for trainers.train.train: val/acc peaks at lr=0.01, written like the spine does."""
+    lr = float(cfg.optimizer.lr)
+    out = Path(cfg.paths.output_dir)
+    summary = {"status": "completed", "val/acc": 1.0 - abs(math.log10(lr) + 2.0) / 10, "stop_reason": "done"}
+    (out / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_sqlite_study_resumes_across_invocations(tmp_path: Path) -> None:
+    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2",
+                             "sweep.sampler=random"])
+    settings = sw.SweepSettings.from_cfg(cfg)
+    assert settings.storage == f"sqlite:///{tmp_path / 's'}/study.db"
+    first = sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+    second = sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+    assert first["counts"] == {"complete": 2} and second["counts"] == {"complete": 4}
+    assert sorted(p.name for p in (tmp_path / "s" / "trials").iterdir()) == ["0000", "0001", "0002", "0003"]
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    assert len(study.trials) == 4 and study.best_value == second["best"]["value"]
+    assert second["best"]["value"] == max(t.value for t in study.trials)
+    # an in-memory study cannot continue in a directory that already has trials
+    settings.storage = None
+    with pytest.raises(sw.SweepError, match="already holds trials of an in-memory study"):
+        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
