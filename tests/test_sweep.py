@@ -128,6 +128,10 @@ def test_cli_rejects_bad_input_with_one_line(capsys) -> None:
     assert err == "shiftlab-sweep: error: sweep.backend='slurm' is not allowed; allowed: local, ray"
     assert sw.main(["hparams_search=nope"]) == 2
     assert "hparams_search" in capsys.readouterr().err
+    assert sw.main(["n_trials=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("shiftlab-sweep: error: hparams_search=<name> is required (it defines sweep.params); "
+                          "available: ") and "digits_mlp" in err and "\n" not in err
     assert sw.main(["hparams_search=digits_mlp", "optimizer.lr=-1"]) == 2
     assert "optimizer.lr=-1" in capsys.readouterr().err
 

@@ -335,7 +335,8 @@ def make_report(root: Path | str, metric: str | None = None, direction: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shiftlab-report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="shiftlab-report", description="One table (CSV + markdown) and one plot per "
+                                     "swept parameter for all runs below a sweep directory; the best run named.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--metric", help="summary.json key to rank by (default: the sweep's optimized_metric)")
     parser.add_argument("--direction", choices=("maximize", "minimize"))

@@ -618,6 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     overrides = route_overrides(args)
     try:
+        if not any(a.lstrip("+").startswith("hparams_search=") for a in overrides):
+            raise SweepError(f"hparams_search=<name> is required (it defines sweep.params); available: "
+                             f"{', '.join(available_searches()) or 'none'}")
         cfg = compose_config(overrides)
         settings = SweepSettings.from_cfg(cfg)
         parse_search_space(settings.params)
