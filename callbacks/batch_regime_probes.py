@@ -11,10 +11,12 @@ Logged keys (prefix ``log_prefix``, default ``sharpness``, the same names as
 ``sharpness/top_eigenvalue``, ``sharpness/trace`` and, with ``epsilon_sharpness=True``,
 ``sharpness/eps_sharpness``. The last values go to ``summary.json`` (``summary_items``).
 
-Overhead control: besides ``every_n_epochs``, ``max_overhead`` skips a scheduled probe while the
-time spent probing exceeds that fraction of the training time so far (cheap full-batch epochs
-would otherwise be dominated by the probe). The last epoch is always probed, so the end-of-training
-sharpness is always there. The skip decision is taken on rank 0 and broadcast, so all DDP ranks
+Overhead control: besides ``every_n_epochs``, ``max_overhead`` skips a scheduled probe when the
+time spent probing, plus this probe and the final one (each estimated by the last probe's cost),
+would exceed that fraction of the training time so far; cheap full-batch epochs would otherwise be
+dominated by the probe. The first scheduled probe always runs (it measures the cost) and the last
+epoch is always probed, so the end-of-training sharpness is always there; on runs too short to
+afford those two probes the overhead is above ``max_overhead``. The skip decision is taken on rank 0 and broadcast, so all DDP ranks
 probe at the same epochs.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.hessian import epsilon_sharpness, hutchinson_trace, top_hessian_eigenvalue
+from callbacks.hessian import _HVP, _hutchinson, _power_iteration, epsilon_sharpness
 from callbacks.probe_utils import (
     check_positive_int,
     eval_mode,
@@ -58,10 +60,13 @@ def sharpness_on_subset(
     loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     out: dict[str, float] = {}
     with eval_mode(model):
-        if power_iters > 0:
-            out["top_eigenvalue"] = top_hessian_eigenvalue(loss_fn, params, power_iters, tol, generator)
-        if trace_samples > 0:
-            out["trace"] = hutchinson_trace(loss_fn, params, trace_samples, generator)
+        if power_iters > 0 or trace_samples > 0:
+            hvp = _HVP(loss_fn, params)  # one gradient graph shared by both estimates
+            if power_iters > 0:
+                out["top_eigenvalue"] = _power_iteration(hvp, power_iters, tol, generator)
+            if trace_samples > 0:
+                out["trace"] = _hutchinson(hvp, trace_samples, generator)
+            del hvp
         if eps_sharpness is not None:
             out["eps_sharpness"] = epsilon_sharpness(
                 loss_fn, params, eps=eps_sharpness, steps=eps_steps, generator=generator
@@ -84,8 +89,8 @@ class SharpnessProbe(Callback):
         eps: box size of the epsilon-sharpness (Keskar used 1e-3 and 5e-4).
         eps_steps: ascent steps of the epsilon-sharpness maximisation.
         seed: seed of the subset and of the random probe vectors.
-        max_overhead: skip scheduled probes while probe time exceeds this fraction of the
-            training time so far (``None``: never skip).
+        max_overhead: skip scheduled probes that would push probe time above this fraction of
+            the training time so far (``None``: never skip); see the module docstring.
         log_prefix: prefix of the logged keys.
 
     Cost per probe: one forward+backward plus ``power_iters + trace_samples`` double-backward
@@ -130,6 +135,7 @@ class SharpnessProbe(Callback):
         self.seconds = 0.0
         self.skipped = 0
         self._fit_start: float | None = None
+        self._last_cost: float | None = None
         self.stop_reason: str | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -139,7 +145,10 @@ class SharpnessProbe(Callback):
         if self.max_overhead is None or self._fit_start is None:
             return False
         train_seconds = time.perf_counter() - self._fit_start - self.seconds
-        over = self.seconds > self.max_overhead * max(train_seconds, 0.0)
+        # Predictive: this probe and the (always taken) final one must both fit in the budget.
+        # The first scheduled probe runs regardless and provides the cost estimate.
+        cost = self._last_cost
+        over = cost is not None and self.seconds + 2 * cost > self.max_overhead * max(train_seconds, 0.0)
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and getattr(trainer, "world_size", 1) > 1:
             over = bool(strategy.broadcast(over, src=0))
@@ -166,7 +175,8 @@ class SharpnessProbe(Callback):
         self.history.append({"epoch": float(trainer.current_epoch), **values})
         for key, value in values.items():
             pl_module.log(f"{self.log_prefix}/{key}", value, on_step=False, on_epoch=True)
-        self.seconds += time.perf_counter() - t0
+        self._last_cost = time.perf_counter() - t0
+        self.seconds += self._last_cost
 
     def summary_items(self) -> dict[str, float]:
         if not self.history:

@@ -160,7 +160,10 @@ def top_hessian_eigenvalue(
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    hvp = _HVP(loss_fn, params)
+    return _power_iteration(_HVP(loss_fn, params), iters, tol, generator)
+
+
+def _power_iteration(hvp: _HVP, iters: int, tol: float, generator: torch.Generator | None) -> float:
     v = _random_like(hvp.params, "normal", generator)
     nv = _norm(v)
     v = [x / nv for x in v]
@@ -192,7 +195,10 @@ def hutchinson_trace(
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    hvp = _HVP(loss_fn, params)
+    return _hutchinson(_HVP(loss_fn, params), samples, generator)
+
+
+def _hutchinson(hvp: _HVP, samples: int, generator: torch.Generator | None) -> float:
     total = 0.0
     for _ in range(samples):
         v = _random_like(hvp.params, "rademacher", generator)

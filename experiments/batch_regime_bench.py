@@ -11,7 +11,7 @@ Epoch times exclude validation (``limit_val_batches=0``), logging and checkpoint
 epoch is warm-up. Configurations are interleaved and repeated, and medians are reported, because a
 shared machine's load changes over a run.
 
-    python -m experiments.batch_regime_bench [--epochs 30] [--chunk 512] [--repeats 3]
+    python -m experiments.batch_regime_bench [--epochs 100] [--chunk 512] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def time_run(regime: list[str], epochs: int, probe: dict[str, Any] | None, devic
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.batch_regime_bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=100, help="the batch_noise experiment default")
     ap.add_argument("--chunk", type=int, default=512, help="full-batch chunk size = mini-batch size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
