@@ -421,7 +421,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
     return files
 
 
-RESULT_KEYS = ["test/acc", "train/acc", "train/acc_vs_true_labels", "val/acc", "mem/clean_acc",
+RESULT_KEYS = ["test/acc", "train/loss", "train/acc", "train/acc_vs_true_labels", "val/acc", "mem/clean_acc",
                "mem/corrupt_acc_given", "mem/corrupt_acc_true", "sharpness/top_eigenvalue",
                "sharpness/trace", "noise/b_simple", "wall_time_s", "global_step", "epochs_run"]
 
