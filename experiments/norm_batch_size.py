@@ -103,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         txt, ok = [], []
         for n in holders:
             drop = acc(n, mid) - acc(n, small)
-            txt.append(f"{n}: B={small} {acc(n, small):.1f}% (drop {drop:.1f})")
-            ok.append(acc(n, small) > acc("batchnorm", small) and drop < bn_drop)
+            held = drop <= 5 and acc(n, small) >= acc("batchnorm", small)
+            txt.append(f"{n}: B={small} {acc(n, small):.1f}% (drop {drop:.1f}, {'holds' if held else 'does not hold'})")
+            ok.append(held)
         rows.append((f"GroupNorm / LayerNorm / Batch Renorm hold up at B={small}",
                      "; ".join(txt) + f"; BN {acc('batchnorm', small):.1f}%",
                      "yes" if all(ok) else ("partly" if any(ok) else "no"),
-                     "criterion per variant: above BN at the smallest batch and a smaller drop than BN's"))
+                     f"criterion per variant: at most 5 points lost from B={mid} to B={small}, and not below BN at B={small}"
+                     + ("" if bn_drop > 2 else "; BN itself did not degrade in this setup, so this row is not informative")))
     if "ghost_bn" in results and VIRTUAL in bs:
         g, bl, bsm = acc("ghost_bn", large), acc("batchnorm", large), acc("batchnorm", VIRTUAL)
         held = g >= bl and abs(g - bsm) < abs(bl - bsm)
