@@ -302,3 +302,31 @@ def test_sqlite_study_resumes_across_invocations(tmp_path: Path) -> None:
     settings.storage = None
     with pytest.raises(sw.SweepError, match="already holds trials of an in-memory study"):
         sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+
+
+def test_ray_records_fill_in_failed_and_scheduler_stopped_trials(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    settings = sw.SweepSettings.from_cfg(_cfg(dir=str(tmp_path)))
+    running = tmp_path / "trials" / "abc123"
+    running.mkdir(parents=True)
+    (running / "trial.json").write_text(json.dumps({"trial_id": "abc123", "state": "running", "params": {"x": 1}}))
+    done = tmp_path / "trials" / "ok1"
+    done.mkdir()
+    (done / "trial.json").write_text(json.dumps({"trial_id": "ok1", "state": "complete", "value": 0.9,
+                                                 "params": {"x": 2}}))
+    grid = [
+        SimpleNamespace(metrics={}, error=RuntimeError("worker died\nmore"), config={"x": 1},
+                        path=str(tmp_path / "ray" / "_ray_trial_abc123_00000_0_x=1")),
+        SimpleNamespace(metrics={"trial_id": "zz9", "training_iteration": 2, "objective": 0.5}, error=None,
+                        config={"x": 3}, path=str(tmp_path / "ray" / "_ray_trial_zz9")),
+        SimpleNamespace(metrics={"trial_id": "ok1", "training_iteration": 5, "objective": 0.9}, error=None,
+                        config={"x": 2}, path=str(tmp_path / "ray" / "_ray_trial_ok1")),
+    ]
+    rows = {r["trial_id"]: r for r in sw._ray_records(grid, settings, "ASHAScheduler")}
+    assert rows["abc123"]["state"] == "failed" and rows["abc123"]["reason"] == "RuntimeError: worker died"
+    assert rows["zz9"]["state"] == "pruned" and rows["zz9"]["params"] == {"x": 3}
+    assert rows["zz9"]["reason"] == "stopped by ASHAScheduler after epoch 1 (val/acc=0.5)"
+    assert rows["ok1"]["state"] == "complete" and rows["ok1"]["value"] == 0.9
+    on_disk = json.loads((tmp_path / "trials" / "zz9" / "trial.json").read_text())
+    assert on_disk["state"] == "pruned" and on_disk["backend"] == "ray"

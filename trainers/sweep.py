@@ -554,9 +554,12 @@ def run_ray(settings: SweepSettings, overrides: Sequence[str], max_epochs: int) 
 def _ray_records(grid: Any, settings: SweepSettings, scheduler_name: str) -> list[dict[str, Any]]:
     """One record per Tune trial; fills in ``trial.json`` for trials Tune stopped mid-run."""
     rows = []
+    trials_dir = settings.dir / "trials"
+    known = [p.name for p in trials_dir.iterdir()] if trials_dir.exists() else []
     for result in grid:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        # a trial that failed before its first report has no metrics: find its id in Tune's path
+        trial_id = metrics.get("trial_id") or next((k for k in known if k in str(result.path)), Path(result.path).name)
         run_dir = settings.dir / "trials" / str(trial_id)
         path = run_dir / "trial.json"
         record = json.loads(path.read_text()) if path.exists() else {"trial_id": trial_id, "params": result.config}
