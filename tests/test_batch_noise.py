@@ -154,3 +154,20 @@ def test_cli_rejects_unknown_regime_and_quick_profile_is_small():
     p = bn.PROFILES["cpu"]
     assert p.noise == [0.0, 0.2, 0.4, 0.6] and len(p.seeds) >= 3
     assert {"full", "mini32", "mini128", "mini512", "full_clip", "full_clip_gnp"} <= set(p.regimes)
+
+
+@pytest.mark.parametrize("experiment", ["batch_noise", "batch_noise_cifar10"])
+def test_every_regime_composes_for_both_experiments(experiment, tmp_path):
+    from conftest import compose_cfg  # noqa: PLC0415
+
+    from trainers.build import build_batching, build_callbacks  # noqa: PLC0415
+    from trainers.config_checks import check_config  # noqa: PLC0415
+
+    for regime, overrides in bn.REGIMES.items():
+        overrides = [o.replace("${gnp_alpha}", "0.1") for o in overrides]
+        cfg = compose_cfg([f"experiment={experiment}", *overrides, "optimizer.lr=0.1"], tmp_path)
+        check_config(cfg)
+        batching = build_batching(cfg)
+        assert batching.kind == ("full" if regime.startswith("full") else "mini")
+        names = {type(c).__name__ for c in build_callbacks(cfg)}
+        assert {"MemorizationMonitor", "GradientNoiseScale", "SharpnessProbe"} <= names
