@@ -47,7 +47,7 @@ class EpochTimer(L.Callback):
 def compose_cfg(setup: str, epochs: int, out: Path):
     overrides = SETUPS[setup] + [f"trainer.max_epochs={epochs}", "print_config=false", "callbacks=none",
                                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                                 "trainer.accelerator=cpu", "test=false", "logger=csv", f"paths.output_dir={out}"]
+                                 "trainer.accelerator=cpu", "trainer.enable_checkpointing=false", "test=false", "logger=csv", f"paths.output_dir={out}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -68,20 +68,30 @@ def hand_loop_epochs(cfg) -> list[float]:
         torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
     x, y, xv, yv = dm.train_set.x, dm.train_set.y, dm.val_set.x, dm.val_set.y
     bs, times = dm.batch_size, []
+    history = []
     for epoch in range(cfg.trainer.max_epochs):
         t = time.perf_counter()
         model.train()
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
-        for s in range(0, x.shape[0], bs):
+        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+        for s in range(0, x.shape[0], bs):  # the same bookkeeping: epoch train loss and accuracy
             idx = perm[s:s + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum += loss.detach() * idx.numel()
+            correct += (logits.detach().argmax(1) == y[idx]).sum()
         model.eval()
+        val_loss, val_correct = 0.0, 0
         with torch.no_grad():
             for s in range(0, xv.shape[0], 1024):
-                F.cross_entropy(model(xv[s:s + 1024]), yv[s:s + 1024])
+                logits = model(xv[s:s + 1024])
+                val_loss += float(F.cross_entropy(logits, yv[s:s + 1024], reduction="sum"))
+                val_correct += int((logits.argmax(1) == yv[s:s + 1024]).sum())
+        history.append((float(loss_sum) / x.shape[0], int(correct) / x.shape[0], val_loss / xv.shape[0],
+                        val_correct / xv.shape[0]))
         times.append(time.perf_counter() - t)
     return times
 
@@ -91,8 +101,9 @@ def main() -> None:
     ap.add_argument("--config", choices=sorted(SETUPS), default="digits_mlp")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--out", default="outputs/bench_overhead")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     cfg = compose_cfg(args.config, args.epochs, Path(args.out))
     ours = shiftlab_epochs(cfg)[1:]  # the first epoch includes one-off warm-up in both
     hand = hand_loop_epochs(cfg)[1:]

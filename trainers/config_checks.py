@@ -25,6 +25,7 @@ def _int(v: Any) -> bool:
 # key -> (predicate, description of what is allowed). Missing keys are skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "torch_threads": (lambda v: _int(v) and v >= 1, "null or an integer >= 1"),
     "optimizer.lr": (lambda v: _num(v) and v > 0, "a number > 0"),
     "optimizer.weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
     "optimizer.momentum": (lambda v: _num(v) and 0 <= v < 1, "0 <= momentum < 1"),
