@@ -22,11 +22,14 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/shiftlab-train $(ARGS)
 
+# One OpenMP thread per process: the tests' models are small, and on a shared 2-core machine
+# two spinning threads per process make each step far slower.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m experiments.bench_overhead
+	$(PY) -m experiments.batch_regime_bench
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

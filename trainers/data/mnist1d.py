@@ -4,9 +4,22 @@ Why not ``mnist1d.data.get_dataset``: it writes a pickle into the working direct
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from trainers.data.base import TensorDataModule
+
+
+@functools.lru_cache(maxsize=4)
+def _generate(num_samples: int, seed: int) -> dict:
+    """Generation takes ~1.3 s; sweeps run many jobs in one process, so keep the last few."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    return make_dataset(args)
 
 
 class MNIST1DDataModule(TensorDataModule):
@@ -24,12 +37,7 @@ class MNIST1DDataModule(TensorDataModule):
         self.as_sequence = as_sequence
 
     def load(self) -> tuple:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.num_samples = self.num_samples
-        args.seed = self.seed
-        data = make_dataset(args)
+        data = _generate(self.num_samples, self.seed)
         x = torch.tensor(data["x"], dtype=torch.float32)
         x_test = torch.tensor(data["x_test"], dtype=torch.float32)
         if self.as_sequence:
