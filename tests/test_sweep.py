@@ -330,3 +330,24 @@ def test_ray_records_fill_in_failed_and_scheduler_stopped_trials(tmp_path: Path)
     assert rows["ok1"]["state"] == "complete" and rows["ok1"]["value"] == 0.9
     on_disk = json.loads((tmp_path / "trials" / "zz9" / "trial.json").read_text())
     assert on_disk["state"] == "pruned" and on_disk["backend"] == "ray"
+
+
+def test_callback_follows_rank_zero_on_other_ranks() -> None:
+    """Under DDP only rank 0 talks to the trial; other ranks stop when rank 0's decision arrives."""
+    from types import SimpleNamespace
+
+    rank0_decision = {"value": True}
+    broadcasts = []
+
+    def broadcast(obj, src=0):
+        broadcasts.append((obj, src))
+        return rank0_decision["value"]
+
+    rep = _Reporter(prune_at=None)
+    cb = OptunaPruning(monitor="val/loss", reporter=rep)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/loss": torch.tensor(0.7)},
+                              current_epoch=4, is_global_zero=False, should_stop=False,
+                              strategy=SimpleNamespace(broadcast=broadcast))
+    cb.on_validation_end(trainer, None)
+    assert rep.history == [] and broadcasts == [(False, 0)]  # rank 1 did not report, asked rank 0
+    assert trainer.should_stop and cb.pruned and cb.stop_reason == "pruned by FakePruner at epoch 4 (val/loss=0.7)"
