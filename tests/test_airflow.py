@@ -8,8 +8,10 @@ shiftlab through ``SHIFTLAB_PYTHON`` (default: the repository's .venv).
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -25,6 +27,7 @@ if importlib.util.find_spec("airflow") is None:
 ROOT = Path(__file__).resolve().parent.parent
 DAGS = ROOT / "deploy" / "airflow" / "dags"
 _HOME = Path(tempfile.mkdtemp(prefix="shiftlab-airflow-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 KUBECONFIG = """apiVersion: v1
 kind: Config
 clusters:
