@@ -125,7 +125,7 @@ class ActivationDriftMonitor(_StepProbe):
 
     probe_name = "activation_drift"
 
-    def __init__(self, every_n_steps: int = 50, split: str = "val", probe_size: int = 256, unit: int | None = None,
+    def __init__(self, every_n_steps: int = 100, split: str = "val", probe_size: int = 256, unit: int | None = None,
                  layers: Sequence[str] | None = None, train_mode: bool = False, seed: int = 0,
                  log_prefix: str | None = None, plot: bool = True) -> None:
         super().__init__(every_n_steps, log_prefix, plot)
@@ -185,7 +185,7 @@ class GradientICSMonitor(_StepProbe):
 
     probe_name = "gradient_ics"
 
-    def __init__(self, every_n_steps: int = 100, layers: Sequence[int] | None = None,
+    def __init__(self, every_n_steps: int = 200, layers: Sequence[int] | None = None,
                  log_prefix: str | None = None, plot: bool = True) -> None:
         super().__init__(every_n_steps, log_prefix, plot)
         self.layers = [int(i) for i in layers] if layers is not None else None
@@ -235,7 +235,7 @@ class LandscapeSmoothnessMonitor(_StepProbe):
 
     probe_name = "landscape"
 
-    def __init__(self, every_n_steps: int = 100, eta_range: Sequence[float] = (0.5, 4.0), num_etas: int = 4,
+    def __init__(self, every_n_steps: int = 200, eta_range: Sequence[float] = (0.5, 4.0), num_etas: int = 4,
                  relative_to_lr: bool = True, log_prefix: str | None = None, plot: bool = True) -> None:
         super().__init__(every_n_steps, log_prefix, plot)
         lo, hi = (float(v) for v in eta_range)

@@ -197,3 +197,16 @@ def test_clone_optimizer_is_independent():
         p.grad = torch.ones_like(p)
     new.step()
     assert torch.equal(opt.state[model[0].weight]["momentum_buffer"], buf)
+
+
+def test_distribution_stats_subsampled_percentiles_close():
+    from callbacks.covariate_shift import distribution_stats
+
+    t = torch.randn(200, 32, 40)
+    full = distribution_stats(t, max_quantile_elements=t.numel())
+    sub = distribution_stats(t)
+    assert t.numel() > 1 << 14
+    for k in ("p15", "p50", "p85"):
+        assert sub[k] == pytest.approx(full[k], abs=0.04)
+    assert sub["mean"] == full["mean"] and sub["std"] == full["std"]
+    assert full["p50"] == pytest.approx(float(np.percentile(t.numpy(), 50)), abs=1e-4)
