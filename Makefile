@@ -5,9 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
-EXTRAS ?= dev
+EXTRAS ?= dev,sweep,deploy
+# Airflow pins SQLAlchemy and friends against ours: it lives in its own virtualenv.
+AIRFLOW_VENV  := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: run test install clean bench
+.PHONY: run test install airflow clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +22,20 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
+$(AIRFLOW_STAMP): deploy/airflow/requirements.txt deploy/airflow/constraints.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -r deploy/airflow/requirements.txt -c deploy/airflow/constraints.txt
+	@touch $(AIRFLOW_STAMP)
+
+airflow: $(AIRFLOW_STAMP)
+
 run: install
 	$(VENV)/bin/shiftlab-train $(ARGS)
 
 # One OpenMP thread per process: the tests' models are small, and on a shared 2-core machine
 # two spinning threads per process make each step far slower.
-test: install
+test: install airflow
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -32,4 +43,4 @@ bench: install
 	$(PY) -m experiments.batch_regime_bench
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) outputs multirun .pytest_cache
