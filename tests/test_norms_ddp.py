@@ -61,6 +61,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         grads = _train(ddp, xs, ys, lo, hi, scale=world / sum(SPLIT))
         results[name] = {"state": {k: v.clone() for k, v in ddp.module.state_dict().items()}, "input_grads": grads}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # both ranks done with every collective before teardown (gloo aborts a process that tears
+    # down its group while the peer is still using the pair)
+    dist.barrier()
     dist.destroy_process_group()
 
 
