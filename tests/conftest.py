@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run in the interpreter on CPU-only machines. Set before any test module (or a
+# norm registry lookup) first imports `kernels`, which reads the flag once.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # One intra-op thread: CI has 2 cores and small models gain nothing from more (and lose a lot

@@ -105,7 +105,7 @@ def test_probes_under_two_process_cpu_ddp_with_synced_bn(tmp_path):
 
     quiet = [o for o in QUIET if not o.startswith("callbacks=")]
     out = tmp_path / "ddp"
-    cfg = compose_cfg(quiet + ["trainer=ddp_sim", "norm=batch_renorm", "norm.warmup_steps=1", "norm.r_max_steps=3",
+    cfg = compose_cfg(quiet + ["trainer=ddp_sim", "trainer.strategy=ddp_spawn", "norm=batch_renorm", "norm.warmup_steps=1", "norm.r_max_steps=3",
                                "norm.d_max_steps=3", "trainer.max_epochs=1", "+trainer.limit_train_batches=4",
                                "+trainer.limit_val_batches=1", "test=false"] + PROBES, out)
     summary = train(cfg)

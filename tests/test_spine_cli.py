@@ -94,3 +94,21 @@ def test_kubeflow_environment_detection():
     assert not kubeflow_env_present({**base, "LOCAL_RANK": "0"})  # torchrun
     assert not kubeflow_env_present({**base, "SLURM_JOB_ID": "3"})
     assert not kubeflow_env_present({"MASTER_ADDR": "h"})
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["trainer.sync_batchnorm=true"], "trainer.sync_batchnorm"),
+    (["norm=ghost_bn", "trainer.sync_batchnorm=true", "trainer.accelerator=gpu"], "norm=ghost_bn"),
+])
+def test_sync_batchnorm_switch_errors(run_cfg, overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        train(run_cfg(*overrides))
+
+
+def test_batchnorm_sync_switch_builds_the_in_layer_synced_layer(run_cfg):
+    from trainers.norms import NormFactory
+    from trainers.norms._bn_common import StatBatchNorm
+
+    assert isinstance(NormFactory("batchnorm", sync=True)(8, 2), StatBatchNorm)
+    assert type(NormFactory("batchnorm")(8, 2)) is torch.nn.BatchNorm2d
+    assert train(run_cfg("norm.sync=true", "trainer.max_epochs=1"))["status"] == "completed"

@@ -66,7 +66,12 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    norm = OmegaConf.select(cfg, "norm.name", default=None)
+    if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and norm not in (None, "batchnorm"):
+        raise ConfigError(f"trainer.sync_batchnorm=true is not allowed with norm={norm} (Lightning would replace "
+                          "the variant by a plain SyncBatchNorm); allowed: false, and norm.sync=true for the "
+                          "variant's own in-layer sync")
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and \
             OmegaConf.select(cfg, "trainer.accelerator", default="auto") == "cpu":
         raise ConfigError("trainer.sync_batchnorm=true is not allowed on CPU (torch's SyncBatchNorm refuses "
-                          "CPU tensors); allowed: false, or a CUDA accelerator")
+                          "CPU tensors); allowed: false, with norm.sync=true for shiftlab's in-layer sync")
