@@ -26,6 +26,7 @@ best epoch is still tracked during warm-up). A non-finite monitored value stops 
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -54,7 +55,7 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-class StoppingRule:
+class StoppingRule(abc.ABC):
     """Base class: best-epoch bookkeeping, warm-up, non-finite check, state (de)serialisation.
 
     Subclasses implement :meth:`_decide` (called after warm-up with the epoch already recorded)
@@ -135,8 +136,9 @@ class StoppingRule:
     def _observe(self) -> None:
         """Hook for rules that keep running statistics during warm-up too."""
 
-    def _decide(self) -> str | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _decide(self) -> str | None:
+        """The reason to stop after this epoch, or None to go on."""
 
     def _stop(self, reason: str) -> bool:
         self.stopped_epoch, self.reason = self.epoch, reason
@@ -148,7 +150,8 @@ class StoppingRule:
 # ------------------------------------------------------------------------------------------------
 class PatienceRule(StoppingRule):
     """Stop after ``patience`` consecutive epochs without improving the reference by more than
-    ``min_delta`` (Lightning's ``EarlyStopping`` semantics, counted in epochs)."""
+    ``min_delta`` (Lightning's ``EarlyStopping`` semantics, counted in epochs; ``patience=0``
+    stops at the first epoch that does not improve, like Keras)."""
 
     name = "patience"
 
@@ -178,7 +181,7 @@ class PatienceRule(StoppingRule):
 
     def _decide(self) -> str | None:
         self._track()
-        if self.wait > self.patience or (self.patience == 0 and self.wait > 0):
+        if self.wait >= max(1, self.patience):  # Lightning: stop once wait_count >= patience
             return (f"no improvement > {self.min_delta:g} in {self.wait} epochs "
                     f"(patience={self.patience})")
         return None

@@ -11,23 +11,24 @@ from callbacks.early_stopping import (CurvatureRule, GLRule, PatienceRule, PQRul
 
 
 # ---------------------------------------------------------------------------- patience
-def test_patience_stops_patience_plus_one_after_last_improvement():
+def test_patience_stops_after_patience_epochs_without_improvement():
     curve = [5, 4, 3, 2, 2.5, 2.4, 2.3, 2.2, 2.1, 2.05]
     d = replay("patience", curve, patience=3)
-    # best at index 3; epochs 4, 5, 6 do not improve (wait=3), epoch 7 is the 4th -> stop
-    assert (d.stop_epoch, d.best_epoch, d.stopped) == (7, 3, True)
+    # best at index 3; epochs 4, 5, 6 do not improve: wait reaches 3 at epoch 6 -> stop (Lightning)
+    assert (d.stop_epoch, d.best_epoch, d.stopped) == (6, 3, True)
+    assert replay("patience", curve, patience=0).stop_epoch == 4  # Keras' patience=0
 
 
 def test_patience_min_delta_ignores_small_improvements():
     curve = [1.0, 0.5, 0.49, 0.48, 0.47, 0.46]
-    assert replay("patience", curve, patience=2, min_delta=0.05).stop_epoch == 4
+    assert replay("patience", curve, patience=2, min_delta=0.05).stop_epoch == 3
     assert not replay("patience", curve, patience=2, min_delta=0.0).stopped
 
 
 def test_patience_max_mode_and_best_epoch():
     acc = [0.1, 0.5, 0.7, 0.6, 0.65, 0.69, 0.5]
     d = replay("patience", acc, patience=2, mode="max")
-    assert d.best_epoch == 2 and d.stop_epoch == 5
+    assert d.best_epoch == 2 and d.stop_epoch == 4
 
 
 def test_never_stopping_returns_last_index():
