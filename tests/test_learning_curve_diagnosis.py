@@ -68,8 +68,7 @@ def test_spine_run_with_curvature_stop_and_diagnosis(run_cfg, tmp_path):
 
     cfg = run_cfg("callbacks=curvature_stop", "trainer.enable_progress_bar=false",
                   "data.label_noise=0.4", "optimizer.lr=0.01", "scheduler=constant",
-                  "trainer.max_epochs=40",
-                  "+callbacks.diagnosis._target_=callbacks.learning_curve_diagnosis.LearningCurveDiagnosis")
+                  "trainer.max_epochs=40")  # the diagnosis is one of the default callbacks
     summary = train(cfg)
     out = tmp_path / "run"
     saved = json.loads((out / "summary.json").read_text())
