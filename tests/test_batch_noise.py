@@ -17,15 +17,6 @@ from experiments import batch_noise as bn
 from trainers.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread thrashing on a loaded 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fake(split, epoch=0, max_epochs=5):
     trainer = SimpleNamespace(datamodule=SimpleNamespace(train_set=split), current_epoch=epoch,
                               max_epochs=max_epochs, should_stop=False, world_size=1, strategy=None)

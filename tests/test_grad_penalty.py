@@ -15,15 +15,6 @@ from trainers.build import build_datamodule, build_module
 from trainers.full_batch import grad_norm_penalty_fd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread thrashing on a loaded 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _double_backprop_grad(model: nn.Module, x, y, alpha: float) -> list[torch.Tensor]:
     params = list(model.parameters())
     loss = F.cross_entropy(model(x), y)

@@ -14,15 +14,6 @@ from callbacks.gradient_noise import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread thrashing on a loaded 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _population(n=60, p=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, p, generator=g, dtype=torch.double) * torch.linspace(0.5, 2.0, p).double()

@@ -11,15 +11,6 @@ from torch import nn
 from callbacks.memorization import MemorizationMonitor, memorization_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread thrashing on a loaded 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _case():
     # 6 samples, 3 classes; samples 1, 3, 4 corrupted.
     y_true = torch.tensor([0, 1, 2, 0, 1, 2])

@@ -11,15 +11,6 @@ from trainers.pgm.hmm import HMM, make_hmm, true_model_scores
 from trainers.pgm.matching import apply_permutation, best_permutation, permute_marginals
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two intra-op threads on a shared 2-core box can be 30x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=300, T=12, K=3, V=6, noise=0.3, seed=0):
     params, x, z, lengths = sample_hmm_dataset(n, T, 4, K, V, 0.8, noise, seed)
     return params, x, z, lengths, x >= 0

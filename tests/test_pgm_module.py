@@ -13,14 +13,6 @@ from trainers.train import train
 SMALL = ["data.num_sequences=240", "data.length=12", "data.min_length=6", "trainer.max_epochs=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_hmm_run_reports_ceilings_and_plots(run_cfg, tmp_path):
     summary = train(run_cfg("experiment=pgm_hmm", *SMALL, "trainer.max_epochs=4"))
     out = tmp_path / "run"
