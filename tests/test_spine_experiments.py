@@ -31,7 +31,7 @@ def test_experiment_composes_and_fast_dev_runs(run_cfg, tmp_path, name):
 
 
 @pytest.mark.parametrize("group", ["data", "model", "norm", "optimizer", "scheduler", "batching", "trainer",
-                                   "callbacks", "logger", "debug"])
+                                   "callbacks", "logger", "debug", "launcher", "module"])
 def test_every_group_option_composes(run_cfg, group):
     for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
         run_cfg(f"{group}={option}")
