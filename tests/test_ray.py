@@ -66,11 +66,16 @@ def _stop_session(proc: subprocess.Popen, timeout: float = 3.0) -> None:
         if time.monotonic() > deadline:
             break
         time.sleep(0.25)
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # SIGKILL until the session is empty: a raylet may fork a worker while it is being torn down,
+    # and a killed process stays visible for a moment before it becomes a zombie.
+    deadline = time.monotonic() + 15
+    while (left := _session_pids(sid)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
     proc.wait(timeout=10)
 
 
