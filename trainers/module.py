@@ -179,6 +179,17 @@ class ClassificationModule(L.LightningModule):
         self.test_report = {k: v.detach().cpu().tolist() for k, v in values.items()}
         self.test_metrics.reset()
 
+    def final_train_metrics(self, split) -> dict[str, float]:
+        """Loss and accuracy of the final model (eval mode) on the whole training split, against the
+        given labels and, when label noise corrupted some, the true ones (for ``summary.json``)."""
+        from trainers.summary import evaluate_split
+
+        final = evaluate_split(self.model, split.x, split.y, self.device)
+        out = {"train/loss": final["loss"], "train/acc": final["acc"]}
+        if split.corrupted is not None and bool(split.corrupted.any()):
+            out["train/acc_vs_true_labels"] = evaluate_split(self.model, split.x, split.y_true, self.device)["acc"]
+        return out
+
     # ---------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.model.parameters())

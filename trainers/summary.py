@@ -67,13 +67,8 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, dm, history: li
         "val/loss": last.get("val/loss"),
         "val/acc": last.get("val/acc"),
     }
-    if status == "completed" and dm.train_set is not None:
-        model = module.model
-        final = evaluate_split(model, dm.train_set.x, dm.train_set.y, module.device)
-        summary["train/loss"], summary["train/acc"] = final["loss"], final["acc"]
-        if dm.train_set.corrupted is not None and bool(dm.train_set.corrupted.any()):
-            true = evaluate_split(model, dm.train_set.x, dm.train_set.y_true, module.device)
-            summary["train/acc_vs_true_labels"] = true["acc"]
+    if status == "completed" and dm.train_set is not None and hasattr(module, "final_train_metrics"):
+        summary.update(module.final_train_metrics(dm.train_set))
     if test_metrics:
         summary.update({f"test/{k}": v for k, v in test_metrics.items() if k != "confusion_matrix"})
         summary["test/confusion_matrix"] = test_metrics.get("confusion_matrix")
