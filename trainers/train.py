@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from callbacks.divergence import DivergenceError, DivergenceGuard
 from callbacks.run_history import EpochHistory
