@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -103,13 +104,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         with torch.serialization.safe_globals(_allowed_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in first or "Unsupported global" in str(e):
-            first = "it holds objects outside shiftlab's allow-list (refused: loading would run arbitrary code)"
-        raise CheckpointLoadError(f"{path.name} cannot be read: {first}") from None
+        raise CheckpointLoadError(f"{path.name} cannot be read: {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointLoadError(f"{path.name} is not a Lightning checkpoint (no state_dict)")
     return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    """One line saying why torch.load refused a file (torch's own message is a paragraph)."""
+    text = str(e)
+    m = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) ?([\w.]+)", text)
+    if m:
+        return f"it holds {m.group(1)}, outside shiftlab's allow-list (loading it could run arbitrary code)"
+    if "central directory" in text or "zip archive" in text or isinstance(e, EOFError):
+        return "the file is truncated or not a torch archive"
+    if "Unsupported operand" in text or "invalid load key" in text:
+        return "the file is not a torch checkpoint"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
