@@ -95,8 +95,16 @@ def _allowed_globals() -> list:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint weights-only; :class:`CheckpointLoadError` with a one-line reason if it
-    is missing, truncated, not a checkpoint, or holds objects outside the allow-list."""
+    """Load a Lightning checkpoint weights-only; :class:`CheckpointLoadError` with a one-line
+    reason if it is missing, truncated, not a checkpoint, or holds objects outside the allow-list."""
+    ckpt = load_weights_only(path, map_location)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointLoadError(f"{Path(path).name} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with shiftlab's allow-list and one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(f"{path} does not exist")
@@ -105,8 +113,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
         raise CheckpointLoadError(f"{path.name} cannot be read: {_load_failure(e)}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointLoadError(f"{path.name} is not a Lightning checkpoint (no state_dict)")
     return ckpt
 
 
@@ -134,7 +140,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Callable | Any = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
-        return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+        # Lightning also loads its own temp files (ddp_spawn hands weights back through one).
+        return load_weights_only(path, map_location=map_location if map_location is not None else "cpu")
 
     def remove_checkpoint(self, path) -> None:
         with contextlib.suppress(FileNotFoundError):
