@@ -479,6 +479,15 @@ def test_gpu_matches_torch(shape, layout, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("shape,layout,loc,scale", ADVERSARIAL,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_gpu_adversarial_large_mean(shape, layout, loc, scale):
+    check_against_torch(make_input(shape, layout, loc=loc, scale=scale, device="cuda"), ours_for(shape),
+                        tol=2.5e-5)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_deterministic():
     x = make_input((64, 32, 28, 28), "channels_last", device="cuda").requires_grad_()
     outs = []

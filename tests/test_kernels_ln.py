@@ -206,6 +206,14 @@ def test_gpu_layernorm(shape, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("loc,scale", [(1e4, 1e-2), (-1e6, 1.0)])
+def test_gpu_layernorm_adversarial_large_mean(loc, scale):
+    check(init_affine(TritonLayerNorm(1000)).cuda(), nn.LayerNorm(1000).cuda(),
+          randn((64, 1000), loc=loc, scale=scale, device="cuda"), tol=2.5e-5)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_layernorm_compile_and_determinism():
     m = init_affine(TritonLayerNorm(1024)).cuda()
     x = randn((256, 1024), device="cuda", dtype=torch.bfloat16).requires_grad_()
