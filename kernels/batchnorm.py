@@ -183,8 +183,9 @@ if _backend.HAS_TRITON:
     @triton.jit
     def _bn_bwd_apply_kernel(X, DY, R, DX, DR, MEAN, LO, VAR, W, B, SDY, SDYX, inv_count, eps,
                              C, S, sN, sC, sS, num_sb, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                             HAS_R: tl.constexpr, HAS_LO: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                             HAS_R: tl.constexpr, HAS_LO: tl.constexpr, RELU: tl.constexpr,
+                             TRAINING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                             ACC: tl.constexpr):
         j = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C

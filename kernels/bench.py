@@ -7,8 +7,9 @@
 Writes ``OUT_DIR/bench.json`` (every row + summary, rewritten after each row so a run cut short
 keeps what it measured), ``OUT_DIR/bench.png`` (speedups) and ``OUT_DIR/bench.md`` (the issue's
 targets, met or missed), and prints a table. Dtypes are the outer loop (all of bf16 first).
-Liger-Kernel's LayerNorm is timed as a peer on the LayerNorm shapes when ``liger_kernel`` imports. Times are medians of ``triton.testing.do_bench`` in ms: ``fwd`` (training-mode
-forward with autograd recording), ``bwd`` (backward of a retained graph) and ``fwd_bwd``.
+Liger-Kernel's LayerNorm is timed as a peer on the LayerNorm shapes when ``liger_kernel`` imports.
+Times are medians of ``triton.testing.do_bench`` in ms: ``fwd`` (training-mode forward with
+autograd recording), ``bwd`` (backward of a retained graph) and ``fwd_bwd``.
 
 Byte model (N elements of s bytes; parameters and statistics ignored):
 BatchNorm fwd 3Ns (stats pass reads x, normalize pass reads x and writes y; +Ns per residual),

@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         for norm in a.norms:
             r = run_config(a, norm, mode, device)
             rows.append(r)
-            print(f"{mode:<8} {norm:<10} {r['step_ms_median']:9.3f} ms/step  {r['images_per_s']:10.0f} img/s  "
-                  f"(warm-up {r['warmup_s']:.1f} s)", flush=True)
-            (out / "step.json").write_text(json.dumps({"meta": meta, "rows": rows,
-                                                       "speedup_triton_vs_torch_bn": speedups(rows)}, indent=1))
+            print(f"{mode:<8} {norm:<10} {r['step_ms_median']:9.3f} ms/step  {r['images_per_s']:10.0f} img/s"
+                  f"  (warm-up {r['warmup_s']:.1f} s)", flush=True)
+            result = {"meta": meta, "rows": rows, "speedup_triton_vs_torch_bn": speedups(rows)}
+            (out / "step.json").write_text(json.dumps(result, indent=1))
     print(f"speedup of triton_bn over batchnorm per mode: {speedups(rows)}")
     return 0
 

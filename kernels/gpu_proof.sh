@@ -9,7 +9,9 @@
 # Needs torch + triton only (no hydra/omegaconf/wandb). From the repository root:
 #   PYTHONPATH=. bash kernels/gpu_proof.sh            # on the GPU machine
 #   bash kernels/gpu_proof.sh --smoke                 # CPU: tiny shapes in the Triton interpreter
-# Env: OUT (./outputs/gpu_proof), PY (python3), PYTEST_S/BENCH_S/STEP_S (stage budgets, s),
+# Env: OUT (./outputs/gpu_proof), PY (python3), TOTAL_S (470: whole-script budget; each stage is
+#      cut at its cap or when the later stages' reserve would be eaten, whichever is first;
+#      time a stage leaves unused goes to the next), PYTEST_S (cap 120), STEP_RESERVE_S (150),
 #      BENCH_ARGS / STEP_ARGS (replace the defaults), WHEELS (.whl): a liger_kernel-*.whl there is
 #      installed into /tmp/gpu_proof_site for the Liger peer.
 # Files in $OUT (7, flat): gpu_proof.log proof.json pytest.xml bench.json bench.md bench.png step.json
@@ -27,12 +29,13 @@ if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     BENCH_ARGS=${BENCH_ARGS:---cpu --ops bn,bn_relu,bn_add_relu,ln --compile off}
     STEP_ARGS=${STEP_ARGS:---smoke --modes eager}
-    : "${PYTEST_S:=300}" "${BENCH_S:=300}" "${STEP_S:=300}"
+    : "${TOTAL_S:=1500}" "${PYTEST_S:=300}" "${STEP_RESERVE_S:=300}"
 else
     BENCH_ARGS=${BENCH_ARGS:---ops bn,bn_relu,bn_add_relu,ln --dtypes bf16,fp32 --quick --batches 128 --warmup 5 --rep 20}
     STEP_ARGS=${STEP_ARGS:---depth 18 --width 64 --batch 256 --steps 20 --warmup 3}
-    : "${PYTEST_S:=120}" "${BENCH_S:=210}" "${STEP_S:=120}"
+    : "${TOTAL_S:=470}" "${PYTEST_S:=120}" "${STEP_RESERVE_S:=150}"
 fi
+left() { echo $((TOTAL_S - SECONDS - $1)); }  # seconds left after keeping $1 in reserve
 
 WHEELS=${WHEELS:-.whl}
 if compgen -G "$WHEELS/liger_kernel-*.whl" >/dev/null; then
@@ -41,25 +44,33 @@ if compgen -G "$WHEELS/liger_kernel-*.whl" >/dev/null; then
 fi
 
 STAGES=""
+FAILED=""
 stage() {  # stage NAME BUDGET_S CMD...: run with a time limit, record rc and seconds
     local name=$1 budget=$2 t0=$SECONDS rc
     shift 2
+    if [ "$budget" -lt 5 ]; then
+        echo "=== $name: skipped, no time left"
+        STAGES="$STAGES${STAGES:+,}\"$name\": {\"rc\": null, \"seconds\": 0, \"budget\": $budget}"
+        return
+    fi
     echo "=== $name (budget ${budget}s): $*"
     timeout -k 10 "$budget" "$@"
     rc=$?
+    [ "$rc" -ne 0 ] && FAILED="$FAILED $name"
     echo "=== $name: rc=$rc after $((SECONDS - t0)) s"
     STAGES="$STAGES${STAGES:+,}\"$name\": {\"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"budget\": $budget}"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
 stage import 60 $PY -c "import kernels, kernels.bench, kernels.bench_step; print('kernels backend:', kernels.backend_name('cuda'))"
-stage pytest_gpu "$PYTEST_S" $PY -m pytest -m gpu tests/test_kernels_bn.py tests/test_kernels_ln.py -q \
+p=$(left $((STEP_RESERVE_S + 120)))
+stage pytest_gpu $((p < PYTEST_S ? p : PYTEST_S)) $PY -m pytest -m gpu tests/test_kernels_bn.py tests/test_kernels_ln.py -q \
     -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 # shellcheck disable=SC2086  # BENCH_ARGS / STEP_ARGS are word lists
-stage bench "$BENCH_S" $PY -m kernels.bench "$OUT" $BENCH_ARGS
-[ -f "$OUT/bench.json" ] && stage bench_report 60 $PY -m kernels.bench "$OUT" --report
+stage bench "$(left $((STEP_RESERVE_S + 20)))" $PY -m kernels.bench "$OUT" $BENCH_ARGS
+[ -f "$OUT/bench.json" ] && stage bench_report 30 $PY -m kernels.bench "$OUT" --report
 # shellcheck disable=SC2086
-stage step "$STEP_S" $PY -m kernels.bench_step "$OUT" $STEP_ARGS
+stage step "$(left 10)" $PY -m kernels.bench_step "$OUT" $STEP_ARGS
 
 STAGES_JSON="{$STAGES}" $PY - "$OUT/proof.json" <<'EOF'
 import json, os, subprocess, sys
@@ -80,3 +91,4 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info["stages"]))
 EOF
 echo "outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+[ -z "$FAILED" ] || { echo "stages failed or cut short:$FAILED"; exit 1; }
