@@ -80,15 +80,19 @@ def test_synthetic_kinds():
 
 
 def write_tiny_cifar(root, per_file: int = 6) -> tuple[str, str]:
-    """A CIFAR-10-format archive (python pickles in cifar-10-batches-py/), returned as (url, md5)."""
+    """A CIFAR-10-format archive (python pickles in cifar-10-batches-py/), returned as (url, md5).
+
+    Same content types as the official batches: a dict with a uint8 (n, 3072) array, a list of int
+    labels, a batch label and file names (pickled by Python 3, so protocol 4 instead of 2)."""
     rng = np.random.default_rng(0)
     folder = root / "src" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"data": rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8),
-                 "labels": list(rng.integers(0, 10, size=per_file))}
+        entry = {"batch_label": f"{name} of 6", "labels": rng.integers(0, 10, size=per_file).tolist(),
+                 "data": rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8),
+                 "filenames": [f"img_{i}.png" for i in range(per_file)]}
         with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
+            pickle.dump(entry, f, protocol=4)
     archive = root / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
@@ -111,3 +115,93 @@ def test_cifar10_md5_mismatch_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="data.md5"):
         dm.prepare_data()
     assert not os.path.exists(tmp_path / "data" / "cifar-10-batches-py")
+
+
+# --------------------------------------------------------------------------------------------
+# finding 8: batch files are checked on every load and unpickled with an allow-list
+# --------------------------------------------------------------------------------------------
+class _RunsCommand:
+    """Unpickling this would call os.system(command)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _tiny_dm(tmp_path):
+    url, md5 = write_tiny_cifar(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path / "data"), url=url, md5=md5, val_fraction=0.2, seed=0)
+    dm.prepare_data()
+    return dm, tmp_path / "data" / "cifar-10-batches-py"
+
+
+def test_cifar10_tampered_batch_in_an_existing_folder_is_refused(tmp_path):
+    from trainers.config_checks import ConfigError
+    from trainers.data.cifar10 import CIFAR10IntegrityError
+
+    dm, folder = _tiny_dm(tmp_path)
+    dm.setup()  # intact: loads
+    batch = folder / "data_batch_3"
+    raw = bytearray(batch.read_bytes())
+    raw[-20] ^= 0xFF  # one pixel byte changed: still a valid pickle
+    batch.write_bytes(bytes(raw))
+    again = CIFAR10DataModule(root=str(tmp_path / "data"), url="file:///nonexistent", md5=dm.md5)
+    again.prepare_data()  # the folder exists: no download, no archive check here
+    with pytest.raises(CIFAR10IntegrityError) as err:
+        again.setup()
+    msg = str(err.value)
+    assert isinstance(err.value, ConfigError) and "\n" not in msg
+    assert msg.startswith(f"data.root: {batch} has md5 {hashlib.md5(bytes(raw)).hexdigest()}, expected ")
+
+
+def test_cifar10_official_archive_uses_the_published_checksums(tmp_path):
+    from trainers.data.cifar10 import BATCH_MD5, MD5, CIFAR10IntegrityError, expected_checksums
+
+    assert expected_checksums(tmp_path, MD5) == BATCH_MD5  # no archive needed for the official one
+    _, folder = _tiny_dm(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path / "data"), md5=MD5, download=False)
+    with pytest.raises(CIFAR10IntegrityError, match="data_batch_1 has md5 .*, expected c99cafc152244af753f735de768cd75f"):
+        dm.setup()  # our tiny batches are not the official ones
+    with pytest.raises(CIFAR10IntegrityError, match="data.md5=null is not allowed"):
+        CIFAR10DataModule(root=str(tmp_path / "data"), md5=None, download=False).setup()
+
+
+def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path):
+    from trainers.data.cifar10 import CIFAR10IntegrityError, load_batch
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"data": _RunsCommand(f"touch {marker}"), "labels": [0]})
+    with pytest.raises(CIFAR10IntegrityError, match="global posix.system is not part of the CIFAR-10 batch format"):
+        load_batch(payload, "evil")
+    assert not marker.exists()
+    # the same payload as a batch file whose checksum matches (an attacker who also controls the
+    # archive): refused by the unpickler, nothing runs
+    dm, folder = _tiny_dm(tmp_path)
+    (folder / "test_batch").write_bytes(payload)
+    from trainers.data import cifar10
+
+    sums = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in cifar10.BATCH_MD5}
+    with pytest.raises(CIFAR10IntegrityError, match="test_batch is not a CIFAR-10 batch: global posix.system"):
+        cifar10.read_batches(folder, ["test_batch"], sums)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ([1, 2, 3], "holds a list, not a dict"),
+    ({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, "dtype float32 is not part of the CIFAR-10"),
+    ({"data": np.zeros((2, 3072), object), "labels": [0, 1]}, "dtype object is not part"),
+    ({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, "'data' must be a uint8 array of shape (n, 3072)"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, "'labels' must be 2 integers in 0..9"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}, "'labels' must be 2 integers in 0..9"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "x": complex(1, 2)}, "global builtins.complex"),
+])
+def test_cifar10_unpickler_accepts_only_the_official_format(entry, needle):
+    from trainers.data.cifar10 import CIFAR10IntegrityError, load_batch
+
+    with pytest.raises(CIFAR10IntegrityError) as err:
+        load_batch(pickle.dumps(entry, protocol=4), "b")
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    ok = load_batch(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 4]}, protocol=3), "b")
+    assert ok["labels"].tolist() == [3, 4] and ok["data"].shape == (2, 3072)
