@@ -442,6 +442,8 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
             assert proc.poll() is None, "the sweep ended before its second trial started"
             assert time.monotonic() < deadline, "the second trial did not start within 120 s"
             time.sleep(0.02)
+        time.sleep(0.5)  # let its heartbeat thread write a first beat (a trial killed before that never goes stale)
+        assert proc.poll() is None and json.loads(second.read_text())["state"] == "running"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
