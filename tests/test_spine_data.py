@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import struct
 import tarfile
 
 import numpy as np
@@ -205,3 +206,30 @@ def test_cifar10_unpickler_accepts_only_the_official_format(entry, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
     ok = load_batch(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 4]}, protocol=3), "b")
     assert ok["labels"].tolist() == [3, 4] and ok["data"].shape == (2, 3072)
+
+
+def _python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch byte for byte as Python 2's cPickle (protocol 2) writes the official ones: py2 str as
+    BINSTRING, numpy globals under ``numpy.core.multiarray``."""
+    def s(b: bytes) -> bytes:
+        return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+
+    def i(v: int) -> bytes:
+        return b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v)
+
+    out = [b"\x80\x02}(", s(b"data"), b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy\nndarray\n", i(0),
+           b"\x85", s(b"b"), b"\x87R(", i(1), i(data.shape[0]), i(data.shape[1]), b"\x86", b"cnumpy\ndtype\n",
+           s(b"u1"), i(0), i(1), b"\x87R(", i(3), s(b"|"), b"NNN", i(-1), i(-1), i(0), b"tb\x89", s(data.tobytes()),
+           b"tb", s(b"labels"), b"](", *[i(v) for v in labels], b"e", s(b"batch_label"), s(b"training batch 1 of 5"),
+           b"u."]
+    return b"".join(out)
+
+
+def test_cifar10_python2_batch_format_loads():
+    from trainers.data.cifar10 import load_batch
+
+    x = np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)
+    raw = _python2_batch(x, [3, 7, 0])
+    assert np.array_equal(pickle.loads(raw, encoding="latin1")["data"], x)  # what torchvision would read
+    batch = load_batch(raw, "py2")
+    assert np.array_equal(batch["data"], x) and batch["labels"].tolist() == [3, 7, 0]
