@@ -589,8 +589,10 @@ def sync_trial_records(settings: SweepSettings, study: Any) -> int:
             reason = t.user_attrs.get("reason") or record.get("reason")
         if note is not None and note not in str(reason):
             reason = f"{reason}; {note}"
-        record.update(number=t.number, params=dict(t.params), state=state, reason=reason,
-                      value=t.value if state in ("complete", "pruned") else None, metric=settings.metric)
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        value = t.value if state == "complete" else last if state == "pruned" else None
+        record.update(number=t.number, params=dict(t.params), state=state, reason=reason, value=value,
+                      metric=settings.metric)
         record.setdefault("run_dir", str(path.parent))
         _write_json(path, record)
         changed += 1
