@@ -475,3 +475,39 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
     assert line is not None and int(line.group(1)) == len(study.trials)
     assert {s: int(n) for n, s in (part.split(" ") for part in line.group(2).split(", "))} == dict(db)
     assert json.loads((out / "sweep.json").read_text())["counts"] == dict(db)
+
+
+def test_preempted_trial_stops_the_sweep_and_runs_first_on_restart(tmp_path: Path) -> None:
+    """A SIGTERM during a trial ends the sweep (no further trials) and re-queues its parameters."""
+    calls: list[float] = []
+
+    def preempted_once(cfg: DictConfig) -> dict:
+        calls.append(float(cfg.optimizer.lr))
+        if len(calls) == 2:
+            return {"status": "preempted", "stop_reason": "preempted by SIGTERM at epoch 0, step 3"}
+        return _fake_train(cfg)
+
+    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=3",
+                             "sweep.sampler=random"])
+    settings = sw.SweepSettings.from_cfg(cfg)
+    with pytest.raises(sw.SweepInterrupted) as e:
+        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
+    assert e.value.status == "preempted" and e.value.number == 1 and len(calls) == 2
+    record = json.loads((tmp_path / "s" / "trials" / "0001" / "trial.json").read_text())
+    assert record["state"] == "failed" and record["interrupted"] == "preempted"
+    sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
+    assert calls[2] == calls[1]  # the interrupted parameters run first
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 4
+
+
+def test_cli_exit_code_after_preemption(tmp_path: Path, monkeypatch, capsys) -> None:
+    def preempted(cfg: DictConfig) -> dict:
+        return {"status": "preempted", "stop_reason": "preempted"}
+
+    import trainers.train
+
+    monkeypatch.setattr(trainers.train, "train", preempted)
+    assert sw.main(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"]) == 143
+    assert "trial 0 preempted" in capsys.readouterr().err

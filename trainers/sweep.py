@@ -428,6 +428,9 @@ def run_trial(overrides: Sequence[str], params: Mapping[str, Any], run_dir: Path
         if reporter.pruned:
             last = reporter.history[-1][1] if reporter.history else value
             record.update(state="pruned", value=last, reason=reporter.reason or summary.get("stop_reason"))
+        elif status in ("interrupted", "preempted"):
+            record.update(state="failed", value=value, interrupted=status,
+                          reason=f"{status}: {summary.get('stop_reason')}; queued again for the next invocation")
         elif status != "completed":
             record.update(state="failed", value=value, reason=f"{status}: {summary.get('stop_reason')}")
         elif value is None or not math.isfinite(value):
@@ -460,6 +463,15 @@ class TrialFailed(RuntimeError):
     """Raised in the Optuna objective so the study records the trial as FAIL and goes on."""
 
 
+class SweepInterrupted(Exception):
+    """A trial was stopped by SIGINT / SIGTERM: the sweep ends (exit 130 / 143) and resumes later."""
+
+    def __init__(self, status: str, number: int) -> None:
+        self.status, self.number = status, number
+        super().__init__(f"trial {number} {status}; the sweep stops here and re-runs its parameters first "
+                         "when started again")
+
+
 def run_local(settings: SweepSettings, overrides: Sequence[str],
               train_fn: Callable[[DictConfig], dict] | None = None) -> dict[str, Any]:
     """Optuna ``study.optimize`` in this process; returns the sweep record.
@@ -489,6 +501,11 @@ def run_local(settings: SweepSettings, overrides: Sequence[str],
         record = run_trial(overrides, params, run_dir, OptunaReporter(trial), settings.metric,
                            meta=meta, train_fn=train_fn)
         trial.set_user_attr("reason", record["reason"])
+        if record.get("interrupted"):
+            # A signal (Ctrl-C, a scheduler's SIGTERM) stops the whole sweep; the interrupted
+            # parameters run first when the study is started again.
+            study.enqueue_trial(params, user_attrs={"requeued_from": trial.number})
+            raise SweepInterrupted(record["interrupted"], trial.number)
         if record["state"] == "pruned":
             raise optuna.TrialPruned(record["reason"])
         if record["state"] == "failed":
@@ -811,6 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepError as e:
         print(f"shiftlab-sweep: error: {e}", file=sys.stderr)
         return 2
+    except SweepInterrupted as e:
+        from callbacks.run_contract import EXIT_CODES
+
+        print(f"shiftlab-sweep: {e} -> {settings.dir}", file=sys.stderr)
+        return EXIT_CODES[e.status]
     except Exception as e:  # hydra composition errors: one line, not a traceback
         from hydra.errors import HydraException
 
