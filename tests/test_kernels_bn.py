@@ -20,7 +20,7 @@ from torch import nn
 import kernels
 from kernels import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNormReLU2d,
                      convert_to_triton)
-from kernels.batchnorm import batch_stats, batch_stats_split
+from kernels.batchnorm import batch_stats_split
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 CUDA = torch.cuda.is_available()

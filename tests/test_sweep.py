@@ -9,7 +9,7 @@ import lightning as L
 import optuna
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from callbacks.optuna_pruning import OptunaPruning, OptunaReporter, active_reporter, current_reporter
 from trainers import sweep as sw
