@@ -10,7 +10,7 @@ EXTRAS ?= dev,sweep,deploy
 AIRFLOW_VENV  := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: run test install airflow clean bench
+.PHONY: run test test-fast install airflow clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: install
 # two spinning threads per process make each step far slower.
 test: install airflow
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything not marked slow (make test stays the full suite, as CI runs it).
+test-fast: install airflow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m experiments.bench_overhead
