@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -212,6 +213,38 @@ def test_crf_run_test_figures_and_confusion_axes_match_plain_loops(crf_run):
     np.testing.assert_array_equal(cm, ref["cm"])  # rows: true states, columns: predicted
     y = te.y[te.x >= 0].numpy()
     np.testing.assert_array_equal(cm.sum(1), np.bincount(y, minlength=cm.shape[0]))
+
+
+def test_unsupervised_hmm_confusion_rows_are_true_states_after_matching():
+    """An HMM whose state ``s`` is true state ``perm[s]``: after Hungarian matching, the reported
+    confusion must be the Bayes decoder's ``(true, predicted)`` matrix in the *true* labels."""
+    from trainers.data.hmm_sequences import HMMSequenceDataModule
+    from trainers.pgm.hmm import HMM
+    from trainers.pgm_module import SequenceModule
+    from trainers.batching import MiniBatch
+
+    dm = HMMSequenceDataModule(num_sequences=120, length=8, min_length=4, num_states=3, num_symbols=6,
+                               emission_noise=0.4, seed=0)
+    dm.setup()
+    true = dm.true_params
+    perm = [2, 0, 1]  # learned state s is true state perm[s]
+    model = HMM.from_params(true.permuted(perm)).double()
+    module = SequenceModule(model, None, None, MiniBatch(), num_classes=3)
+    module.trainer = SimpleNamespace(datamodule=dm)
+    scores, _ = module.evaluate_split(dm.test_set.x, dm.test_set.y)
+    log_start, log_trans, log_emit = true.logs()
+    k = 3
+    cm = np.zeros((k, k), dtype=np.int64)
+    for b in range(dm.test_set.x.shape[0]):
+        x, y = dm.test_set.x[b], dm.test_set.y[b]
+        n = int((x >= 0).sum())
+        u = log_emit[:, x[:n]].T  # (n, K) log p(x_t | z_t = k)
+        a, be, log_z = _ref_forward_backward(u, log_trans, log_start, torch.zeros(k, dtype=torch.float64))
+        for t, p in enumerate((a + be).argmax(1).tolist()):  # Bayes decoder in true labels
+            cm[int(y[t]), p] += 1
+    assert (cm != cm.T).any()
+    np.testing.assert_array_equal(np.asarray(scores["_confusion"]), cm)
+    assert scores["acc"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- chain math, brute force
