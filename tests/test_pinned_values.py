@@ -96,6 +96,25 @@ def test_classifier_test_metrics_match_scikit_learn_both_confusion_axes(classifi
     np.testing.assert_array_equal(cm.sum(1), np.bincount(y, minlength=len(labels)))  # rows hold true labels
 
 
+@pytest.mark.parametrize("overrides", [
+    ["data=synthetic", "data.num_samples=300", "model=mlp", "model.hidden=[8]", "norm=none",
+     "batching.batch_size=64"],  # 210 training samples: batches of 64, 64, 64 and 18
+    ["experiment=pgm_crf", "data.num_sequences=80", "data.length=8", "data.min_length=3", "model.hidden=8",
+     "model.embed_dim=4", "batching.batch_size=16"],  # sequences of unequal length: weight by tokens
+], ids=["classifier", "crf"])
+def test_logged_epoch_means_are_sample_weighted(tmp_path, overrides):
+    """With a negligible learning rate the weights do not move, so the epoch means logged during
+    training (``*_epoch_mean``, weighted by samples / tokens over uneven batches) must equal the
+    final re-scored figures over the whole split."""
+    from conftest import QUIET, compose_cfg
+
+    cfg = compose_cfg(QUIET + overrides + ["optimizer=sgd", "optimizer.lr=1e-12", "scheduler=constant",
+                                           "trainer.max_epochs=1", "test=false"], tmp_path / "run")
+    s = train(cfg)
+    assert s["train/loss_epoch_mean"] == pytest.approx(s["train/loss"], rel=1e-6)
+    assert s["train/acc_epoch_mean"] == pytest.approx(s["train/acc"], abs=1e-6)  # logged in float32
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
 def test_evaluate_split_is_the_mean_loss_whatever_the_chunking(chunk):
     g = torch.Generator().manual_seed(0)
