@@ -251,6 +251,13 @@ def test_config_missing_keys_are_skipped_and_sync_batchnorm_rules():
 
 # =========================================================================== stopping rules
 # Values below are exact in binary floating point, so each rule sits *exactly* on its threshold.
+def _stop(name: str, val, train=None, **kw) -> int | None:
+    """The epoch the rule stops after, or None when it never fires (``replay`` then reports the
+    last index, which a test must not mistake for a stop there)."""
+    d = replay(name, val, train, **kw)
+    return d.stop_epoch if d.stopped else None
+
+
 def test_gl_at_alpha_zero_needs_a_strict_rise():
     assert not replay("gl", [1.0, 1.0, 1.0, 1.0], alpha=0.0).stopped  # GL = 0 is not > 0
     d = replay("gl", [1.0, 0.5, 0.5, 0.5000001], alpha=0.0)
@@ -260,10 +267,10 @@ def test_gl_at_alpha_zero_needs_a_strict_rise():
 def test_gl_exactly_at_alpha_does_not_stop():
     curve = [1.0, 0.5, 0.53125]  # GL = 100 * (0.53125 / 0.5 - 1) = 6.25 exactly
     assert not replay("gl", curve, alpha=6.25).stopped
-    assert replay("gl", curve, alpha=6.2499).stop_epoch == 2
+    assert _stop("gl", curve, alpha=6.2499) == 2
     acc = [0.5, 0.75, 0.5]  # max mode: 100 * (0.75 / 0.5 - 1) = 50
     assert not replay("gl", acc, alpha=50.0, mode="max").stopped
-    assert replay("gl", acc, alpha=49.99, mode="max").stop_epoch == 2
+    assert _stop("gl", acc, alpha=49.99, mode="max") == 2
     rule = make_rule("gl", alpha=6.2499)
     replay(rule, curve)
     assert rule.gl == 6.25
@@ -271,9 +278,9 @@ def test_gl_exactly_at_alpha_does_not_stop():
 
 def test_gl_warmup_boundary():
     curve = [1.0, 2.0, 2.0, 2.0]
-    assert replay("gl", curve, alpha=5, warmup=2).stop_epoch == 2  # first epoch allowed to decide
-    assert replay("gl", curve, alpha=5, warmup=1).stop_epoch == 1
-    assert replay("gl", curve, alpha=5, warmup=0).stop_epoch == 1
+    assert _stop("gl", curve, alpha=5, warmup=2) == 2  # first epoch allowed to decide
+    assert _stop("gl", curve, alpha=5, warmup=1) == 1
+    assert _stop("gl", curve, alpha=5, warmup=0) == 1
 
 
 def test_training_progress_closed_form():
@@ -299,59 +306,77 @@ def test_pq_decides_only_at_strip_ends_never_mid_strip():
     # GL/P_k would be huge at every epoch of the second strip (4..7); only epoch 7 may decide
     val = [1.0, 0.5, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9]
     train = [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7001, 0.7]
-    d = replay("pq", val, train, alpha=0.5, k=k)
-    assert d.stop_epoch == 7
+    assert _stop("pq", val, train, alpha=0.5, k=k) == 7
     # the condition holds mid-strip (epochs 4-6) but not at the strip end (val back at its best)
     val2 = [1.0, 0.5, 0.5, 0.5, 0.9, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5]
     train2 = [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7001, 0.7, 0.7, 0.7, 0.7]
     assert not replay("pq", val2, train2, alpha=0.5, k=k).stopped
     # and the first strip end is a decision point too (epoch k - 1)
-    assert replay("pq", [0.5, 0.9, 0.9, 0.9], [1.0, 1.0, 1.0, 1.0001], alpha=0.5, k=k).stop_epoch == 3
+    assert _stop("pq", [0.5, 0.9, 0.9, 0.9], [1.0, 1.0, 1.0, 1.0001], alpha=0.5, k=k) == 3
 
 
 def test_pq_zero_progress_and_zero_loss():
     # flat training strip: P_k = 0 -> PQ infinite when GL > 0, zero when GL = 0
-    assert replay("pq", [0.5, 0.6], [1.0, 1.0], alpha=100.0, k=2).stop_epoch == 1
+    assert _stop("pq", [0.5, 0.6], [1.0, 1.0], alpha=100.0, k=2) == 1
     assert not replay("pq", [0.5, 0.5], [1.0, 1.0], alpha=0.0, k=2).stopped
     rule = make_rule("pq", alpha=0.0, k=2)
     replay(rule, [0.5, 0.6], [0.0, 1.0])  # P_k infinite -> PQ = 0
     assert rule.pk == math.inf and rule.pq == 0.0 and not rule.stopped
 
 
+def test_pq_small_positive_progress_and_small_generalization_loss():
+    # 0 < P_k <= 1: a real quotient (P_2 = 1000 * (2000.5 / 2000 - 1) = 0.25), not the P_k = 0 case
+    val, train = [0.5, 0.50125], [1000.0, 1000.5]  # GL = 0.25 -> PQ = 1.0
+    assert _stop("pq", val, train, alpha=1.01, k=2) is None
+    assert _stop("pq", val, train, alpha=0.99, k=2) == 1
+    # flat training strip (P_k = 0) with 0 < GL <= 1: PQ is infinite, not zero
+    assert _stop("pq", [1.0, 1.005], [1.0, 1.0], alpha=1e6, k=2) == 1
+
+
+def test_generalization_loss_needs_positive_values_in_both_modes():
+    with pytest.raises(ValueError, match="positive"):
+        replay("gl", [0.5, 0.0, 0.3], mode="max")  # a non-positive accuracy, best still positive
+    with pytest.raises(ValueError, match="positive"):
+        replay("gl", [0.5, -0.1], mode="max")
+    with pytest.raises(ValueError, match="positive"):  # a zero best recorded during warm-up
+        replay("pq", [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], k=1, warmup=1)
+
+
 def test_up_needs_strict_rises_at_strip_ends():
     assert not replay("up", [1.0, 1.0, 1.0, 1.0], s=1, k=1).stopped  # equal is not a rise
-    assert replay("up", [1.0, 1.0, 1.0000001], s=1, k=1).stop_epoch == 2
+    assert _stop("up", [1.0, 1.0, 1.0000001], s=1, k=1) == 2
+    assert _stop("up", [1.0, 1.1, 1.2], s=1, k=1) == 1  # the first comparison: epoch k with epoch 0
     # k=3: mid-strip spikes do not count; strip ends (2, 5, 8, 11) go 1.0, 0.9, 0.8, 0.7
     val = [2.0, 5.0, 1.0, 3.0, 4.0, 0.9, 9.0, 9.0, 0.8, 7.0, 7.0, 0.7]
     assert not replay("up", val, s=1, k=3).stopped
     # strip-end to strip-end comparisons: ends 1.0, 1.1, 1.2 -> two successive rises at epochs 5 and 8
     val = [0.1, 0.1, 1.0, 0.1, 0.1, 1.1, 0.1, 0.1, 1.2]
-    assert replay("up", val, s=2, k=3).stop_epoch == 8
-    assert replay("up", val, s=1, k=3).stop_epoch == 5
+    assert _stop("up", val, s=2, k=3) == 8
+    assert _stop("up", val, s=1, k=3) == 5
     assert not replay("up", val, s=3, k=3).stopped
 
 
 def test_up_max_mode_counts_falls():
     acc = [0.5, 0.6, 0.55, 0.5]
-    assert replay("up", acc, s=2, k=1, mode="max").stop_epoch == 3
+    assert _stop("up", acc, s=2, k=1, mode="max") == 3
     assert not replay("up", [0.5, 0.6, 0.6, 0.7], s=1, k=1, mode="max").stopped
 
 
 def test_patience_min_delta_is_strict():
     curve = [1.0, 0.75, 0.75]  # an improvement of exactly min_delta is not an improvement
-    assert replay("patience", curve, patience=1, min_delta=0.25).stop_epoch == 1
-    assert replay("patience", curve, patience=1, min_delta=0.2499).stop_epoch == 2
-    assert replay("patience", curve, patience=2, min_delta=0.25).stop_epoch == 2
+    assert _stop("patience", curve, patience=1, min_delta=0.25) == 1
+    assert _stop("patience", curve, patience=1, min_delta=0.2499) == 2
+    assert _stop("patience", curve, patience=2, min_delta=0.25) == 2
     assert not replay("patience", [1.0, 0.75], patience=2, min_delta=0.25).stopped
 
 
 def test_patience_zero_behaves_like_one_and_counts_ties_as_no_improvement():
     curve = [1.0, 0.5, 0.5, 0.4]
-    assert replay("patience", curve, patience=0).stop_epoch == 2
-    assert replay("patience", curve, patience=1).stop_epoch == 2
-    assert replay("patience", [0.5, 0.6, 0.7, 0.1], patience=2, mode="max").stop_epoch == 3
+    assert _stop("patience", curve, patience=0) == 2
+    assert _stop("patience", curve, patience=1) == 2
+    assert _stop("patience", [0.5, 0.6, 0.7, 0.1, 0.2, 0.3], patience=2, mode="max") == 4
     d = replay("patience", [3.0, 2.0, 2.5, 2.6, 2.7], patience=3, warmup=4)
-    assert (d.stop_epoch, d.best_epoch) == (4, 1)  # wait counted through warm-up
+    assert (d.stopped, d.stop_epoch, d.best_epoch) == (True, 4, 1)  # wait counted through warm-up
 
 
 CURV = dict(log=False, half_life=None, window=4, warmup=0, z=3.0, z_plateau=0.0, min_delta=0.005)
@@ -384,7 +409,7 @@ def test_every_rule_stops_on_non_finite(bad):
         d = replay(name, [1.0, 0.9, bad, 0.1], **kw)
         assert (d.stop_epoch, d.stopped) == (2, True), name
     d = replay("pq", [1.0, 0.9, bad], [1.0, 0.9, 0.8])
-    assert d.stop_epoch == 2
+    assert (d.stopped, d.stop_epoch) == (True, 2)
 
 
 @pytest.mark.parametrize("name,kw", [("patience", {"patience": -1}), ("patience", {"min_delta": -1e-9}),
@@ -506,6 +531,34 @@ def test_top_eigenvalue_single_iteration_is_the_rayleigh_quotient():
     v = v / v.norm()
     got = top_hessian_eigenvalue(f, [w], iters=1, generator=gen)
     assert got == pytest.approx(float(v @ a @ v), rel=1e-12)
+
+
+def test_top_eigenvalue_of_an_overflowing_hessian_is_nan():
+    w = torch.tensor([1e-200, 1.0], dtype=torch.float64, requires_grad=True)
+    got = top_hessian_eigenvalue(lambda: -torch.log(w).sum(), [w], generator=torch.Generator().manual_seed(0))
+    assert math.isnan(got)  # 1 / w^2 overflows: NaN, never a finite or infinite "eigenvalue"
+
+
+@pytest.mark.parametrize("tol", [0.5, 0.05, 1e-3])
+def test_power_iteration_stops_by_the_documented_relative_tolerance(tol):
+    """Small eigenvalues (|lambda| ~ 0.05), so an absolute term in the tolerance would show."""
+    eigs = [0.04, -0.05, 0.03]
+    a, w, f = _quadratic(eigs, seed=6)
+    got = top_hessian_eigenvalue(f, [w], iters=50, tol=tol, generator=torch.Generator().manual_seed(2))
+    v = torch.randn(3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    v = v / v.norm()
+    eig = None
+    for _ in range(50):  # plain power iteration with the docstring's stopping rule
+        hv = a @ v
+        new = float(v @ hv)
+        v = hv / hv.norm()
+        if eig is not None and abs(new - eig) <= tol * abs(eig):
+            eig = new
+            break
+        eig = new
+    assert got == pytest.approx(eig, rel=1e-9, abs=1e-15)
+    if tol == 0.5:
+        assert abs(got - (-0.05)) > 1e-3  # a loose tolerance really stops early
 
 
 @pytest.mark.parametrize("eigs", [[1.0, -3.0, 0.5], [-2.0, -5.0, -1.0], [0.0, 0.0, -4.0]])

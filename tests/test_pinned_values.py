@@ -340,6 +340,12 @@ def test_confusion_helper_orientation_is_pred_rows_target_columns():
     assert c.tolist() == [[0, 2], [0, 1]]
     ref = confusion_matrix(target[0, :3].numpy(), pred[0, :3].numpy(), labels=[0, 1])
     np.testing.assert_array_equal(confusion(target, pred, 2).numpy(), ref)  # the summary's call
+    # a position is counted only when both labels are valid and the mask allows it
+    pred = torch.tensor([[0, 1, chain.PAD, 1, 0]])
+    target = torch.tensor([[0, chain.PAD, 1, 1, 1]])
+    assert confusion(pred, target, 2).tolist() == [[1, 1], [0, 1]]
+    mask = torch.tensor([[True, True, True, False, True]])
+    assert confusion(pred, target, 2, mask).tolist() == [[1, 1], [0, 0]]
 
 
 def test_reliability_bins_and_ece_match_a_plain_loop():
