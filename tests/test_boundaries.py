@@ -335,11 +335,11 @@ def test_pq_small_positive_progress_and_small_generalization_loss():
 
 def test_generalization_loss_needs_positive_values_in_both_modes():
     with pytest.raises(ValueError, match="positive"):
-        replay("gl", [0.5, 0.0, 0.3], mode="max")  # a non-positive accuracy, best still positive
+        replay("gl", [0.5, 0.0, 0.3], alpha=5.0, mode="max")  # a non-positive accuracy, best still positive
     with pytest.raises(ValueError, match="positive"):
-        replay("gl", [0.5, -0.1], mode="max")
+        replay("gl", [0.5, -0.1], alpha=5.0, mode="max")
     with pytest.raises(ValueError, match="positive"):  # a zero best recorded during warm-up
-        replay("pq", [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], k=1, warmup=1)
+        replay("pq", [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], alpha=0.5, k=1, warmup=1)
 
 
 def test_up_needs_strict_rises_at_strip_ends():
@@ -405,10 +405,11 @@ def test_curvature_rule_slope_and_remaining_on_the_parabola():
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_every_rule_stops_on_non_finite(bad):
-    for name, kw in (("patience", {}), ("gl", {}), ("up", {}), ("curvature", {})):
+    for name, kw in (("patience", {"patience": 5}), ("gl", {"alpha": 5.0}), ("up", {"s": 2, "k": 2}),
+                     ("curvature", {"window": 4, "warmup": 10, "confirm": 3})):
         d = replay(name, [1.0, 0.9, bad, 0.1], **kw)
         assert (d.stop_epoch, d.stopped) == (2, True), name
-    d = replay("pq", [1.0, 0.9, bad], [1.0, 0.9, 0.8])
+    d = replay("pq", [1.0, 0.9, bad], [1.0, 0.9, 0.8], alpha=0.5, k=5)
     assert (d.stopped, d.stop_epoch) == (True, 2)
 
 
