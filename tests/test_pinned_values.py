@@ -101,7 +101,9 @@ def test_classifier_test_metrics_match_scikit_learn_both_confusion_axes(classifi
      "batching.batch_size=64"],  # 210 training samples: batches of 64, 64, 64 and 18
     ["experiment=pgm_crf", "data.num_sequences=80", "data.length=8", "data.min_length=3", "model.hidden=8",
      "model.embed_dim=4", "batching.batch_size=16"],  # sequences of unequal length: weight by tokens
-], ids=["classifier", "crf"])
+    ["data=synthetic", "data.num_samples=300", "model=mlp", "model.hidden=[8]", "norm=none", "batching=full",
+     "batching.chunk_size=50"],  # one full-batch step, loss accumulated over uneven chunks
+], ids=["classifier", "crf", "classifier-full-batch"])
 def test_logged_epoch_means_are_sample_weighted(tmp_path, overrides):
     """With a negligible learning rate the weights do not move, so the epoch means logged during
     training (``*_epoch_mean``, weighted by samples / tokens over uneven batches) must equal the
@@ -264,6 +266,18 @@ def test_unsupervised_hmm_confusion_rows_are_true_states_after_matching():
     assert (cm != cm.T).any()
     np.testing.assert_array_equal(np.asarray(scores["_confusion"]), cm)
     assert scores["acc"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-12)
+    # the model *is* the true model (relabelled): it sits exactly on the Bayes ceiling
+    assert scores["bayes_acc"] == pytest.approx(scores["acc"], abs=1e-12)
+    assert scores["gap_to_bayes_acc"] == pytest.approx(0.0, abs=1e-12)
+    x = dm.test_set.x
+    log_px = 0.0
+    for b in range(x.shape[0]):
+        n = int((x[b] >= 0).sum())
+        log_px += float(_ref_forward_backward(log_emit[:, x[b, :n]].T, log_trans, log_start,
+                                              torch.zeros(k, dtype=torch.float64))[2])
+    n_tok = int((x >= 0).sum())
+    assert scores["ll_per_token"] == pytest.approx(log_px / n_tok, rel=1e-9)  # log p(x) per token
+    assert scores["true_ll_per_token"] == pytest.approx(log_px / n_tok, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- chain math, brute force
