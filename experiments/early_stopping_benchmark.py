@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from callbacks.early_stopping import LEARNED_DELTA
 from experiments.early_stopping_corpus import CORPUS_V1, CORPUS_V2, load_corpus
 
 ROOT = Path(__file__).resolve().parent
@@ -229,7 +230,7 @@ def candidates() -> list[tuple[str, Callable[[], Any]]]:
         ("quadratic (v1 default)", f("quadratic")),
         ("se_slope", f("se_slope")),
         ("forecast", f("forecast")),
-        ("learned", f("learned")),
+        ("learned (p_stop=0.2)", f("learned")),
         ("patience=10", f("patience", patience=10)),
         ("GL_5", f("gl", alpha=5)),
         ("PQ_0.5", f("pq", alpha=0.5)),
@@ -242,18 +243,27 @@ def candidates() -> list[tuple[str, Callable[[], Any]]]:
 # ------------------------------------------------------------------------------------------------
 EPOCH_MARGIN = 0.9  # tune to <= 90% of patience=10's epochs, so the budget holds on new curves
 TUNE_GRID = {"p_stop": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "confirm": [1, 2, 3]}
-LEARNED_DELTA = 0.005  # "improves on the running best by more than 0.5%" (log scale)
+OTHER_GRIDS = {  # the other new rules get the same tuning (their shipped defaults come from it)
+    "forecast": {"p_stop": [0.1, 0.2, 0.35, 0.5], "min_delta": [0.005, 0.01, 0.03],
+                 "horizon_frac": [0.5, 1.0], "confirm": [1, 2]},
+    "se_slope": {"z": [1.0, 2.0, 3.0], "min_delta": [0.002, 0.005, 0.01, 0.03], "confirm": [1, 3]},
+}
+# LEARNED_DELTA: "the validation loss still beats its running best by more than delta" (log
+# scale), chosen among DELTAS by leave-one-cell-out cross-validation on the tuning split
+DELTAS = (0.005, 0.01, 0.02, 0.03, 0.05)
 
 
 def learned_dataset(runs: Sequence[dict], warmup: int = 5, window: int = 8,
-                    target: str = "cost") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    target: str = "val", delta: float = LEARNED_DELTA
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, labels, weights) over every post-warm-up epoch of ``runs``.
 
-    ``target="val"``: label 1 when the validation loss later improves on the running best by
-    more than ``LEARNED_DELTA`` (log scale), each run weighing 1 in total. ``target="cost"``
-    (cost-sensitive): label 1 when going on to the run's validation minimum lowers the test loss
+    ``target="val"`` (the default rule's): label 1 when the validation loss later improves on
+    the running best by more than ``delta`` (log scale), each run weighing 1 in total.
+    ``target="cost"`` (cost-sensitive): label 1 when going on to the run's validation minimum lowers the test loss
     at the restored epoch, weighted by how much it changes it (plus a floor of 1e-3), so the
-    classifier spends its capacity on the stops that cost regret."""
+    classifier spends its capacity on the stops that cost regret (worse in cross-validation:
+    a few runs with large gains dominate the fit)."""
     from callbacks.early_stopping import FEATURES, curve_features
 
     xs, ys, ws = [], [], []
@@ -273,7 +283,7 @@ def learned_dataset(runs: Sequence[dict], warmup: int = 5, window: int = 8,
             f = curve_features(v[:t + 1], tr[:t + 1], se[:t + 1], best, window)
             xs.append([f[k] for k in FEATURES])
             if target == "val":
-                ys.append(float(lv[best] - fut_min[t + 1] > LEARNED_DELTA))
+                ys.append(float(lv[best] - fut_min[t + 1] > delta))
             else:
                 gain = test[best] - test[final]
                 ys.append(float(gain > 0))
@@ -283,13 +293,14 @@ def learned_dataset(runs: Sequence[dict], warmup: int = 5, window: int = 8,
     return np.asarray(xs), np.asarray(ys), np.asarray(ws)
 
 
-def fit_learned(runs: Sequence[dict], c: float = 1.0, target: str = "cost") -> dict[str, float]:
+def fit_learned(runs: Sequence[dict], c: float = 1.0, target: str = "val",
+                delta: float = LEARNED_DELTA) -> dict[str, float]:
     """Logistic regression of :func:`learned_dataset` (no intercept: ``bias`` is a feature)."""
     from sklearn.linear_model import LogisticRegression
 
     from callbacks.early_stopping import FEATURES
 
-    x, y, w = learned_dataset(runs, target=target)
+    x, y, w = learned_dataset(runs, target=target, delta=delta)
     model = LogisticRegression(C=c, fit_intercept=False, max_iter=5000)
     model.fit(x, y, sample_weight=w * len(y) / w.sum())
     return {k: round(float(b), 4) for k, b in zip(FEATURES, model.coef_[0])}
@@ -316,6 +327,32 @@ def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
     ok = [t for t in table if t["epochs"] <= EPOCH_MARGIN * p10]
     best = max(ok or table, key=lambda t: t["patience_regret"] - t["regret"])
     return best["kwargs"], table
+
+
+def cross_validate(runs: Sequence[dict], deltas: Sequence[float] = DELTAS
+                   ) -> dict[float, dict[str, float]]:
+    """Leave-one-(data set, model)-cell-out on ``runs`` (the tuning split): for each cell, fit
+    the learned rule and tune ``p_stop`` / ``confirm`` on the other cells, replay it on the cell;
+    score the pooled out-of-cell outcomes against the frontiers. Per ``delta``."""
+    from callbacks.early_stopping import make_rule
+
+    cells = sorted({(r["data"], r["model"]) for r in runs})
+    pat, orc = patience_frontier(runs), oracle_frontier(runs)
+    idx = np.arange(len(runs))
+    p10 = pat[PATIENCES.index(10), :, 0].mean()
+    out = {}
+    for delta in deltas:
+        res = np.zeros((len(runs), 2))
+        for cell in cells:
+            fit_on = [r for r in runs if (r["data"], r["model"]) != cell]
+            held = [i for i, r in enumerate(runs) if (r["data"], r["model"]) == cell]
+            coef = fit_learned(fit_on, delta=delta)
+            kw, _ = tune_rule("learned", TUNE_GRID, fit_on, {"coef": coef})
+            res[held] = replay_rule(lambda: make_rule("learned", **kw), [runs[i] for i in held])
+        g = gap_closed(res, pat, orc, idx)
+        out[delta] = {**g, "epochs_vs_p10": g["epochs"] / p10}
+        print(f"  delta={delta}: {out[delta]}", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,11 +475,19 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 2
     if args.tune:
         tune, _ = split_runs(runs)
-        coef = fit_learned(tune)
+        print(f"cross-validating on the {len(tune)} tuning curves (leave one cell out)")
+        cv = cross_validate(tune)
+        delta = max(cv, key=lambda d: cv[d]["gap_closed"] if cv[d]["epochs_vs_p10"] <= 1 else -1e9)
+        coef = fit_learned(tune, delta=delta)
         kw, table = tune_rule("learned", TUNE_GRID, tune, {"coef": coef})
+        others = {name: tune_rule(name, grid, tune) for name, grid in OTHER_GRIDS.items()}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tuning.json").write_text(json.dumps(table, indent=1))
-        print(json.dumps({"coef": coef, **{k: v for k, v in kw.items() if k != "coef"}}, indent=1))
+        (args.out / "tuning.json").write_text(json.dumps(
+            {"cv": {str(k): v for k, v in cv.items()}, "grid": table,
+             **{name: t for name, (_, t) in others.items()}}, indent=1))
+        print(json.dumps({"delta": delta, "coef": coef,
+                          **{k: v for k, v in kw.items() if k != "coef"},
+                          **{name: k for name, (k, _) in others.items()}}, indent=1))
         return 0
     ev = evaluate(runs, args.reps)
     text = render(ev, runs)

@@ -16,7 +16,7 @@ there (an interrupted build continues where it stopped).
 
 Usage::
 
-    nice -n 19 python -m experiments.early_stopping_corpus --runs 400 --budget-s 3600
+    nice -n 19 python -m experiments.early_stopping_corpus --runs 400 --budget-s 3600 [--cheap-first]
 """
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def design(i: int) -> dict[str, Any]:
     cfg["id"] = (f"v2-{i:04d}-{data}-{model}-{opt}-{cfg['schedule']}-n{cfg['label_noise']}-"
                  f"{cfg['batch']}{cfg['batch_size'] or ''}-e{cfg['epochs']}")
     return cfg
+
+
+COST = {"mlp": 1.0, "position_softmax": 1.0, "cnn": 3.0, "crf": 3.0, "hmm": 4.0, "resnet": 10.0}
+
+
+def est_cost(cfg: dict[str, Any]) -> float:
+    """Relative CPU cost of a design point (measured per-run seconds on this machine, roughly)."""
+    return COST[cfg["model"]] * cfg["epochs"] * cfg["train_fraction"]
 
 
 def _datamodule(cfg: dict[str, Any]):
@@ -197,20 +205,25 @@ def train_curve(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_corpus(path: Path = CORPUS_V2) -> list[dict[str, Any]]:
-    """Runs cached in ``path`` (a truncated last line, from an interrupted build, is skipped)."""
+    """Runs cached in ``path`` (a truncated line, from an interrupted build, is skipped; a run
+    written twice counts once)."""
     if not path.exists():
         return []
-    runs = []
+    runs: dict[str, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         try:
-            runs.append(json.loads(line))
+            run = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return runs
+        runs.setdefault(run["id"], run)
+    return list(runs.values())
 
 
-def build(path: Path, runs: int, budget_s: float, start: int = 0) -> int:
-    """Train design points ``start .. start+runs-1`` not yet in ``path`` until ``budget_s``."""
+def build(path: Path, runs: int, budget_s: float, start: int = 0, cheap_first: bool = False
+          ) -> int:
+    """Train design points ``start .. start+runs-1`` not yet in ``path`` until ``budget_s``
+    (``cheap_first``: in order of :func:`est_cost`, so a short budget yields more curves; a
+    later call makes the rest)."""
     import torch
 
     torch.set_num_threads(1)
@@ -218,7 +231,10 @@ def build(path: Path, runs: int, budget_s: float, start: int = 0) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, 1 torch thread, torch {torch.__version__}"
     t0, made = time.time(), 0
-    for i in range(start, start + runs):
+    order = list(range(start, start + runs))
+    if cheap_first:
+        order.sort(key=lambda i: est_cost(design(i)))
+    for i in order:
         cfg = design(i)
         if cfg["id"] in done:
             continue
@@ -385,6 +401,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=3600.0)
     ap.add_argument("--v1", action="store_true", help="rebuild / extend corpus v1 instead")
+    ap.add_argument("--cheap-first", action="store_true",
+                    help="train the cheapest design points first (more curves per budget)")
     args = ap.parse_args(list(argv) if argv is not None else None)
     if args.runs < 1:
         print(f"shiftlab: error: --runs={args.runs} is not allowed; allowed: >= 1", file=sys.stderr)
@@ -392,7 +410,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.v1:
         build_v1(CORPUS_V1, 100, args.budget_s)
         return 0
-    build(args.out, args.runs, args.budget_s, args.start)
+    build(args.out, args.runs, args.budget_s, args.start, args.cheap_first)
     return 0
 
 
