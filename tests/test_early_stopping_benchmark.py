@@ -160,3 +160,29 @@ def test_train_curve_records_standard_errors_on_a_tiny_run():
     assert all(len(v) == 3 for v in out.values())
     assert all(math.isfinite(v) and v > 0 for v in out["val_loss_se"])
     assert all(0 <= a <= 1 for a in out["test_acc"])
+
+
+def test_benchmark_command_writes_report_and_plot_on_a_tiny_corpus(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for i, (d, m) in enumerate([("digits", "mlp"), ("digits", "cnn"), ("mnist1d", "mlp"),
+                                ("synthetic", "mlp")] * 3):
+        t0 = rng.randint(10, 30)
+        val = [0.5 + ((t - t0) / 30) ** 2 + rng.gauss(0, 0.01) for t in range(60)]
+        test = [v + rng.gauss(0, 0.01) for v in val]
+        lines.append(json.dumps({"id": f"r{i}", "data": d, "model": m, "optimizer": "adam",
+                                 "label_noise": 0.2, "val_loss": val, "val_loss_se": [0.01] * 60,
+                                 "train_loss": [1 / (1 + t) for t in range(60)],
+                                 "test_loss": test}))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert B.main(["--v1", "none", "--v2", str(corpus), "--out", str(out), "--reps", "20"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| curvature (default) |" in report and "-> met:" in report
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_held"] == 6 and res["n_tune"] == 6
+    assert (out / "pareto.png").stat().st_size > 10_000
+    assert B.main(["--reps", "3"]) == 2  # bad input: one line, exit code 2
