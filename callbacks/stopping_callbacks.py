@@ -36,7 +36,8 @@ class RuleEarlyStopping(Callback):
     """Stop training when a stopping rule fires.
 
     Args:
-        rule: ``curvature`` | ``patience`` | ``gl`` | ``pq`` | ``up``.
+        rule: ``curvature`` | ``quadratic`` | ``se_slope`` | ``forecast`` | ``learned`` |
+            ``patience`` | ``gl`` | ``pq`` | ``up``.
         monitor: metric read from ``trainer.callback_metrics`` after each validation.
         mode: ``min`` or ``max`` (what 'better' means for ``monitor``).
         train_monitor: training metric read at the end of each epoch (``pq`` needs it; the
