@@ -591,13 +591,14 @@ class QuadraticRule(StoppingRule):
 class SESlopeRule(QuadraticRule):
     """The local quadratic rule with its noise level taken from the *measured* standard error
     of the validation loss (``update(..., se=...)``) instead of the fit residuals (``se_slope``).
-    Without standard errors it is :class:`QuadraticRule` exactly."""
+    Its ``DEFAULTS`` were tuned on the benchmark's tuning split; without standard errors it is
+    :class:`QuadraticRule` with those settings."""
 
     name = "se_slope"
+    DEFAULTS: dict[str, Any] = {"noise": "measured", "z": 1.0, "min_delta": 0.03, "confirm": 3}
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("noise", "measured")
-        super().__init__(**kwargs)
+        super().__init__(**{**self.DEFAULTS, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -732,7 +733,7 @@ class ForecastRule(_ForecastMixin, StoppingRule):
     name = "forecast"
 
     def __init__(self, fit_window: int = 40, horizon_frac: float = 0.5, min_horizon: float = 10.0,
-                 min_delta: float = 0.005, p_stop: float = 0.2, confirm: int = 2,
+                 min_delta: float = 0.03, p_stop: float = 0.5, confirm: int = 1,
                  min_behind: int = 2, z_interval: float = 1.96, log: bool = True,
                  mode: str = "min", warmup: int = 10) -> None:
         if int(fit_window) < 6:
@@ -839,19 +840,19 @@ def curve_features(values: Sequence[float], train: Sequence[float], se: Sequence
 # Fitted by ``python -m experiments.early_stopping_benchmark --tune`` on the tuning split only
 # (logistic regression of "the validation loss still beats its running best by more than
 # LEARNED_DELTA" on :func:`curve_features`; see ``learned_dataset`` there).
-LEARNED_DELTA = 0.03
+LEARNED_DELTA = 0.01
 LEARNED_COEF: dict[str, float] = {
-    "log_epoch": -0.5922,
-    "log_since_best": -1.1154,
-    "frac_since_best": 2.97,
-    "gain_half": -0.0154,
-    "gain_quarter": 0.0345,
-    "excess_noise": -0.273,
-    "gain_half_noise": 0.5044,
-    "slope_z": -0.1302,
-    "train_loglog_slope": 0.8063,
-    "gap_loglog_slope": -0.1337,
-    "bias": 4.2515,
+    "log_epoch": -1.2832,
+    "log_since_best": -0.2134,
+    "frac_since_best": -2.927,
+    "gain_half": 0.0456,
+    "gain_quarter": 0.1888,
+    "excess_noise": 0.0516,
+    "gain_half_noise": 0.1176,
+    "slope_z": -0.2963,
+    "train_loglog_slope": -0.5341,
+    "gap_loglog_slope": -1.4195,
+    "bias": 3.6958,
 }
 
 
@@ -860,13 +861,15 @@ class LearnedRule(_ForecastMixin, StoppingRule):
     improve much more (``learned``).
 
     The model's probability ``p_continue`` is that the validation loss will still beat its
-    running best by more than ``LEARNED_DELTA`` (3%, log scale) before the run ends. It was
-    fitted on the benchmark's tuning split only (the 3% chosen there by leave-one-cell-out
+    running best by more than ``LEARNED_DELTA`` (relative, log scale) before the run ends. It was
+    fitted on the benchmark's tuning split only (the threshold chosen there by leave-one-cell-out
     cross-validation) and ships as plain coefficients (``coef``, default :data:`LEARNED_COEF`)
     over :func:`curve_features`: time and time since the best, recent gains of the running best
     in noise units (the measured standard error when given, else the residual scatter), the
     slope's z-score, the train curve's and the generalization gap's log-log slopes. Stop when
-    ``p_continue < p_stop`` for ``confirm`` epochs in a row; restores the raw best epoch. Needs
+    ``p_continue < p_stop`` for ``confirm`` epochs in a row with the best epoch at least
+    ``min_behind`` epochs back (a curve still setting new bests is not stopped); restores the
+    raw best epoch. Needs
     positive monitored values in ``min`` mode (a loss). Logs, but does not decide on, the
     parametric forecast of :class:`ForecastRule`.
     """
@@ -876,7 +879,7 @@ class LearnedRule(_ForecastMixin, StoppingRule):
     fit_window, horizon_frac, min_horizon, min_delta, z_interval, log = 40, 0.5, 10.0, 0.005, 1.96, True
 
     def __init__(self, p_stop: float = 0.2, confirm: int = 1, coef: dict[str, float] | None = None,
-                 window: int = 8, mode: str = "min", warmup: int = 5) -> None:
+                 window: int = 8, min_behind: int = 0, mode: str = "min", warmup: int = 5) -> None:
         if not 0.0 < float(p_stop) < 1.0:
             raise ValueError(f"p_stop={p_stop} is out of range; allowed: 0 < p_stop < 1")
         if int(confirm) < 1 or int(window) < 3:
@@ -884,7 +887,10 @@ class LearnedRule(_ForecastMixin, StoppingRule):
                              "allowed: confirm >= 1, window >= 3")
         if mode != "min":
             raise ValueError(f"mode={mode!r} is not allowed for rule 'learned'; allowed: min")
+        if int(min_behind) < 0:
+            raise ValueError(f"min_behind={min_behind} is out of range; allowed: min_behind >= 0")
         self.p_stop, self.confirm, self.window = float(p_stop), int(confirm), int(window)
+        self.min_behind = int(min_behind)
         self.coef = dict(LEARNED_COEF if coef is None else coef)
         unknown = set(self.coef) - set(FEATURES)
         if unknown:
@@ -908,7 +914,7 @@ class LearnedRule(_ForecastMixin, StoppingRule):
         f = self.features()
         z = sum(self.coef.get(k, 0.0) * v for k, v in f.items())
         self.p_continue = 1.0 / (1.0 + math.exp(-max(-50.0, min(z, 50.0))))
-        ok = self.p_continue < self.p_stop
+        ok = self.p_continue < self.p_stop and self.epoch - self.best_epoch >= self.min_behind
         self.streak = self.streak + 1 if ok else 0
         if ok and self.streak >= self.confirm:
             reason = (f"{self.name}: P(val improves > {LEARNED_DELTA:.0%}) = {self.p_continue:.3g} "
@@ -934,14 +940,15 @@ class LearnedRule(_ForecastMixin, StoppingRule):
 
 class CurvatureRule(LearnedRule):
     """The default rule (``curvature``, ``callbacks=curvature_stop``): :class:`LearnedRule` with
-    the ``p_stop`` / ``confirm`` chosen on the benchmark's tuning split (highest gap closed to
+    the ``p_stop`` / ``confirm`` / ``min_behind`` chosen on the benchmark's tuning split (highest gap closed to
     the validation oracle among settings using no more epochs than patience=10 there). The
     curve's local curvature test of shiftlab's first rule lives on as ``quadratic``."""
 
     name = "curvature"
 
-    def __init__(self, p_stop: float = 0.5, confirm: int = 2, **kwargs: Any) -> None:
-        super().__init__(p_stop=p_stop, confirm=confirm, **kwargs)
+    def __init__(self, p_stop: float = 0.5, confirm: int = 1, min_behind: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(p_stop=p_stop, confirm=confirm, min_behind=min_behind, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -190,8 +190,8 @@ class CurvatureEarlyStopping(RuleEarlyStopping):
     """shiftlab's default rule as a callback (``callbacks=curvature_stop``).
 
     Reads ``val/loss``, its standard error ``val/loss_se`` (when logged) and ``train/loss`` each
-    epoch and stops when the rule's probability of a further 3% gain falls below ``p_stop`` for
-    ``confirm`` epochs (:class:`callbacks.early_stopping.CurvatureRule`, which documents the
+    epoch and stops when the rule's probability of a further gain (by ``LEARNED_DELTA``) falls
+    below ``p_stop`` for ``confirm`` epochs (:class:`callbacks.early_stopping.CurvatureRule`, which documents the
     evidence). Logs ``early_stop/p_continue`` and the forecast -- ``forecast_min`` with the
     interval ``forecast_lo`` / ``forecast_hi``, ``epochs_left``, ``p_improve`` -- every epoch;
     the stop reason quotes them. Arguments left at None take the rule's tuned defaults;

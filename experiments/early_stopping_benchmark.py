@@ -243,7 +243,7 @@ def candidates() -> list[tuple[str, Callable[[], Any]]]:
 # tuning (tuning split only)
 # ------------------------------------------------------------------------------------------------
 EPOCH_MARGIN = 0.9  # tune to <= 90% of patience=10's epochs, so the budget holds on new curves
-TUNE_GRID = {"p_stop": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7], "confirm": [1, 2, 3]}
+TUNE_GRID = {"p_stop": [0.3, 0.5, 0.7], "confirm": [1, 2], "min_behind": [0, 2, 5]}
 OTHER_GRIDS = {  # the other new rules get the same tuning (their shipped defaults come from it)
     "forecast": {"p_stop": [0.1, 0.2, 0.35, 0.5], "min_delta": [0.005, 0.01, 0.03],
                  "horizon_frac": [0.5, 1.0], "confirm": [1, 2]},
@@ -308,11 +308,14 @@ def fit_learned(runs: Sequence[dict], c: float = 1.0, target: str = "val",
 
 
 def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
-              fixed: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict]]:
+              fixed: dict[str, Any] | None = None, subgroups: bool = False
+              ) -> tuple[dict[str, Any], list[dict]]:
     """Grid search on ``runs``: among settings that use no more than ``EPOCH_MARGIN`` times
     patience=10's epochs on the same runs, the largest regret reduction over the patience frontier at the setting's own
     epochs (the gap-closed ratio's numerator: the ratio itself is erratic where the two
-    frontiers nearly meet)."""
+    frontiers nearly meet). ``subgroups``: also require that no data set / optimizer /
+    label-noise / batch-regime subgroup of ``runs`` is worse than patience at matched epochs by
+    more than one SE (the goal's own criteria, checked on the tuning runs)."""
     import itertools
 
     from callbacks.early_stopping import make_rule
@@ -324,8 +327,13 @@ def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
     for values in itertools.product(*grid.values()):
         kw = {**(fixed or {}), **dict(zip(grid, values))}
         res = replay_rule(lambda: make_rule(name, **kw), runs)
-        table.append({"kwargs": kw, **gap_closed(res, pat, orc, idx)})
-    ok = [t for t in table if t["epochs"] <= EPOCH_MARGIN * p10]
+        row = {"kwargs": kw, **gap_closed(res, pat, orc, idx)}
+        if subgroups:
+            sub = subgroup_table(res, pat, runs, idx, reps=200)
+            row["worse"] = [f"{r['key']}={r['value']}" for r in sub
+                            if r["worse"] and r["key"] in GOAL_KEYS]
+        table.append(row)
+    ok = [t for t in table if t["epochs"] <= EPOCH_MARGIN * p10 and not t.get("worse")]
     best = max(ok or table, key=lambda t: t["patience_regret"] - t["regret"])
     return best["kwargs"], table
 
@@ -487,7 +495,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         cv = cross_validate(tune)
         delta = max(cv, key=lambda d: cv[d]["gap_closed"] if cv[d]["epochs_vs_p10"] <= 1 else -1e9)
         coef = fit_learned(tune, delta=delta)
-        kw, table = tune_rule("learned", TUNE_GRID, tune, {"coef": coef})
+        kw, table = tune_rule("learned", TUNE_GRID, tune, {"coef": coef}, subgroups=True)
         others = {name: tune_rule(name, grid, tune) for name, grid in OTHER_GRIDS.items()}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tuning.json").write_text(json.dumps(
