@@ -384,29 +384,29 @@ PARABOLA = [(t - 5) ** 2 + 1.0 for t in range(14)]  # noise-free: the fit is exa
 
 
 @pytest.mark.parametrize("behind,confirm,stop", [(2, 1, 7), (2, 3, 9), (3, 1, 8), (0, 1, 6), (0, 2, 7)])
-def test_curvature_rule_thresholds_on_an_exact_parabola(behind, confirm, stop):
+def test_quadratic_rule_thresholds_on_an_exact_parabola(behind, confirm, stop):
     """Minimum at epoch 5; the fitted slope 2 (t - 5) is > 0 from epoch 6, the plateau test
     (remaining improvement 0 < min_delta) holds from epoch 5; both need the best epoch
     ``behind`` epochs back, and the rule stops once a condition held ``confirm`` epochs running."""
-    d = replay("curvature", PARABOLA, min_behind=behind, plateau_behind=max(behind, 1), confirm=confirm, **CURV)
+    d = replay("quadratic", PARABOLA, min_behind=behind, plateau_behind=max(behind, 1), confirm=confirm, **CURV)
     assert (d.stopped, d.stop_epoch, d.best_epoch) == (True, stop, 5)
 
 
-def test_curvature_rule_slope_and_remaining_on_the_parabola():
-    rule = make_rule("curvature", min_behind=99, plateau_behind=99, **CURV)
+def test_quadratic_rule_slope_and_remaining_on_the_parabola():
+    rule = make_rule("quadratic", min_behind=99, plateau_behind=99, **CURV)
     rows = replay(rule, PARABOLA[:5], trace=True).trace
     assert rows[4]["slope"] == pytest.approx(-2.0, abs=1e-9)  # d/dt (t - 5)^2 at t = 4
     assert rows[4]["curvature"] == pytest.approx(2.0, abs=1e-9)
     assert rows[4]["remaining"] == pytest.approx(2.0, abs=1e-9)  # slope^2 / curvature = 4 / 2
     assert rows[4]["smoothed"] == pytest.approx(2.0, abs=1e-9)
-    rule = make_rule("curvature", min_behind=99, plateau_behind=99, lookahead=0.5, **CURV)
+    rule = make_rule("quadratic", min_behind=99, plateau_behind=99, lookahead=0.5, **CURV)
     assert replay(rule, PARABOLA[:5], trace=True).trace[4]["remaining"] == pytest.approx(1.0)  # linear cap
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_every_rule_stops_on_non_finite(bad):
     for name, kw in (("patience", {"patience": 5}), ("gl", {"alpha": 5.0}), ("up", {"s": 2, "k": 2}),
-                     ("curvature", {"window": 4, "warmup": 10, "confirm": 3})):
+                     ("quadratic", {"window": 4, "warmup": 10, "confirm": 3}), ("curvature", {})):
         d = replay(name, [1.0, 0.9, bad, 0.1], **kw)
         assert (d.stop_epoch, d.stopped) == (2, True), name
     d = replay("pq", [1.0, 0.9, bad], [1.0, 0.9, 0.8], alpha=0.5, k=5)
