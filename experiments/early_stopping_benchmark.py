@@ -44,10 +44,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from callbacks.early_stopping import LEARNED_DELTA
-from experiments.early_stopping_corpus import CORPUS_V1, CORPUS_V2, load_corpus
+from experiments.early_stopping_corpus import CORPUS_V1, CORPUS_V2, in_source_checkout, load_corpus
 
 ROOT = Path(__file__).resolve().parent
-OUT = ROOT.parent / "outputs" / "early_stopping_benchmark"
+OUT = Path("outputs") / "early_stopping_benchmark"  # under the working directory
 PLOT_COPY = ROOT / "data" / "early_stopping_pareto.png"
 
 FAMILY = {"mlp": "mlp", "cnn": "cnn", "resnet": "resnet", "crf": "chain",
@@ -514,7 +514,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     held = split_runs(runs)[1]
     plot(ev["points"], ev["_pat"], ev["_orc"], np.arange(len(held)), args.out / "pareto.png",
          f"Early stopping on {len(held)} held-out curves (data set / model cells not tuned on)")
-    if args.v2 == CORPUS_V2:  # the README's copy shows the shipped corpus only
+    if args.v2 == CORPUS_V2 and in_source_checkout(PLOT_COPY):  # the README's copy: shipped corpus only
         PLOT_COPY.write_bytes((args.out / "pareto.png").read_bytes())
     print(text)
     return 0

@@ -35,6 +35,16 @@ ROOT = Path(__file__).resolve().parent
 CORPUS_V1 = ROOT / "data" / "early_stopping_corpus.json"
 CORPUS_V2 = ROOT / "data" / "early_stopping_corpus_v2.jsonl"
 
+
+def in_source_checkout(path: Path) -> bool:
+    """True when ``path`` lies in a source checkout, not in an installed package: only there may
+    the shipped corpus and figures be extended (an install never writes into site-packages)."""
+    return "site-packages" not in path.resolve().parts and "dist-packages" not in path.resolve().parts
+
+
+def default_corpus_out() -> Path:
+    return CORPUS_V2 if in_source_checkout(CORPUS_V2) else Path("outputs") / CORPUS_V2.name
+
 LRS = {"sgd": (0.03, 0.1, 0.3), "momentum": (0.01, 0.03, 0.1),
        "adam": (3e-4, 1e-3, 3e-3), "adamw": (3e-4, 1e-3, 3e-3)}
 NOISE = (0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.6)
@@ -396,7 +406,7 @@ def build_v1(path: Path, epochs: int, budget_s: float, limit: int | None = None)
 
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=CORPUS_V2)
+    ap.add_argument("--out", type=Path, default=default_corpus_out())
     ap.add_argument("--runs", type=int, default=400, help="design points 0..runs-1")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=3600.0)
