@@ -87,7 +87,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     from trainers.checkpoint_io import AtomicCheckpointIO
 
-    plugins: list = [AtomicCheckpointIO()]
+    # Plugins from the config (e.g. Ray's environment) are kept; the atomic checkpoint IO is added.
+    configured = cfg.trainer.get("plugins") or []
+    plugins: list = [_instantiate(p, "trainer.plugins") if isinstance(p, DictConfig) else p for p in configured]
+    plugins.append(AtomicCheckpointIO())
     mode = cfg.get("cluster_env", "auto")
     if mode == "kubeflow" or (mode == "auto" and kubeflow_env_present()):
         from lightning.pytorch.plugins.environments import KubeflowEnvironment
