@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -25,6 +26,7 @@ from trainers.build import build_callbacks, build_datamodule, build_loggers, bui
 from trainers.checkpoint_io import RunWriteError
 from trainers.config_checks import ConfigError, check_config
 from trainers.console import print_config_tree
+from trainers.extensions import ExtensionError, load_extensions
 from trainers.run_dir import register_resolvers
 from trainers.summary import build_summary, write_outputs, write_summary
 
@@ -72,6 +74,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     The summary's ``status`` is one of completed, diverged, failed, interrupted (SIGINT) or
     preempted (SIGTERM); an interrupted run's summary names the checkpoint to resume from.
     """
+    load_extensions(cfg.get("imports") or ())
     check_config(cfg)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
@@ -161,7 +164,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     multirun = _is_multirun()
     try:
         summary = train(cfg)
-    except ConfigError as e:
+    except (ConfigError, ExtensionError) as e:
         if multirun:
             log.error("job failed: %s", e)
             _write_failure(cfg, f"config error: {e}")
@@ -193,6 +196,10 @@ def _write_failure(cfg: DictConfig, reason: str) -> None:
 
 
 def main() -> None:
+    # The working directory is importable (as for `python -m`): a user's `_target_` or `imports`
+    # entry in their own project needs no PYTHONPATH.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     _hydra_main()
 
 
