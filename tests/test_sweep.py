@@ -429,7 +429,8 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
 
     out = tmp_path / "sweep"
     args = ["hparams_search=digits_mlp", "n_trials=2", f"sweep.dir={out}", "heartbeat_interval_s=1",
-            "grace_period_s=2", "trainer.max_epochs=2", "print_config=false", "trainer.enable_progress_bar=false",
+            "grace_period_s=2", "trainer.max_epochs=8",  # a few seconds per trial: the kill lands mid-trial
+            "print_config=false", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "test=false", "report=true"]
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
