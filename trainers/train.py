@@ -128,6 +128,16 @@ def _write_failure(cfg: DictConfig, reason: str) -> None:
 
 
 def main() -> None:
+    # Compose and check the command line first: Hydra reports composition mistakes itself (several
+    # lines, exit 1) before `_hydra_main` runs, and value errors would come after the run directory
+    # is made.
+    from trainers.cli_checks import preflight
+
+    try:
+        preflight(sys.argv[1:], CONFIG_DIR)
+    except ConfigError as e:
+        print(f"shiftlab: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     _hydra_main()
 
 
