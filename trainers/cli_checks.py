@@ -101,7 +101,8 @@ def _unknown_key_error(name: str, overrides: list[str], line: str, key: str) -> 
 
 def _group_error(group: str, option: str, overrides: list[str]) -> ConfigError:
     options = _options(group)
-    line = next((o for o in overrides if _split(o)[0].lstrip("+~").split("@")[0] == group), None)
+    same = [o for o in overrides if _split(o)[0].lstrip("+~").split("@")[0] == group]
+    line = next((o for o in reversed(same) if option in _split(o)[1]), same[-1] if same else None)
     shown = f"{_split(line)[0]}={_split(line)[1]}" if line else f"{group}={option}"
     near = _nearest(option, options)
     hint = f"; did you mean {group}={near}?" if near else ""

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from callbacks.divergence import DivergenceError, DivergenceGuard
 from callbacks.run_history import EpochHistory
+from trainers.built_checks import check_built
 from trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
 from trainers.config_checks import ConfigError, check_config
 from trainers.console import print_config_tree
@@ -49,6 +50,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     if cfg.get("print_config") and trainer.is_global_zero:
         print_config_tree(cfg)
 
+    check_built(cfg, dm, module)  # splits, model, probe layers, ckpt_path: before any training
     status, error, test_metrics = "completed", None, None
     start = time.perf_counter()
     with warnings.catch_warnings():
