@@ -43,7 +43,8 @@ def accumulate_full_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     Returns the (detached) partial mean loss ``sum(loss) / n_total`` for these samples.
     ``on_chunk(logits, y)`` lets the caller update metrics from the same forward pass.
     """
-    total = torch.zeros((), device=device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    total = torch.zeros((), device=device, dtype=dtype)  # float64 under precision=64-true
     for start in range(0, x.shape[0], chunk_size):
         xb = as_model_input(model, x[start:start + chunk_size], device)
         yb = y[start:start + chunk_size].to(device, non_blocking=True)
