@@ -191,22 +191,19 @@ def _expand(cfg: DictConfig, key: str) -> list[str]:
             if isinstance(v, DictConfig) and tail in v]
 
 
-def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
-    """The first inf / nan number in the (unresolved) config."""
+def _non_finite(node: Any, key: str = "") -> tuple[str, Any] | None:
+    """The key and value holding the first inf / nan number of the (unresolved) config."""
     if isinstance(node, dict):
         for k, v in node.items():
-            if prefix == "" and k == "hydra":
-                continue
-            hit = _non_finite(v, f"{prefix}{k}.")
-            if hit:
-                return hit
+            if not (key == "" and k == "hydra"):
+                hit = _non_finite(v, f"{key}.{k}" if key else str(k))
+                if hit:
+                    return hit
     elif isinstance(node, list):
-        for i, v in enumerate(node):
-            hit = _non_finite(v, f"{prefix[:-1]}[{i}].")
-            if hit:
-                return (prefix[:-1], hit[1])
+        if any(_non_finite(v, key) for v in node):
+            return key, node
     elif isinstance(node, float) and not math.isfinite(node):
-        return prefix[:-1], node
+        return key, node
     return None
 
 
@@ -223,7 +220,7 @@ def check_config(cfg: DictConfig) -> None:
     :mod:`trainers.config_targets`, which import what the config names)."""
     bad = _non_finite(OmegaConf.to_container(cfg, resolve=False))
     if bad:
-        raise ConfigError(f"{bad[0]}={bad[1]} is not allowed; allowed: a finite number")
+        raise ConfigError(f"{bad[0]}={show(bad[1])} is not allowed; allowed: finite numbers")
     for pattern, (ok, allowed) in RULES.items():
         for key in _expand(cfg, pattern):
             value = OmegaConf.select(cfg, key, default=None)
