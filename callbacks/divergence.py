@@ -1,30 +1,97 @@
-"""Stop a diverging run cleanly, before a NaN/inf model can overwrite the last good checkpoint."""
+"""Stop a diverging run cleanly, before the blow-up reaches NaN or a checkpoint.
+
+Why more than a NaN test: Adam at lr=1e6 "completes" with weights near 1e30 and a finite loss, and
+SGD at lr=1e6 produces an infinite gradient one step before the loss turns NaN. Two cheap signals
+catch both early: the training loss against a multiple of its first-epoch value, and the
+gradient norm's finiteness before the optimizer applies it.
+"""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 
 
 class DivergenceError(RuntimeError):
-    """Raised to end a run whose training loss stopped being finite."""
+    """Raised to end a run whose training diverged; the message names the checkpoint kept."""
+
+
+def blew_up(loss: float, reference: float | None, max_loss_ratio: float | None) -> str | None:
+    """Why ``loss`` counts as divergence (None if it does not).
+
+    ``reference`` is the first epoch's mean training loss (the first step's loss while the first
+    epoch runs); a loss above ``max_loss_ratio`` times it is a blow-up.
+    """
+    if not math.isfinite(loss):
+        return f"training loss became {loss}"
+    if max_loss_ratio and reference is not None and reference > 0 and loss > max_loss_ratio * reference:
+        return f"training loss {loss:.4g} exceeded {max_loss_ratio:g} x its first-epoch value {reference:.4g}"
+    return None
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The global 2-norm of the gradients (one device tensor; no host sync)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def kept_checkpoint(trainer: L.Trainer) -> str:
+    """Which checkpoint really exists to restart from, said in words."""
+    for cb in trainer.checkpoint_callbacks:
+        dirpath = getattr(cb, "dirpath", None)
+        if not dirpath:
+            continue
+        for name in ("last.ckpt", "best.ckpt"):
+            path = Path(dirpath) / name
+            if path.is_file():
+                return f"{path} kept (end of the last finished epoch)" if name == "last.ckpt" else f"{path} kept"
+    return "no checkpoint was written (it diverged before the first epoch ended)"
 
 
 class DivergenceGuard(L.Callback):
-    """Checks the training loss after every optimizer step.
+    """Ends a run whose training diverges, before it can overwrite a good checkpoint.
 
     Raising (rather than setting ``trainer.should_stop``) ends the run before the epoch's
-    validation and checkpoint hooks, so ``checkpoints/last.ckpt`` keeps the last finite model. All
-    DDP ranks take the same decision.
+    validation and checkpoint hooks. All DDP ranks take the same decision.
 
     Args:
-        check_every: check every this many training batches.
+        max_loss_ratio: divergence when the training loss exceeds this multiple of its first-epoch
+            mean (null: only non-finite values count).
+        check_grad_norm: also stop when the gradient norm is not finite (checked before the
+            optimizer step, so the weights stay finite).
+        check_every: check every this many training batches (each check reads one number from the
+            device).
     """
 
-    def __init__(self, check_every: int = 1) -> None:
-        self.check_every = check_every
+    def __init__(self, max_loss_ratio: float | None = 100.0, check_grad_norm: bool = True,
+                 check_every: int = 1) -> None:
+        self.max_loss_ratio = max_loss_ratio
+        self.check_grad_norm = check_grad_norm
+        self.check_every = max(1, int(check_every))
+        self.reference: float | None = None
+        self._epoch_sum, self._epoch_n = 0.0, 0
+        self._first: float | None = None
         self.stop_reason: str | None = None
+
+    def _decide(self, trainer: L.Trainer, why: str | None) -> None:
+        bad = why is not None
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            why = why or "another rank diverged"
+            self.stop_reason = (f"diverged: {why} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                                f"{kept_checkpoint(trainer)}")
+            raise DivergenceError(self.stop_reason)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if not self.check_grad_norm or trainer.global_step % self.check_every:
+            return
+        norm = float(grad_norm(pl_module.parameters()))
+        self._decide(trainer, None if math.isfinite(norm) else f"gradient norm became {norm}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -34,10 +101,24 @@ class DivergenceGuard(L.Callback):
         if loss is None:
             return
         value = float(loss.detach().float().cpu()) if isinstance(loss, torch.Tensor) else float(loss)
-        bad = not math.isfinite(value)
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            self.stop_reason = (f"diverged: training loss became {value} at epoch {trainer.current_epoch}, "
-                                f"step {trainer.global_step}; last good checkpoint kept")
-            raise DivergenceError(self.stop_reason)
+        if self.reference is None and math.isfinite(value):
+            self._first = value if self._first is None else self._first
+            self._epoch_sum, self._epoch_n = self._epoch_sum + value, self._epoch_n + 1
+        # During the first epoch the first step's loss is the yardstick (a running mean would
+        # follow the blow-up upwards).
+        reference = self.reference if self.reference is not None else self._first
+        self._decide(trainer, blew_up(value, reference, self.max_loss_ratio))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.reference is None and self._epoch_n:
+            self.reference = self._epoch_sum / self._epoch_n
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference, "epoch_sum": self._epoch_sum, "epoch_n": self._epoch_n,
+                "first": self._first}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.reference = state_dict.get("reference")
+        self._epoch_sum = float(state_dict.get("epoch_sum", 0.0))
+        self._epoch_n = int(state_dict.get("epoch_n", 0))
+        self._first = state_dict.get("first")

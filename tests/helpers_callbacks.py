@@ -26,3 +26,17 @@ class StopAfterEpoch(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             trainer.should_stop = True
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this process after training batch ``batch`` of epoch ``epoch`` (a real
+    signal through the real handler, as a scheduler's preemption or a Ctrl-C would)."""
+
+    def __init__(self, epoch: int = 1, batch: int = 3, signum: int = 15) -> None:
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)

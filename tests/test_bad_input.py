@@ -66,7 +66,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     files["truncated"].write_bytes(data[: len(data) // 2])
     files["random"].write_bytes(random.Random(0).randbytes(4096))
     files["empty"].write_bytes(b"")
-    torch.save({"state_dict": {}, "note": Path("x")}, files["pickle"])  # an object outside the allow-list
+    torch.save({"state_dict": {}, "hook": os.system}, files["pickle"])  # a global outside the allow-list
     return files
 
 
@@ -182,6 +182,10 @@ CASES: list[tuple[str, str]] = [
     ("callbacks=gradient_ics callbacks.gradient_ics.layers=[99]", "callbacks.gradient_ics.layers=[99]"),
     ("callbacks=activation_drift callbacks.activation_drift.layers=[net.99]", "callbacks.activation_drift.layers="),
     ("callbacks=activation_drift callbacks.activation_drift.split=test", "callbacks.activation_drift.split=test"),
+    # divergence guard
+    ("divergence.max_loss_ratio=0.5", "divergence.max_loss_ratio=0.5"),
+    ("divergence.check_every=0", "divergence.check_every=0"),
+    ("+divergence.patience=3", "divergence.patience=3"),
     # top level
     ("optimized_metric=val/accuracy", "optimized_metric=val/accuracy"),
     ("optimized_metric=test/acc test=false", "optimized_metric=test/acc"),

@@ -90,15 +90,15 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not cfg.trainer.get("enable_model_summary", True):
         callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
-    plugins = []
+    from trainers.checkpoint_io import AtomicCheckpointIO
+
+    plugins: list = [AtomicCheckpointIO()]
     mode = cfg.get("cluster_env", "auto")
     if mode == "kubeflow" or (mode == "auto" and kubeflow_env_present()):
         from lightning.pytorch.plugins.environments import KubeflowEnvironment
 
         plugins.append(KubeflowEnvironment())
-    kwargs = {"callbacks": callbacks, "logger": loggers or False}
-    if plugins:
-        kwargs["plugins"] = plugins
+    kwargs = {"callbacks": callbacks, "logger": loggers or False, "plugins": plugins}
     return _instantiate(cfg.trainer, "trainer", **kwargs)
 
 

@@ -15,23 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trainers.checkpoint_io import CheckpointLoadError, load_checkpoint
 from trainers.config_checks import ConfigError, show
-
-
-def load_checkpoint(path: str | Path) -> Any:
-    """Read a checkpoint weights-only (never ``weights_only=False``: a checkpoint from elsewhere
-    must not run code). The lead's shared loader replaces this once it lands."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _reason(e: BaseException) -> str:
-    """The useful line of a load error (torch's weights-only message also advises an unsafe retry)."""
-    msg = str(e)
-    if "WeightsUnpickler error:" in msg:
-        return "it holds objects outside the weights-only allow-list (" + \
-            msg.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] + ")"
-    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def check_ckpt_path(path: str | None, module: nn.Module) -> None:
@@ -49,13 +34,13 @@ def check_ckpt_path(path: str | None, module: nn.Module) -> None:
         raise fail("no such file" if not p.exists() else "not a file")
     if p.stat().st_size == 0:
         raise fail("the file is empty")
-    try:
+    try:  # weights-only with shiftlab's allow-list: a checkpoint from elsewhere must not run code
         ckpt = load_checkpoint(p)
-    except Exception as e:  # noqa: BLE001 - truncated / random bytes / foreign pickles all land here
-        raise fail(f"it cannot be read ({_reason(e)})") from None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    except CheckpointLoadError as e:
+        raise fail(str(e).splitlines()[0]) from None
+    state = ckpt["state_dict"]
     if not isinstance(state, dict):
-        raise fail("it holds no Lightning state_dict")
+        raise fail("its state_dict is not a mapping")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -81,6 +66,11 @@ def check_training_data(cfg: DictConfig, dm: Any) -> None:
         shown = " ".join(f"data.{k}={show(v)}" for k, v in fr.items() if v is not None)
         raise ConfigError(f"{shown} is not allowed; allowed: fractions that leave at least one training sample "
                           "(these leave 0)")
+
+
+def _reason(e: BaseException) -> str:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _sample(dm: Any) -> torch.Tensor | None:

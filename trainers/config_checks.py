@@ -150,6 +150,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm.n_sigma": (lambda v: _num(v) and v >= 1, "a finite number >= 1"),
     "norm.r_mu": NONNEG,
     "norm.r_sigma": NONNEG,
+    "divergence.max_loss_ratio": (lambda v: v is None or (_num(v) and v > 1), "null or a number > 1"),
+    "divergence.check_every": POS_INT,
     "callbacks.*.every_n_epochs": POS_INT,
     "callbacks.*.every_n_steps": NONNEG_INT,
     "callbacks.*.patience": NONNEG_INT,

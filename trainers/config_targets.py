@@ -90,6 +90,9 @@ def check_target_arguments(cfg: DictConfig) -> None:
     nodes: list[tuple[str, DictConfig]] = [(g, cfg[g]) for g in ("model", "data", "norm", "optimizer", "scheduler",
                                                                   "batching", "module", "trainer")
                                             if isinstance(cfg.get(g), DictConfig) and "_target_" in cfg[g]]
+    if isinstance(cfg.get("divergence"), DictConfig):  # DivergenceGuard(**cfg.divergence) in train()
+        node = OmegaConf.to_container(cfg.divergence, resolve=False)
+        nodes.append(("divergence", OmegaConf.create({**node, "_target_": "callbacks.divergence.DivergenceGuard"})))
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
             if isinstance(node, DictConfig) and "_target_" in node:

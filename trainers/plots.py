@@ -11,6 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_png(fig, path: Path) -> None:
+    """Write ``fig`` as PNG atomically (a kill mid-write leaves the previous image) and close it."""
+    from trainers.checkpoint_io import atomic_open
+
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
 def plot_learning_curves(history: list[dict], path: Path, title: str = "", note: str | None = None) -> Path:
     """Train vs validation loss and accuracy per epoch; ``note`` is printed under the title
     (e.g. an over-fitting diagnosis)."""
@@ -26,9 +37,7 @@ def plot_learning_curves(history: list[dict], path: Path, title: str = "", note:
         ax.legend()
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -49,7 +58,5 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], path: Path, class_nam
     ax.set_ylabel("true")
     ax.set_title("test confusion matrix")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path

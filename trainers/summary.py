@@ -85,9 +85,15 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, dm, history: li
     return {k: _finite(v) for k, v in summary.items()}
 
 
+def write_summary(out: Path, summary: dict) -> None:
+    """``summary.json``, replaced atomically (a failed write keeps the previous file)."""
+    from trainers.checkpoint_io import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
 def write_outputs(out: Path, summary: dict, history: list[dict], title: str, note: str | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_summary(out, summary)
     if history:
         plot_learning_curves(history, out / "plots" / "learning_curves.png", title=title, note=note)
     cm = summary.get("test/confusion_matrix")

@@ -19,66 +19,126 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.divergence import DivergenceError, DivergenceGuard
+from callbacks.run_contract import EXIT_CODES, RunContract, RunInterrupted
 from callbacks.run_history import EpochHistory
 from trainers.built_checks import check_built
 from trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
+from trainers.checkpoint_io import RunWriteError
 from trainers.config_checks import ConfigError, check_config
 from trainers.console import print_config_tree
-from trainers.summary import build_summary, write_outputs
+from trainers.run_dir import register_resolvers
+from trainers.summary import build_summary, write_outputs, write_summary
 
 log = logging.getLogger("shiftlab")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+register_resolvers()
+
+
+def _fit(trainer: L.Trainer, contract: RunContract, fit: Any) -> tuple[str, str | None, Path | None]:
+    """Run ``fit`` and turn every way a run can end into ``(status, reason, checkpoint to resume)``."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        fit()
+    except DivergenceError as e:
+        return "diverged", str(e), None
+    except RunInterrupted as e:
+        return e.status, str(e), e.checkpoint
+    except RunWriteError as e:
+        return "failed", str(e), None
+    except (SIGTERMException, KeyboardInterrupt, SystemExit) as e:
+        # Lightning's own paths: SIGTERM seen inside validation, or a second Ctrl-C (exit 1).
+        status = "preempted" if isinstance(e, SIGTERMException) else (contract.received or "interrupted")
+        ckpt = _epoch_checkpoint(trainer)
+        where = f"resume with ckpt_path={ckpt}" if ckpt else "no checkpoint was written"
+        return status, f"{status} at epoch {trainer.current_epoch}, step {trainer.global_step}; {where}", ckpt
+    if contract.received:  # the signal came after the last step: the run is complete on disk
+        ckpt = _epoch_checkpoint(trainer)
+        return contract.received, f"{contract.received} after the last epoch; checkpoints are complete", ckpt
+    if trainer.interrupted:
+        return "interrupted", None, _epoch_checkpoint(trainer)
+    return "completed", None, None
+
+
+def _epoch_checkpoint(trainer: L.Trainer) -> Path | None:
+    from callbacks.run_contract import _newest_epoch_checkpoint
+
+    return _newest_epoch_checkpoint(trainer)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train, test and write one run directory; return the summary dict.
 
     ``extra_callbacks`` are added to the configured ones (benchmarks, notebooks, sweep drivers).
+    The summary's ``status`` is one of completed, diverged, failed, interrupted (SIGINT) or
+    preempted (SIGTERM); an interrupted run's summary names the checkpoint to resume from.
     """
     check_config(cfg)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    module = build_module(cfg, dm)
+    contract = RunContract(out / "checkpoints")
     history_cb = EpochHistory()
-    callbacks = build_callbacks(cfg) + list(extra_callbacks or []) + [history_cb, DivergenceGuard()]
-    trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
-    if cfg.get("print_config") and trainer.is_global_zero:
-        print_config_tree(cfg)
-
-    check_built(cfg, dm, module)  # splits, model, probe layers, ckpt_path: before any training
-    status, error, test_metrics = "completed", None, None
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LitLogger.*")
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-        except DivergenceError as e:
-            status, error = "diverged", str(e)
-            log.error(error)
-        if status == "completed" and trainer.interrupted:
-            status = "interrupted"
-        if status == "completed" and cfg.get("test", True):
-            trainer.test(module, datamodule=dm, verbose=False)
-            # Under ddp_spawn the report stays in the workers; the logged scalars come back.
-            test_metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
-                            if k.startswith("test/")}
-            test_metrics.update(module.test_report)
-    wall = time.perf_counter() - start
+    with contract.signals():
+        dm = build_datamodule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        module = build_module(cfg, dm)
+        guard = DivergenceGuard(**(cfg.get("divergence") or {}))
+        callbacks = build_callbacks(cfg) + list(extra_callbacks or []) + [history_cb, guard, contract]
+        trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
+        if cfg.get("print_config") and trainer.is_global_zero:
+            print_config_tree(cfg)
 
-    summary = build_summary(trainer, module, dm, history_cb.history, status, error, wall, test_metrics)
-    summary["resumed_from"] = cfg.get("ckpt_path")
-    if trainer.is_global_zero:
-        note = next((str(cb.plot_note) for cb in trainer.callbacks if getattr(cb, "plot_note", None)), None)
-        write_outputs(out, summary, history_cb.history, title=f"{cfg.get('task_name', 'train')}: {out.name}",
-                      note=note)
-        log.info("summary: %s", {k: v for k, v in summary.items() if k.startswith(("test/acc", "val/acc"))})
+        check_built(cfg, dm, module)  # splits, model, probe layers, ckpt_path: before any training
+        test_metrics = None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LitLogger.*")
+            # Mid-epoch resumes are exact: the sampler skips the batches seen (RunContract).
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+            status, error, resume = _fit(
+                trainer, contract, lambda: trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path")))
+            if status != "completed":
+                log.error(error or status)
+            if status == "completed" and cfg.get("test", True):
+                status, error, resume = _fit(trainer, contract,
+                                             lambda: trainer.test(module, datamodule=dm, verbose=False))
+                # Under ddp_spawn the report stays in the workers; the logged scalars come back.
+                test_metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
+                                if k.startswith("test/")}
+                test_metrics.update(module.test_report)
+        wall = time.perf_counter() - start
+
+        summary = build_summary(trainer, module, dm, history_cb.history, status, error, wall,
+                                test_metrics if status == "completed" else None)
+        summary["resumed_from"] = cfg.get("ckpt_path")
+        if status in EXIT_CODES:
+            summary.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                            "resume_from": str(resume) if resume else None})
+        summary["run_dir"] = str(out)
+        if trainer.is_global_zero:
+            note = next((str(cb.plot_note) for cb in trainer.callbacks if getattr(cb, "plot_note", None)), None)
+            try:
+                write_outputs(out, summary, history_cb.history,
+                              title=f"{cfg.get('task_name', 'train')}: {out.name}", note=note)
+            except RunWriteError as e:
+                summary.update(status="failed", stop_reason=str(e))
+                log.error("%s", e)
+                try:  # the summary is small: it may still fit where a plot did not
+                    write_summary(out, summary)
+                except RunWriteError:
+                    pass
     return summary
+
+
+def final_line(summary: dict, out: str | Path) -> str:
+    """The console's last line: status, the key metrics, where the run directory is."""
+    keys = [k for k in ("test/acc", "val/acc", "test/loss", "val/loss") if isinstance(summary.get(k), float)][:2]
+    metrics = "".join(f" {k}={summary[k]:.4f}" for k in keys)
+    return f"shiftlab: {summary.get('status')}{metrics}; run directory: {out}"
 
 
 def metric_value(summary: dict, name: str | None) -> float | None:
@@ -100,31 +160,36 @@ def _is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    multirun = _is_multirun()
     try:
         summary = train(cfg)
     except ConfigError as e:
-        if _is_multirun():
+        if multirun:
             log.error("job failed: %s", e)
             _write_failure(cfg, f"config error: {e}")
             return math.nan
         print(f"shiftlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as e:  # a crashed job must not stop the rest of a sweep
-        if not _is_multirun():
+        if not multirun:
             raise
         log.exception("job failed")
         _write_failure(cfg, f"{type(e).__name__}: {e}")
         return math.nan
+    status = summary.get("status")
+    print(final_line(summary, cfg.paths.output_dir), flush=True)
+    if status in EXIT_CODES:  # a signal stops the whole sweep, not only this job
+        raise SystemExit(EXIT_CODES[status])
+    if status != "completed":
+        if multirun:
+            return math.nan
+        raise SystemExit(1)
     return metric_value(summary, cfg.get("optimized_metric"))
 
 
 def _write_failure(cfg: DictConfig, reason: str) -> None:
-    import json
-
     try:
-        out = Path(cfg.paths.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps({"status": "failed", "stop_reason": reason}, indent=2))
+        write_summary(Path(cfg.paths.output_dir), {"status": "failed", "stop_reason": reason})
     except Exception:  # noqa: BLE001 - best effort while already failing
         pass
 

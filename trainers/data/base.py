@@ -55,8 +55,9 @@ class EpochSeededSampler(Sampler[int]):
     calls ``set_epoch`` on samplers that have it.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, skip: tuple[int, int] | None = None) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self.skip = skip  # (epoch, samples): resume mid-epoch without repeating seen samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -66,7 +67,11 @@ class EpochSeededSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.skip is not None and self.skip[0] == self.epoch:
+            order = order[self.skip[1]:]
+        self.skip = None
+        return iter(order)
 
 
 class TensorDataModule(L.LightningDataModule, abc.ABC):
@@ -108,6 +113,7 @@ class TensorDataModule(L.LightningDataModule, abc.ABC):
         self.test_set: TensorSplit | None = None
         self.num_classes: int = 0
         self.input_shape: tuple[int, ...] = ()
+        self._skip: tuple[int, int] | None = None
 
     # -- to implement -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -151,8 +157,16 @@ class TensorDataModule(L.LightningDataModule, abc.ABC):
         self.input_shape = tuple(x_tr.shape[1:])
 
     # -- loaders ------------------------------------------------------------------------------
+    def skip_train_batches(self, epoch: int, batches: int) -> None:
+        """Resume mid-epoch: the next training pass of ``epoch`` starts after ``batches`` batches
+        (called when a mid-epoch checkpoint is restored, before the loader is built)."""
+        self._skip = (int(epoch), int(batches) * self.batch_size)
+
     def _loader(self, split: TensorSplit, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = EpochSeededSampler(len(split), self.seed) if shuffle else None
+        sampler = None
+        if shuffle:
+            sampler = EpochSeededSampler(len(split), self.seed, skip=self._skip)
+            self._skip = None
         return DataLoader(split, batch_size=batch_size, sampler=sampler, shuffle=False,
                           collate_fn=collate_batch, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
