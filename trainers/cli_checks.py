@@ -159,22 +159,14 @@ def _explain(e: Exception, name: str, overrides: list[str]) -> ConfigError:
 
 
 def _target_params(node: DictConfig) -> set[str] | None:
-    """Parameter names of ``node._target_`` (None when it takes ``**kwargs`` or cannot be found)."""
-    import inspect
+    """Argument names of ``node._target_`` (its class and the bases it forwards ``**kwargs`` to)."""
+    from trainers.config_targets import _locate, _params
 
-    from hydra.utils import get_method
-
-    try:
-        fn = get_method(str(node["_target_"]))
-        sig = inspect.signature(fn)
-    except Exception:  # noqa: BLE001 - an unknown target is reported when it is built
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return set(sig.parameters)
+    fn = _locate(str(node["_target_"]))
+    return _params(fn)[0] if fn is not None else None
 
 
-def check_additions(cfg: DictConfig, base: DictConfig, overrides: Sequence[str]) -> None:
+def check_additions(base: DictConfig, overrides: Sequence[str]) -> None:
     """Refuse ``+key=value`` / ``++key=value`` where a new key sits next to a close known one
     (``+optimzer.lr=0.1``) and is no argument of the node's ``_target_``."""
     for line in overrides:
@@ -236,7 +228,7 @@ def compose_checked(name: str, overrides: Sequence[str]) -> DictConfig:
         except Exception:  # noqa: BLE001 - other overrides build on the new keys; nothing to compare
             base = None
         if base is not None:
-            check_additions(cfg, base, additions)
+            check_additions(base, additions)
     return cfg
 
 
