@@ -294,3 +294,14 @@ def test_cli_damaged_checkpoint_exits_2_with_one_line(ckpts, tmp_path):
     assert "Traceback" not in res.stderr + res.stdout
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "shiftlab: error:" in ln]
     assert len(lines) == 1 and "is not a checkpoint of this model" in lines[0], res.stderr[-2000:]
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a GPU")
+def test_machine_checks_can_be_skipped_for_a_config_meant_elsewhere(tmp_path):
+    """check_config(machine=False) validates a GPU / CIFAR-10 config on a machine without either."""
+    with _hydra(CONFIG_DIR):
+        cfg = compose_checked("train", ["trainer=gpu", "data=cifar10", "data.root=/nonexistent/cifar",
+                                        "data.download=false", "model=resnet", f"paths.output_dir={tmp_path}"])
+    check_config(cfg, machine=False)
+    with pytest.raises(ConfigError, match="^trainer.accelerator=gpu is not allowed"):
+        check_config(cfg)

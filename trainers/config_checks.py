@@ -217,9 +217,13 @@ def _fractions(cfg: DictConfig) -> None:
                           "allowed: val_fraction + test_fraction < 1 (they leave no training data)")
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, machine: bool = True) -> None:
     """Raise :class:`ConfigError` for the first out-of-range value (then the checks of
-    :mod:`trainers.config_targets`, which import what the config names)."""
+    :mod:`trainers.config_targets`, which import what the config names).
+
+    ``machine=False`` skips what depends on this machine (a visible GPU, CIFAR-10 on disk or
+    reachable): for checking a config meant for another machine.
+    """
     bad = _non_finite(OmegaConf.to_container(cfg, resolve=False))
     if bad:
         raise ConfigError(f"{bad[0]}={show(bad[1])} is not allowed; allowed: finite numbers")
@@ -245,6 +249,8 @@ def check_config(cfg: DictConfig) -> None:
             OmegaConf.select(cfg, "trainer.accelerator", default="auto") == "cpu":
         raise ConfigError("trainer.sync_batchnorm=true is not allowed on CPU (torch's SyncBatchNorm refuses "
                           "CPU tensors); allowed: false, with norm.sync=true for shiftlab's in-layer sync")
-    from trainers.config_targets import check_targets
+    from trainers.config_targets import check_machine, check_targets
 
     check_targets(cfg)
+    if machine:
+        check_machine(cfg)

@@ -167,14 +167,18 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
                           f"scheduler={cfg.scheduler.get('name')} accepts ({msg})") from None
 
 
-def check_precision_and_accelerator(cfg: DictConfig) -> None:
+def check_accelerator_available(cfg: DictConfig) -> None:
     accel = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
-    gpu = torch.cuda.is_available()
-    if accel in ("gpu", "cuda") and not gpu:
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accel} is not allowed; allowed: auto, cpu (no GPU is visible "
                           "here: torch.cuda.is_available() is False)")
     if accel == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps is not allowed; allowed: auto, cpu (MPS is not available)")
+
+
+def check_precision(cfg: DictConfig) -> None:
+    accel = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    gpu = torch.cuda.is_available()
     precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
     if precision is None:
         return
@@ -281,10 +285,15 @@ def _raise(registry: Any, name: Any) -> None:
 
 
 def check_targets(cfg: DictConfig) -> None:
-    check_precision_and_accelerator(cfg)
+    check_precision(cfg)
     check_named_choices(cfg)
     check_target_arguments(cfg)
     check_optimizer_and_scheduler(cfg)
     check_metric_names(cfg)
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What this machine must offer: the accelerator, and CIFAR-10 on disk or reachable."""
+    check_accelerator_available(cfg)
     check_cifar10_available(cfg)
 
