@@ -66,7 +66,8 @@ def _params(fn: Callable) -> tuple[set[str], bool]:
 
 
 def _registry_fn(target: str, node: DictConfig) -> tuple[Callable | None, str | None]:
-    """Resolve shiftlab's name registries (optimizer, scheduler, norm) to the registered builder."""
+    """Resolve shiftlab's name registries (optimizer, scheduler, norm) to the registered builder;
+    the second item is the one-line error when the name is unknown."""
     name = node.get("name")
     if target == "trainers.optim.create_optimizer":
         from trainers.optim import OPTIMIZERS as reg
@@ -82,7 +83,7 @@ def _registry_fn(target: str, node: DictConfig) -> tuple[Callable | None, str | 
     if name not in reg:
         return None, f"{reg.key}={show(name)} is not allowed; allowed: known {reg.kind} names: " \
                      f"{', '.join(reg.names())}{_nearest(str(name), reg.names())}"
-    return reg.get(name), reg.kind
+    return reg.get(name), None
 
 
 def check_target_arguments(cfg: DictConfig) -> None:
@@ -99,28 +100,28 @@ def check_target_arguments(cfg: DictConfig) -> None:
                 nodes.append((f"{group}.{name}", node))
     for key, node in nodes:
         target = str(node["_target_"])
-        fn, kind = _registry_fn(target, node)
-        if kind is None and fn is None:
-            if _locate(target) is None and "_target_" in node:
+        fn, refused = _registry_fn(target, node)
+        if refused:
+            raise ConfigError(refused)
+        if fn is None:  # not a registry: the target itself; the build passes some arguments itself
+            fn = _locate(target)
+            if fn is None:
                 raise ConfigError(f"{key}._target_={target} is not allowed; allowed: an importable class or "
                                   "function")
-            fn = _locate(target)
-            skip = set(BUILD_ARGS.get(key, ()))
-        elif fn is None:
-            raise ConfigError(kind)  # the registry's "name is not allowed" line
-        else:
-            skip = {"name"}
+            passed = set(BUILD_ARGS.get(key, ()))
+        else:  # a registered builder: the registry passes these
+            passed = {"params", "optimizer", "max_epochs", "num_features", "dims"}
         accepted, open_kwargs = _params(fn)
         if open_kwargs:
             continue
-        accepted |= skip
-        for k in node:
-            if str(k).startswith("_") or k in accepted:
-                continue
-            allowed = sorted(a for a in accepted if a not in skip or a == "name")
-            raise ConfigError(f"{key}.{k}={show(OmegaConf.select(node, str(k)))} is not allowed; allowed: "
-                              f"arguments of {getattr(fn, '__qualname__', target)}: {', '.join(allowed)}"
-                              f"{_nearest(str(k), allowed)}")
+        accepted = (accepted | {"name"}) - passed if fn is not _locate(target) else accepted - passed
+        raw = OmegaConf.to_container(node, resolve=False)
+        for k, v in raw.items():
+            if not str(k).startswith("_") and k not in accepted:
+                allowed = sorted(accepted)
+                raise ConfigError(f"{key}.{k}={show(v)} is not allowed; allowed: arguments of "
+                                  f"{getattr(fn, '__qualname__', target)}: {', '.join(allowed)}"
+                                  f"{_nearest(str(k), allowed).replace('mean ', f'mean {key}.')}")
 
 
 def _blame(node: DictConfig, group: str, message: str) -> str:
