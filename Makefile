@@ -10,7 +10,7 @@ EXTRAS ?= dev,sweep,deploy
 AIRFLOW_VENV  := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: run test install airflow clean bench
+.PHONY: run test test-fast install airflow clean bench mutation mutation-all
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,30 @@ run: install
 test: install airflow
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# The inner loop: everything not marked slow (make test stays the full suite, as CI runs it).
+test-fast: install airflow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 bench: install
 	$(PY) -m experiments.bench_overhead
 	$(PY) -m experiments.batch_regime_bench
 
+# Mutation testing of the critical modules (mutmut; config in pyproject's [tool.mutmut], scores and
+# survivors in tests/MUTATION.md). Not part of `make test` / CI: it takes tens of minutes.
+# `make mutation` runs the documented subset (tests/mutation_subset.txt), `make mutation-all` every
+# mutant of the listed modules. Niced: the machine is shared.
+MUTATION_STAMP := $(VENV)/.mutation-installed
+$(MUTATION_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS),mutation]"
+	@touch $(MUTATION_STAMP)
+
+mutation: $(MUTATION_STAMP)
+	OMP_NUM_THREADS=1 nice -n 15 $(PY) -m mutmut run --max-children 2 $$(grep -v '^#' tests/mutation_subset.txt)
+	$(PY) -m mutmut results
+
+mutation-all: $(MUTATION_STAMP)
+	OMP_NUM_THREADS=1 nice -n 15 $(PY) -m mutmut run --max-children 2
+	$(PY) -m mutmut results
+
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) outputs multirun .pytest_cache mutants

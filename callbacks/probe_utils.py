@@ -7,7 +7,6 @@ disturbing the training RNG. Keeping that in one place keeps the probes consiste
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterator
 
 import torch
@@ -72,6 +71,3 @@ def check_positive_int(name: str, value: int, allow_zero: bool = False) -> int:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return value
 
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")

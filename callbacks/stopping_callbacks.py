@@ -36,11 +36,15 @@ class RuleEarlyStopping(Callback):
     """Stop training when a stopping rule fires.
 
     Args:
-        rule: ``curvature`` | ``patience`` | ``gl`` | ``pq`` | ``up``.
+        rule: ``curvature`` | ``quadratic`` | ``se_slope`` | ``forecast`` | ``learned`` |
+            ``patience`` | ``gl`` | ``pq`` | ``up``.
         monitor: metric read from ``trainer.callback_metrics`` after each validation.
         mode: ``min`` or ``max`` (what 'better' means for ``monitor``).
-        train_monitor: training metric read at the end of each epoch (``pq`` needs it; other
-            rules only record it).
+        train_monitor: training metric read at the end of each epoch (``pq`` needs it; the
+            ``curvature`` / ``learned`` rules use it as evidence; others only record it).
+        se_monitor: the standard error of ``monitor`` (``val/loss_se``, logged by the
+            classification module); passed to the rule when logged, else the rule estimates the
+            noise from the curve itself.
         warmup: validation epochs before any decision (the best epoch is tracked meanwhile).
         restore_best_weights: load the weights of the rule's best epoch when training ends
             (a CPU copy is taken whenever the best epoch changes).
@@ -54,7 +58,8 @@ class RuleEarlyStopping(Callback):
     """
 
     def __init__(self, rule: str = "curvature", monitor: str = "val/loss", mode: str = "min",
-                 train_monitor: str | None = "train/loss", warmup: int | None = None,
+                 train_monitor: str | None = "train/loss", se_monitor: str | None = "val/loss_se",
+                 warmup: int | None = None,
                  restore_best_weights: bool = True, keep_best_in_checkpoint: bool = True,
                  log_diagnostics: bool = True, log_prefix: str = "early_stop",
                  verbose: bool = True, **rule_kwargs: Any) -> None:
@@ -64,6 +69,7 @@ class RuleEarlyStopping(Callback):
         self.rule_name = rule
         self.rule: StoppingRule = make_rule(rule, mode=mode, **rule_kwargs)
         self.monitor, self.mode, self.train_monitor = monitor, mode, train_monitor
+        self.se_monitor = se_monitor
         self.restore_best_weights = restore_best_weights
         self.keep_best_in_checkpoint = keep_best_in_checkpoint
         self.log_diagnostics, self.log_prefix, self.verbose = log_diagnostics, log_prefix, verbose
@@ -72,7 +78,7 @@ class RuleEarlyStopping(Callback):
         self.restored_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_trainer_epoch: int | None = None
-        self._pending: tuple[float, float | None] | None = None
+        self._pending: tuple[float, float | None, float | None] | None = None
         self._epoch_map: list[int] = []  # rule epoch -> trainer epoch
 
     @property
@@ -93,7 +99,8 @@ class RuleEarlyStopping(Callback):
             keys = ", ".join(sorted(trainer.callback_metrics)) or "none"
             raise KeyError(f"{type(self).__name__}: monitor={self.monitor!r} was not logged; "
                            f"available: {keys}")
-        self._pending = (value, self._read(trainer, self.train_monitor))
+        self._pending = (value, self._read(trainer, self.train_monitor),
+                         self._read(trainer, self.se_monitor))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A checkpoint written at validation end (validation not every epoch) may carry a value
@@ -106,20 +113,20 @@ class RuleEarlyStopping(Callback):
             return
         train_now = self._read(trainer, self.train_monitor)
         if train_now is not None:
-            self._pending = (self._pending[0], train_now)
+            self._pending = (self._pending[0], train_now, self._pending[2])
         self._step(trainer, pl_module, epoch=trainer.current_epoch, log=True)
 
     # ---------------------------------------------------------------- the decision
     def _step(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, log: bool) -> None:
-        value, train = self._pending
+        value, train, se = self._pending
         self._pending = None
         # Every rank takes rank 0's numbers, so every rank's rule state -- and decision -- is equal.
-        value, train = trainer.strategy.broadcast((value, train), src=0)
+        value, train, se = trainer.strategy.broadcast((value, train, se), src=0)
         if self.rule.needs_train and train is None:
             raise KeyError(f"{type(self).__name__}: rule={self.rule_name!r} needs "
                            f"train_monitor={self.train_monitor!r}, which was not logged")
         before = self.rule.best_epoch
-        stop = self.rule.update(value, train)
+        stop = self.rule.update(value, train, se)
         self._epoch_map.append(epoch)
         if self.rule.best_epoch != before or self.best_state is None:
             self.best_trainer_epoch = self._epoch_map[self.rule.best_epoch]
@@ -152,6 +159,8 @@ class RuleEarlyStopping(Callback):
             "best_epoch": self.best_trainer_epoch,
             "best_value": None if r.best_epoch < 0 else r.values[r.best_epoch],
             "restored_epoch": self.restored_epoch, "reason": r.reason,
+            "last_diagnostics": {k: v for k, v in r.diagnostics().items()
+                                 if v is not None and math.isfinite(v)} if r.epoch >= 0 else {},
         }}
 
     # ---------------------------------------------------------------- resume
@@ -166,6 +175,8 @@ class RuleEarlyStopping(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rule.load_state_dict(copy.deepcopy(state_dict["rule"]))
         pending = state_dict.get("pending")
+        if pending is not None and len(pending) == 2:  # checkpoints from before val/loss_se
+            pending = (*pending, None)
         self._pending = None if pending is None else tuple(pending)
         self._epoch_map = list(state_dict.get("epoch_map", []))
         self.stopped_epoch = state_dict.get("stopped_epoch")
@@ -176,34 +187,24 @@ class RuleEarlyStopping(Callback):
 
 
 class CurvatureEarlyStopping(RuleEarlyStopping):
-    """shiftlab's curvature rule as a callback (``callbacks=curvature_stop``).
+    """shiftlab's default rule as a callback (``callbacks=curvature_stop``).
 
-    Fits a weighted local quadratic to the last ``window`` values of ``monitor`` (log scale when
-    positive) and stops when the slope is positive with ``z`` standard errors and the best epoch
-    is ``min_behind`` epochs back, or when the optimistic remaining improvement falls below
-    ``min_delta`` (relative, on log scale) with the best epoch ``plateau_behind`` epochs back;
-    either condition must hold ``confirm`` epochs in a row. Every argument left at None takes the
-    tuned default of :class:`callbacks.early_stopping.CurvatureRule`, which documents them.
+    Reads ``val/loss``, its standard error ``val/loss_se`` (when logged) and ``train/loss`` each
+    epoch and stops when the rule's probability of a further gain (by ``LEARNED_DELTA``) falls
+    below ``p_stop`` for ``confirm`` epochs (:class:`callbacks.early_stopping.CurvatureRule`, which documents the
+    evidence). Logs ``early_stop/p_continue`` and the forecast -- ``forecast_min`` with the
+    interval ``forecast_lo`` / ``forecast_hi``, ``epochs_left``, ``p_improve`` -- every epoch;
+    the stop reason quotes them. Arguments left at None take the rule's tuned defaults;
+    ``rule`` picks another rule by name (``quadratic``, ``se_slope``, ``forecast``, ``learned``,
+    ...) with its own keyword arguments.
     """
 
-    _RULE_ARGS = ("window", "z", "z_plateau", "min_delta", "lookahead", "min_behind",
-                  "plateau_behind", "confirm", "robust", "log", "restore")
-
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", window: int | None = None,
-                 half_life: float | None | str = "default", z: float | None = None,
-                 z_plateau: float | None = None, min_delta: float | None = None,
-                 lookahead: float | None = None, min_behind: int | None = None,
-                 plateau_behind: int | None = None, confirm: int | None = None,
-                 robust: int | None = None, log: bool | None = None, restore: str | None = None,
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", rule: str = "curvature",
+                 p_stop: float | None = None, confirm: int | None = None,
                  warmup: int | None = None, **kwargs: Any) -> None:
-        given = dict(window=window, z=z, z_plateau=z_plateau, min_delta=min_delta,
-                     lookahead=lookahead, min_behind=min_behind, plateau_behind=plateau_behind,
-                     confirm=confirm, robust=robust, log=log, restore=restore)
+        given = {"p_stop": p_stop, "confirm": confirm}
         rule_kw = {k: v for k, v in given.items() if v is not None}
-        if half_life != "default":  # None is meaningful here: uniform weights
-            rule_kw["half_life"] = half_life
-        super().__init__("curvature", monitor=monitor, mode=mode, warmup=warmup, **rule_kw,
-                         **kwargs)
+        super().__init__(rule, monitor=monitor, mode=mode, warmup=warmup, **rule_kw, **kwargs)
 
 
 class PatienceStopping(RuleEarlyStopping):

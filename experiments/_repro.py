@@ -119,7 +119,7 @@ def write_report(out: Path, title: str, command: str, rows: list[tuple[str, str,
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", type=Path, default=REPO / "outputs" / default_out, help="output directory")
+    p.add_argument("--out", type=Path, default=Path("outputs") / default_out, help="output directory")
     p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test of the pipeline)")
     p.add_argument("--reuse", action="store_true", help="re-plot existing runs in --out instead of training")
     p.add_argument("--threads", type=int, default=1,

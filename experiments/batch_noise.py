@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------------------------
 # what is swept
@@ -150,7 +149,7 @@ def run_launches(p: Profile, launches: list[Launch], jobs: int, niceness: int, d
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per run: 2+ threads per tiny run thrash
     env.setdefault("MKL_NUM_THREADS", "1")
     env.setdefault("WANDB_MODE", "offline")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH", "")]))
     cost = {r: (BATCH_OF.get(r) and 4096 / BATCH_OF[r]) or 4 for r in REGIMES}
     todo = sorted((ln for ln in launches if not _is_done(ln)), key=lambda ln: -cost[ln.regime] * ln.n_jobs)
 
@@ -163,7 +162,7 @@ def run_launches(p: Profile, launches: list[Launch], jobs: int, niceness: int, d
             return 0
         t0 = time.perf_counter()
         with open(d / "launch.log", "w") as log:
-            rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            rc = subprocess.call(cmd, cwd=os.getcwd(), env=env, stdout=log, stderr=subprocess.STDOUT,
                                  preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
         meta = {**asdict(launch), "command": cmd, "returncode": rc,
                 "wall_s": round(time.perf_counter() - t0, 1)}
@@ -733,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[batch_noise] report: {report / 'summary.md'}")
         return
     p = build_profile(args)
-    out = args.out or REPO / "outputs" / f"batch_noise_{args.profile}{'_quick' if args.quick else ''}"
+    out = args.out or Path("outputs") / f"batch_noise_{args.profile}{'_quick' if args.quick else ''}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.skip_tune:

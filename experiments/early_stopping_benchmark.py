@@ -1,416 +1,522 @@
-"""Benchmark of early-stopping rules on a corpus of real learning curves.
+"""Benchmark v2 of early-stopping rules against two frontiers, on real learning curves.
 
-Why replay: a stopping rule only reads the curve, so each configuration is trained once to a
-fixed long horizon, its per-epoch train/val/test loss and accuracy are cached, and every rule is
-replayed on the cached curves (thousands of decisions in seconds, no retraining).
+Why frontiers: a rule trades epochs for regret, so "beats patience=10" says little -- no rule that
+reads only the validation curve can match patience=10's regret with far fewer epochs. Each rule is
+judged at its own epoch budget against two curves measured on the same runs:
 
-Corpus: the spine's data modules (digits, mnist1d, synthetic teacher) and models (mlp, cnn),
-label noise {0, 0.2, 0.4}, optimizers {momentum SGD, Adam}, batch sizes {32, 128}, trained with
-a plain PyTorch loop (constant learning rate, no early stopping) for ``--epochs`` epochs. The loop
-matches what the Lightning module logs per epoch (train/loss = mean over the epoch's mini-batches,
-val/test on the full split after the epoch) at a fraction of the CPU time.
+* the **patience frontier**: Lightning-style patience, p = 1..30;
+* the **validation-oracle frontier**: knowing the run's future validation minimum, stop at the
+  first epoch whose validation loss is within ``tau`` (relative) of it and restore that epoch,
+  tau in [0, 0.2]. It bounds what a rule reading only the validation curve can reach.
 
-Metrics per rule, on the held-out half of the corpus (configurations split in two at random with
-``--split-seed``; the curvature rule's defaults are tuned on the other half):
-``epochs``  mean fraction of the horizon trained (stop_epoch + 1) / horizon;
-``regret``  test loss at the restored epoch minus the best test loss of the whole run (and the
-            same for test accuracy, best minus restored, in points).
+Per run, ``epochs`` = (stop epoch + 1) / horizon and ``regret`` = test loss at the restored epoch
+minus the run's minimum test loss. A rule's point is the mean of both over runs; the frontiers
+are interpolated (linearly in mean epochs; flat beyond their ends) at the rule's mean epochs, and
+
+    gap closed = (R_patience(E) - R_rule) / (R_patience(E) - R_oracle(E)),
+
+with a percentile bootstrap over runs (frontiers and rule resampled together). Tuning uses only
+the tuning split; the report is on the held-out split, which holds whole (data set, model)
+cells -- including the only ResNet cell and one chain-model cell -- so a tuned rule cannot
+memorize a data set / architecture pair. Subgroups (data set, model family, optimizer, label
+noise, batch regime, schedule) compare the rule with the subgroup's own patience frontier at the
+rule's epochs there, with a bootstrap standard error of the difference.
+
+Replay is cheap: each configuration was trained once (``experiments/early_stopping_corpus``)
+and every rule reads the cached curves.
 
 Usage::
 
-    python -m experiments.early_stopping_benchmark --build            # train the corpus (~20 min)
-    python -m experiments.early_stopping_benchmark --use-cache        # replay, table, plot
-    python -m experiments.early_stopping_benchmark --use-cache --tune # re-tune curvature defaults
+    python -m experiments.early_stopping_corpus                # make / extend corpus v2 (cached)
+    python -m experiments.early_stopping_benchmark             # replay, report, Pareto plot
+    python -m experiments.early_stopping_benchmark --tune      # refit the learned rule (tuning split)
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from callbacks.early_stopping import LEARNED_DELTA
+from experiments.early_stopping_corpus import CORPUS_V1, CORPUS_V2, in_source_checkout, load_corpus
 
 ROOT = Path(__file__).resolve().parent
-CORPUS = ROOT / "data" / "early_stopping_corpus.json"
-OUT = ROOT.parent / "outputs" / "early_stopping_benchmark"
+OUT = Path("outputs") / "early_stopping_benchmark"  # under the working directory
+PLOT_COPY = ROOT / "data" / "early_stopping_pareto.png"
 
-GRID = {
-    "data": ["digits", "mnist1d", "synthetic"],
-    "model": ["mlp", "cnn"],
-    "label_noise": [0.0, 0.2, 0.4],
-    "optimizer": ["momentum", "adam"],
-    "batch_size": [32, 128],
-}
-LR = {"momentum": 0.05, "adam": 1e-3}
+FAMILY = {"mlp": "mlp", "cnn": "cnn", "resnet": "resnet", "crf": "chain",
+          "position_softmax": "chain", "hmm": "chain"}
+# Held-out cells: every data set and every model family of the tuning split appears, but never
+# the same (data set, model) pair; resnet is seen only here.
+HELD_OUT_CELLS = frozenset({("digits", "cnn"), ("digits", "resnet"), ("mnist1d", "mlp"),
+                            ("synthetic", "cnn"), ("hmm_sequences", "position_softmax")})
+PATIENCES = tuple(range(1, 31))
+TAUS = tuple(float(t) for t in np.linspace(0.0, 0.2, 41))
+SUBGROUP_KEYS = ("data", "family", "optimizer", "noise", "batch", "schedule")
+GOAL_KEYS = ("data", "optimizer", "noise", "batch")  # the issue's subgroups (others: shown only)
 
 
 # ------------------------------------------------------------------------------------------------
 # corpus
 # ------------------------------------------------------------------------------------------------
-def corpus_configs() -> list[dict[str, Any]]:
-    keys = list(GRID)
-    out = []
-    for i, values in enumerate(itertools.product(*(GRID[k] for k in keys))):
-        cfg = dict(zip(keys, values))
-        cfg["lr"] = LR[cfg["optimizer"]]
-        cfg["seed"] = i
-        cfg["id"] = "{data}-{model}-n{label_noise}-{optimizer}-b{batch_size}".format(**cfg)
-        out.append(cfg)
+def noise_bucket(rate: float) -> str:
+    if rate == 0:
+        return "0"
+    return "0.1-0.2" if rate <= 0.2 else ("0.3-0.4" if rate <= 0.4 else "0.6")
+
+
+def _normalize(run: dict[str, Any], corpus: str) -> dict[str, Any]:
+    se = run.get("val_loss_se")
+    return {
+        "id": run["id"], "corpus": corpus, "data": run["data"], "model": run["model"],
+        "family": FAMILY[run["model"]], "optimizer": run["optimizer"],
+        "schedule": run.get("schedule", "constant"), "label_noise": float(run["label_noise"]),
+        "noise": noise_bucket(float(run["label_noise"])), "batch": run.get("batch", "mini"),
+        "val_loss": [float(v) for v in run["val_loss"]],
+        "val_loss_se": None if se is None else [float(v) for v in se],
+        "train_loss": [float(v) for v in run["train_loss"]],
+        "test_loss": [float(v) for v in run["test_loss"]],
+    }
+
+
+def load_runs(v1: Path | None = CORPUS_V1, v2: Path | None = CORPUS_V2) -> list[dict[str, Any]]:
+    """Corpus v1 (72 constant-lr mini-batch curves, no standard errors) plus corpus v2; runs with
+    a non-finite validation or test loss (diverged) are dropped."""
+    runs = []
+    if v1 is not None and v1.exists():
+        runs += [_normalize(r, "v1") for r in json.loads(v1.read_text())["runs"]]
+    if v2 is not None:
+        runs += [_normalize(r, "v2") for r in load_corpus(v2)]
+    return [r for r in runs if all(math.isfinite(v) for v in r["val_loss"] + r["test_loss"])]
+
+
+def split_runs(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(tuning, held-out) by (data set, model) cell."""
+    held = [r for r in runs if (r["data"], r["model"]) in HELD_OUT_CELLS]
+    tune = [r for r in runs if (r["data"], r["model"]) not in HELD_OUT_CELLS]
+    return tune, held
+
+
+# ------------------------------------------------------------------------------------------------
+# replay and frontiers
+# ------------------------------------------------------------------------------------------------
+def outcome(run: dict, stop: int, best: int) -> tuple[float, float]:
+    """(fraction of the horizon trained, test-loss regret at the restored epoch)."""
+    tl = run["test_loss"]
+    return (stop + 1) / len(tl), tl[best] - min(tl)
+
+
+def replay_rule(factory: Callable[[], Any], runs: Sequence[dict], use_se: bool = True
+                ) -> np.ndarray:
+    """Replay a fresh rule per run; returns (n, 2) of (epochs fraction, regret)."""
+    from callbacks.early_stopping import replay
+
+    out = np.empty((len(runs), 2))
+    for i, run in enumerate(runs):
+        d = replay(factory(), run["val_loss"], run["train_loss"],
+                   val_se=run["val_loss_se"] if use_se else None)
+        out[i] = outcome(run, d.stop_epoch, d.best_epoch)
     return out
 
 
-def _datamodule(cfg: dict[str, Any]):
-    from trainers.data import DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
-
-    common = dict(batch_size=cfg["batch_size"], label_noise=cfg["label_noise"], seed=cfg["seed"],
-                  val_fraction=0.15, test_fraction=0.2)
-    cnn = cfg["model"] == "cnn"
-    if cfg["data"] == "digits":
-        # already in [0, 1]; per-pixel standardization blows up pixels constant in train
-        dm = DigitsDataModule(as_images=cnn, standardize=False, **common)
-    elif cfg["data"] == "mnist1d":
-        dm = MNIST1DDataModule(num_samples=4000, as_sequence=cnn, **common)
-    else:
-        dm = SyntheticDataModule(kind="teacher", num_samples=2000, dim=20, num_classes=4, **common)
-    dm.setup("fit")
-    return dm
-
-
-def _model(cfg: dict[str, Any], dm):
-    from trainers.models.cnn import CNN
-    from trainers.models.mlp import MLP
-
-    if cfg["model"] == "mlp":
-        return MLP(dm.input_shape, dm.num_classes, hidden=(128, 128))
-    return CNN(dm.input_shape, dm.num_classes, channels=(32, 32, 32))
+def patience_frontier(runs: Sequence[dict], patiences: Sequence[int] = PATIENCES) -> np.ndarray:
+    """(len(patiences), n, 2): Lightning-style patience (raw arg-min restored) per run."""
+    out = np.empty((len(patiences), len(runs), 2))
+    for j, run in enumerate(runs):
+        v = run["val_loss"]
+        for i, p in enumerate(patiences):
+            best, wait, stop = 0, 0, len(v) - 1
+            for t in range(1, len(v)):
+                if v[t] < v[best]:
+                    best, wait = t, 0
+                else:
+                    wait += 1
+                    if wait >= p:
+                        stop = t
+                        break
+            out[i, j] = outcome(run, stop, best)
+    return out
 
 
-def train_curve(cfg: dict[str, Any], epochs: int) -> dict[str, list[float]]:
-    """Train one configuration for ``epochs`` epochs; return per-epoch curves."""
-    import torch
-    import torch.nn.functional as F
-
-    from trainers.optim import create_optimizer
-
-    torch.manual_seed(cfg["seed"])
-    dm = _datamodule(cfg)
-    model = _model(cfg, dm)
-    opt = create_optimizer(model.parameters(), cfg["optimizer"], lr=cfg["lr"])
-    tr = dm.train_set
-    g = torch.Generator().manual_seed(cfg["seed"])
-    curves: dict[str, list[float]] = {k: [] for k in
-                                      ("train_loss", "train_acc", "val_loss", "val_acc",
-                                       "test_loss", "test_acc")}
-
-    @torch.no_grad()
-    def evaluate(split) -> tuple[float, float]:
-        model.eval()
-        logits = model(split.x)
-        model.train()
-        return (float(F.cross_entropy(logits, split.y)),
-                float((logits.argmax(1) == split.y).float().mean()))
-
-    n = len(tr)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        tot_loss, tot_correct = 0.0, 0
-        for s in range(0, n, cfg["batch_size"]):
-            idx = perm[s:s + cfg["batch_size"]]
-            x, y = tr.x[idx], tr.y[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot_loss += float(loss.detach()) * len(idx)
-            tot_correct += int((logits.argmax(1) == y).sum())
-        curves["train_loss"].append(tot_loss / n)
-        curves["train_acc"].append(tot_correct / n)
-        for split, name in ((dm.val_set, "val"), (dm.test_set, "test")):
-            loss, acc = evaluate(split)
-            curves[f"{name}_loss"].append(loss)
-            curves[f"{name}_acc"].append(acc)
-    return {k: [float(f"{v:.5g}") for v in vs] for k, vs in curves.items()}
+def oracle_frontier(runs: Sequence[dict], taus: Sequence[float] = TAUS) -> np.ndarray:
+    """(len(taus), n, 2): stop at the first epoch within ``tau`` (relative) of the run's future
+    validation minimum and restore it."""
+    out = np.empty((len(taus), len(runs), 2))
+    for j, run in enumerate(runs):
+        v = np.asarray(run["val_loss"])
+        lo = v.min()
+        for i, tau in enumerate(taus):
+            t = int(np.argmax(v <= lo + tau * abs(lo)))
+            out[i, j] = outcome(run, t, t)
+    return out
 
 
-def build_corpus(path: Path, epochs: int, budget_s: float, limit: int | None = None) -> dict:
-    """Train the grid in a seeded random order until ``budget_s`` is spent; resumable (configs
-    already in ``path`` are skipped, the file is rewritten after each one)."""
-    import platform
+def frontier_at(front: np.ndarray, idx: np.ndarray, epochs: float) -> float:
+    """The frontier's mean regret over runs ``idx``, interpolated at mean epochs ``epochs``."""
+    m = front[:, idx].mean(axis=1)
+    order = np.argsort(m[:, 0], kind="stable")
+    return float(np.interp(epochs, m[order, 0], m[order, 1]))
 
-    import torch
 
-    torch.set_num_threads(1)
-    corpus = json.loads(path.read_text()) if path.exists() else {
-        "epochs": epochs, "machine": f"{platform.processor() or platform.machine()}, "
-                                     f"{torch.get_num_threads()} torch thread(s), CPU",
-        "runs": []}
-    if corpus["epochs"] != epochs:
-        raise ValueError(f"--epochs={epochs} differs from the cached corpus' {corpus['epochs']}; "
-                         "use the same horizon or another --corpus path")
-    done = {r["id"] for r in corpus["runs"]}
-    todo = [c for c in corpus_configs() if c["id"] not in done]
-    random.Random(0).shuffle(todo)  # any prefix covers the grid evenly
-    if limit is not None:
-        todo = todo[:limit]
-    t0 = time.time()
-    for cfg in todo:
-        if time.time() - t0 > budget_s:
-            print(f"budget of {budget_s:.0f} s spent; {len(corpus['runs'])} runs cached")
-            break
-        t1 = time.time()
-        run = dict(cfg, **train_curve(cfg, epochs))
-        run["seconds"] = round(time.time() - t1, 1)
-        corpus["runs"].append(run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(corpus, separators=(",", ":")))
-        tmp.replace(path)
-        print(f"[{len(corpus['runs'])}] {cfg['id']}: {run['seconds']} s, "
-              f"min val loss {min(run['val_loss']):.3f} at {run['val_loss'].index(min(run['val_loss']))}",
-              flush=True)
-    return corpus
+def gap_closed(rule: np.ndarray, pat: np.ndarray, orc: np.ndarray, idx: np.ndarray
+               ) -> dict[str, float]:
+    """Gap-closed score of ``rule`` on runs ``idx`` at its own mean epochs."""
+    e, rr = rule[idx].mean(axis=0)
+    rp, ro = frontier_at(pat, idx, e), frontier_at(orc, idx, e)
+    gap = rp - ro
+    return {"epochs": float(e), "regret": float(rr), "patience_regret": rp, "oracle_regret": ro,
+            "gap_closed": float((rp - rr) / gap) if gap > 0 else math.nan}
+
+
+def bootstrap(rule: np.ndarray, pat: np.ndarray, orc: np.ndarray, idx: np.ndarray,
+              reps: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Point estimates plus percentile 95% intervals (runs resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    point = gap_closed(rule, pat, orc, idx)
+    draws = {k: [] for k in point}
+    for _ in range(reps):
+        b = idx[rng.integers(0, len(idx), len(idx))]
+        for k, v in gap_closed(rule, pat, orc, b).items():
+            draws[k].append(v)
+    ci = {f"{k}_ci": [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+          for k, v in draws.items()}
+    se = {f"{k}_se": float(np.nanstd(v)) for k, v in draws.items()}
+    return {**point, **ci, **se}
+
+
+def subgroup_table(rule: np.ndarray, pat: np.ndarray, runs: Sequence[dict], idx: np.ndarray,
+                   reps: int = 300, seed: int = 1) -> list[dict[str, Any]]:
+    """Per subgroup of ``idx``: the rule's mean regret minus the subgroup's patience frontier at
+    the rule's mean epochs there, with a bootstrap SE; ``worse`` when that exceeds one SE."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key in SUBGROUP_KEYS:
+        for val in sorted({runs[i][key] for i in idx}):
+            g = np.array([i for i in idx if runs[i][key] == val])
+
+            def diff(s: np.ndarray) -> tuple[float, float, float]:
+                e, rr = rule[s].mean(axis=0)
+                rp = frontier_at(pat, s, e)
+                return rr - rp, e, rp
+
+            d, e, rp = diff(g)
+            boots = [diff(g[rng.integers(0, len(g), len(g))])[0] for _ in range(reps)]
+            se = float(np.std(boots)) if len(g) > 1 else math.inf
+            p10 = pat[PATIENCES.index(10), g].mean(axis=0)
+            rows.append({"key": key, "value": str(val), "n": int(len(g)), "epochs": e,
+                         "regret": float(rule[g, 1].mean()), "patience_regret": rp,
+                         "diff": d, "se": se, "worse": bool(d > se),
+                         "p10_epochs": float(p10[0]), "p10_regret": float(p10[1])})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
-# replay and scoring
+# the rules compared
 # ------------------------------------------------------------------------------------------------
-def split_runs(runs: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
-    """Split configurations in two halves at random (seeded): (tune, report). The halves are
-    drawn over the whole grid, so a run's side does not depend on which runs were built."""
-    ids = sorted({c["id"] for c in corpus_configs()} | {r["id"] for r in runs})
-    random.Random(seed).shuffle(ids)
-    tune_ids = set(ids[: len(ids) // 2])
-    return ([r for r in runs if r["id"] in tune_ids], [r for r in runs if r["id"] not in tune_ids])
+def candidates() -> list[tuple[str, Callable[[], Any]]]:
+    """(label, factory) of every rule point on the plot; the default rule is ``curvature``."""
+    from callbacks.early_stopping import make_rule
+
+    def f(name: str, **kw: Any) -> Callable[[], Any]:
+        return lambda: make_rule(name, **kw)
+
+    return [
+        ("curvature (default)", f("curvature")),
+        ("quadratic (v1 default)", f("quadratic")),
+        ("se_slope", f("se_slope")),
+        ("forecast", f("forecast")),
+        ("learned (p_stop=0.2)", f("learned")),
+        ("patience=10", f("patience", patience=10)),
+        ("GL_5", f("gl", alpha=5)),
+        ("PQ_0.5", f("pq", alpha=0.5)),
+        ("UP_3", f("up", s=3)),
+    ]
 
 
-def score(rule_name: str, kwargs: dict[str, Any], runs: list[dict]) -> dict[str, float]:
-    """Replay one rule on every run; mean fraction of the horizon used and mean regrets."""
-    from callbacks.early_stopping import make_rule, replay
-
-    fracs, rl, ra, stops = [], [], [], []
-    for run in runs:
-        if rule_name == "none":
-            val = run["val_loss"]
-            stop, best = len(val) - 1, min(range(len(val)), key=val.__getitem__)
-        else:
-            d = replay(make_rule(rule_name, **kwargs), run["val_loss"], run["train_loss"])
-            stop, best = d.stop_epoch, d.best_epoch
-        tl, ta = run["test_loss"], run["test_acc"]
-        stops.append(stop + 1)
-        fracs.append((stop + 1) / len(tl))
-        rl.append(tl[best] - min(tl))
-        ra.append(100.0 * (max(ta) - ta[best]))
-
-    def se(xs: list[float]) -> float:
-        return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
-
-    return {"epochs": statistics.fmean(fracs), "epochs_se": se(fracs),
-            "regret_loss": statistics.fmean(rl), "regret_loss_se": se(rl),
-            "regret_acc": statistics.fmean(ra), "regret_acc_se": se(ra),
-            "regret_loss_median": statistics.median(rl), "n": len(runs),
-            "per_run": {"epochs": stops, "regret_loss": rl, "regret_acc": ra}}
-
-
-BASELINES: list[tuple[str, str, dict[str, Any]]] = (
-    [("no stopping (best val)", "none", {})]
-    + [(f"patience={p}", "patience", {"patience": p}) for p in (3, 5, 10, 20)]
-    + [(f"GL_{a:g}", "gl", {"alpha": a}) for a in (1, 2, 5, 10)]
-    + [(f"PQ_{a:g}", "pq", {"alpha": a}) for a in (0.5, 1, 2)]
-    + [(f"UP_{s_}", "up", {"s": s_}) for s_ in (2, 3, 4)]
-)
-
-TUNE_GRID = {
-    "window": [8, 12, 16],
-    "half_life": [None, 4.0, 8.0],
-    "z": [1.5, 2.0, 3.0],
-    "z_plateau": [0.0, 0.5, 1.0],
-    "min_delta": [0.002, 0.005, 0.01, 0.02],
-    "lookahead": [10.0, 30.0],
-    "min_behind": [2, 4, 6],
-    "plateau_behind": [2, 4, 6],
-    "warmup": [5, 10],
-    "confirm": [1, 2, 3],
-    "robust": [0, 2],
-    "restore": ["raw", "smoothed"],
+# ------------------------------------------------------------------------------------------------
+# tuning (tuning split only)
+# ------------------------------------------------------------------------------------------------
+EPOCH_MARGIN = 0.9  # tune to <= 90% of patience=10's epochs, so the budget holds on new curves
+TUNE_GRID = {"p_stop": [0.3, 0.5, 0.7], "confirm": [1, 2], "min_behind": [0, 2, 5]}
+OTHER_GRIDS = {  # the other new rules get the same tuning (their shipped defaults come from it)
+    "forecast": {"p_stop": [0.1, 0.2, 0.35, 0.5], "min_delta": [0.005, 0.01, 0.03],
+                 "horizon_frac": [0.5, 1.0], "confirm": [1, 2]},
+    "se_slope": {"z": [1.0, 2.0, 3.0], "min_delta": [0.002, 0.005, 0.01, 0.03], "confirm": [1, 3]},
 }
+# LEARNED_DELTA: "the validation loss still beats its running best by more than delta" (log
+# scale), chosen among DELTAS by leave-one-cell-out cross-validation on the tuning split
+DELTAS = (0.005, 0.01, 0.02, 0.03, 0.05)
 
 
-def tune(runs: list[dict], reference: dict[str, float], samples: int, seed: int
-         ) -> tuple[dict[str, Any], list[dict]]:
-    """Random search over TUNE_GRID on ``runs``. Pick the fewest epochs among settings whose
-    loss and accuracy regrets do not exceed ``reference`` (patience=10 on the same runs); if
-    none qualifies, the lowest loss regret."""
-    keys = list(TUNE_GRID)
-    grid = list(itertools.product(*(TUNE_GRID[k] for k in keys)))
-    rng = random.Random(seed)
-    picks = rng.sample(grid, min(samples, len(grid)))
+def learned_dataset(runs: Sequence[dict], warmup: int = 5, window: int = 8,
+                    target: str = "val", delta: float = LEARNED_DELTA
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, labels, weights) over every post-warm-up epoch of ``runs``.
+
+    ``target="val"`` (the default rule's): label 1 when the validation loss later improves on
+    the running best by more than ``delta`` (log scale), each run weighing 1 in total.
+    ``target="cost"`` (cost-sensitive): label 1 when going on to the run's validation minimum lowers the test loss
+    at the restored epoch, weighted by how much it changes it (plus a floor of 1e-3), so the
+    classifier spends its capacity on the stops that cost regret (worse in cross-validation:
+    a few runs with large gains dominate the fit)."""
+    from callbacks.early_stopping import FEATURES, curve_features
+
+    xs, ys, ws = [], [], []
+    for run in runs:
+        v, tr, se = run["val_loss"], run["train_loss"], run["val_loss_se"] or []
+        if min(v) <= 0:
+            continue
+        lv = np.log(v)
+        fut_min = np.minimum.accumulate(lv[::-1])[::-1]  # min over t..T-1
+        test, final = run["test_loss"], int(np.argmin(v))
+        best, rows, cw = 0, 0, []
+        for t in range(len(v) - 1):
+            if v[t] < v[best]:
+                best = t
+            if t < warmup:
+                continue
+            f = curve_features(v[:t + 1], tr[:t + 1], se[:t + 1], best, window)
+            xs.append([f[k] for k in FEATURES])
+            if target == "val":
+                ys.append(float(lv[best] - fut_min[t + 1] > delta))
+            else:
+                gain = test[best] - test[final]
+                ys.append(float(gain > 0))
+                cw.append(abs(gain) + 1e-3)
+            rows += 1
+        ws += cw if target != "val" else [1.0 / max(rows, 1)] * rows
+    return np.asarray(xs), np.asarray(ys), np.asarray(ws)
+
+
+def fit_learned(runs: Sequence[dict], c: float = 1.0, target: str = "val",
+                delta: float = LEARNED_DELTA) -> dict[str, float]:
+    """Logistic regression of :func:`learned_dataset` (no intercept: ``bias`` is a feature)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from callbacks.early_stopping import FEATURES
+
+    x, y, w = learned_dataset(runs, target=target, delta=delta)
+    model = LogisticRegression(C=c, fit_intercept=False, max_iter=5000)
+    model.fit(x, y, sample_weight=w * len(y) / w.sum())
+    return {k: round(float(b), 4) for k, b in zip(FEATURES, model.coef_[0])}
+
+
+def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
+              fixed: dict[str, Any] | None = None, subgroups: bool = False
+              ) -> tuple[dict[str, Any], list[dict]]:
+    """Grid search on ``runs``: among settings that use no more than ``EPOCH_MARGIN`` times
+    patience=10's epochs on the same runs, the largest regret reduction over the patience frontier at the setting's own
+    epochs (the gap-closed ratio's numerator: the ratio itself is erratic where the two
+    frontiers nearly meet). ``subgroups``: also require that no data set / optimizer /
+    label-noise / batch-regime subgroup of ``runs`` is worse than patience at matched epochs by
+    more than one SE (the goal's own criteria, checked on the tuning runs)."""
+    import itertools
+
+    from callbacks.early_stopping import make_rule
+
+    pat, orc = patience_frontier(runs), oracle_frontier(runs)
+    idx = np.arange(len(runs))
+    p10 = pat[PATIENCES.index(10), :, 0].mean()
     table = []
-    for i, values in enumerate(picks):
-        kw = dict(zip(keys, values))
-        sc = score("curvature", kw, runs)
-        sc.pop("per_run")
-        table.append({"kwargs": kw, **sc})
-        if (i + 1) % 50 == 0:
-            print(f"  tuned {i + 1}/{len(picks)}", flush=True)
-    ok = [t for t in table if t["regret_loss"] <= reference["regret_loss"]
-          and t["regret_acc"] <= reference["regret_acc"]]
-    best = (min(ok, key=lambda t: (t["epochs"], t["regret_loss"])) if ok
-            else min(table, key=lambda t: t["regret_loss"]))
+    for values in itertools.product(*grid.values()):
+        kw = {**(fixed or {}), **dict(zip(grid, values))}
+        res = replay_rule(lambda: make_rule(name, **kw), runs)
+        row = {"kwargs": kw, **gap_closed(res, pat, orc, idx)}
+        if subgroups:
+            sub = subgroup_table(res, pat, runs, idx, reps=200)
+            row["worse"] = [f"{r['key']}={r['value']}" for r in sub
+                            if r["worse"] and r["key"] in GOAL_KEYS]
+        table.append(row)
+    ok = [t for t in table if t["epochs"] <= EPOCH_MARGIN * p10 and not t.get("worse")]
+    best = max(ok or table, key=lambda t: t["patience_regret"] - t["regret"])
     return best["kwargs"], table
 
 
-def pareto(rows: list[dict]) -> set[str]:
-    """Names of rows not dominated in (epochs, regret_loss)."""
-    front = set()
-    for a in rows:
-        dominated = any(b is not a and b["epochs"] <= a["epochs"]
-                        and b["regret_loss"] <= a["regret_loss"]
-                        and (b["epochs"] < a["epochs"] or b["regret_loss"] < a["regret_loss"])
-                        for b in rows)
-        if not dominated:
-            front.add(a["name"])
-    return front
+def cross_validate(runs: Sequence[dict], deltas: Sequence[float] = DELTAS
+                   ) -> dict[float, dict[str, float]]:
+    """Leave-one-(data set, model)-cell-out on ``runs`` (the tuning split): for each cell, fit
+    the learned rule and tune ``p_stop`` / ``confirm`` on the other cells, replay it on the cell;
+    score the pooled out-of-cell outcomes against the frontiers. Per ``delta``."""
+    from callbacks.early_stopping import make_rule
+
+    cells = sorted({(r["data"], r["model"]) for r in runs})
+    pat, orc = patience_frontier(runs), oracle_frontier(runs)
+    idx = np.arange(len(runs))
+    p10 = pat[PATIENCES.index(10), :, 0].mean()
+    out = {}
+    for delta in deltas:
+        res = np.zeros((len(runs), 2))
+        for cell in cells:
+            fit_on = [r for r in runs if (r["data"], r["model"]) != cell]
+            held = [i for i, r in enumerate(runs) if (r["data"], r["model"]) == cell]
+            coef = fit_learned(fit_on, delta=delta)
+            kw, _ = tune_rule("learned", TUNE_GRID, fit_on, {"coef": coef})
+            res[held] = replay_rule(lambda: make_rule("learned", **kw), [runs[i] for i in held])
+        g = gap_closed(res, pat, orc, idx)
+        out[delta] = {**g, "epochs_vs_p10": g["epochs"] / p10}
+        print(f"  delta={delta}: {out[delta]}", flush=True)
+    return out
 
 
-def plot_pareto(rows: list[dict], front: set[str], path: Path, title: str) -> None:
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+def plot(points: list[dict], pat: np.ndarray, orc: np.ndarray, idx: np.ndarray, path: Path,
+         title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    fam_colors = {"curvature": "tab:red", "patience": "tab:blue", "gl": "tab:green",
-                  "pq": "tab:purple", "up": "tab:orange", "none": "black"}
-    for r in rows:
-        c = fam_colors.get(r["rule"], "gray")
-        ax.errorbar(r["epochs"], r["regret_loss"], xerr=r["epochs_se"], yerr=r["regret_loss_se"],
-                    fmt="*" if r["rule"] == "curvature" else "o", color=c,
-                    ms=14 if r["rule"] == "curvature" else 6, alpha=0.9)
-        ax.annotate(r["name"], (r["epochs"], r["regret_loss"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    fr = sorted((r for r in rows if r["name"] in front), key=lambda r: r["epochs"])
-    ax.plot([r["epochs"] for r in fr], [r["regret_loss"] for r in fr], "k--", lw=0.8,
-            label="Pareto front")
-    ax.set_xlabel("mean fraction of the horizon trained")
-    ax.set_ylabel("mean test-loss regret at the restored epoch (log)")
-    ax.set_yscale("log")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pm, om = pat[:, idx].mean(axis=1), orc[:, idx].mean(axis=1)
+    ax.plot(pm[:, 0], pm[:, 1], "-o", color="tab:blue", ms=3, label="patience p=1..30")
+    for p in (1, 5, 10, 20, 30):
+        i = PATIENCES.index(p)
+        ax.annotate(f"p={p}", pm[i], fontsize=7, xytext=(3, -9), textcoords="offset points",
+                    color="tab:blue")
+    ax.plot(om[:, 0], om[:, 1], "-o", color="tab:green", ms=3,
+            label="validation oracle tau=0.2..0")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, pt in enumerate(points):
+        (e0, e1), (r0, r1) = pt["epochs_ci"], pt["regret_ci"]
+        star = pt["label"].startswith("curvature")
+        ax.errorbar(pt["epochs"], pt["regret"], xerr=[[pt["epochs"] - e0], [e1 - pt["epochs"]]],
+                    yerr=[[pt["regret"] - r0], [r1 - pt["regret"]]], fmt="*" if star else "s",
+                    ms=13 if star else 6, color="tab:red" if star else colors[(k + 3) % 10],
+                    capsize=2, label=pt["label"])
+    ax.set_xlabel("mean fraction of the epoch budget trained")
+    ax.set_ylabel("mean test-loss regret at the restored epoch")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def report(corpus: dict, curvature_kwargs: dict[str, Any], split_seed: int, out: Path,
-           tuned: bool) -> dict:
-    tune_runs, test_runs = split_runs(corpus["runs"], split_seed)
-    rows = []
-    for name, rule, kw in BASELINES + [("curvature (ours)", "curvature", curvature_kwargs)]:
-        rows.append({"name": name, "rule": rule, "kwargs": kw, **score(rule, kw, test_runs)})
-    front = pareto(rows)
-    ref = next(r for r in rows if r["name"] == "patience=10")
-    cur = rows[-1]
-    goal = {
-        "on_pareto_front": cur["name"] in front,
-        "regret_loss_le_patience10": cur["regret_loss"] <= ref["regret_loss"],
-        "regret_acc_le_patience10": cur["regret_acc"] <= ref["regret_acc"],
-        "epochs_ratio_vs_patience10": cur["epochs"] / ref["epochs"],
-    }
-    # paired over the same runs: curvature minus patience=10
-    d_ep = [a - b for a, b in zip(cur["per_run"]["epochs"], ref["per_run"]["epochs"])]
-    d_rl = [a - b for a, b in zip(cur["per_run"]["regret_loss"], ref["per_run"]["regret_loss"])]
-    goal["paired_epochs_diff"] = statistics.fmean(d_ep)
-    goal["paired_epochs_diff_se"] = statistics.stdev(d_ep) / math.sqrt(len(d_ep))
-    goal["paired_regret_loss_diff"] = statistics.fmean(d_rl)
-    goal["paired_regret_loss_diff_se"] = statistics.stdev(d_rl) / math.sqrt(len(d_rl))
-    goal["runs_curvature_stops_earlier"] = sum(x < 0 for x in d_ep)
-    goal["runs_curvature_higher_regret"] = sum(x > 1e-12 for x in d_rl)
-    goal["met"] = (goal["on_pareto_front"] and goal["regret_loss_le_patience10"]
-                   and goal["epochs_ratio_vs_patience10"] <= 0.75)
-    horizon = corpus["epochs"]
+def evaluate(runs: list[dict], reps: int = 1000) -> dict[str, Any]:
+    """Every candidate's point, score and intervals on the held-out split, plus the subgroup
+    table of the default rule and the goal's checks."""
+    tune, held = split_runs(runs)
+    pat, orc = patience_frontier(held), oracle_frontier(held)
+    idx = np.arange(len(held))
+    p10 = pat[PATIENCES.index(10)].mean(axis=0)
+    points, results = [], {}
+    for label, factory in candidates():
+        t0 = time.time()
+        res = replay_rule(factory, held)
+        pt = {"label": label, **bootstrap(res, pat, orc, idx, reps),
+              "epochs_vs_p10": float(res[:, 0].mean() / p10[0]), "seconds": time.time() - t0}
+        points.append(pt)
+        results[label] = res
+    default = results["curvature (default)"]
+    sub = subgroup_table(default, pat, held, idx)
+    d = points[0]
+    goal = {"gap_closed": d["gap_closed"], "gap_closed_ci": d["gap_closed_ci"],
+            "gap_closed_ge_0.5": d["gap_closed"] >= 0.5,
+            "epochs_vs_p10": d["epochs_vs_p10"], "epochs_le_p10": d["epochs_vs_p10"] <= 1.0,
+            "subgroups_worse": [f"{r['key']}={r['value']}" for r in sub
+                                if r["worse"] and r["key"] in GOAL_KEYS],
+            "other_subgroups_worse": [f"{r['key']}={r['value']}" for r in sub
+                                      if r["worse"] and r["key"] not in GOAL_KEYS]}
+    goal["met"] = goal["gap_closed_ge_0.5"] and goal["epochs_le_p10"] and not goal["subgroups_worse"]
+    return {"n_tune": len(tune), "n_held": len(held), "points": points, "subgroups": sub,
+            "goal": goal, "p10": {"epochs": float(p10[0]), "regret": float(p10[1])},
+            "patience_frontier": pat[:, idx].mean(axis=1).tolist(),
+            "oracle_frontier": orc[:, idx].mean(axis=1).tolist(), "_pat": pat, "_orc": orc}
+
+
+def render(ev: dict[str, Any], runs: list[dict]) -> str:
+    g = ev["goal"]
+    n1 = sum(r["corpus"] == "v1" for r in runs)
     lines = [
-        f"Corpus: {len(corpus['runs'])} runs x {horizon} epochs ({corpus.get('machine', '?')}); "
-        f"report half: {len(test_runs)} runs, tuning half: {len(tune_runs)} runs "
-        f"(split seed {split_seed}).",
-        f"Curvature settings{' (tuned on the other half)' if tuned else ''}: "
-        + ", ".join(f"{k}={v}" for k, v in curvature_kwargs.items()),
+        f"Corpus: {len(runs)} curves ({n1} v1 + {len(runs) - n1} v2); tuning split "
+        f"{ev['n_tune']}, held-out split {ev['n_held']} (cells: "
+        + ", ".join(f"{d}/{m}" for d, m in sorted(HELD_OUT_CELLS)) + ").",
         "",
-        "| rule | epochs (frac. of horizon) | test-loss regret | test-acc regret (points) | Pareto |",
-        "|---|---|---|---|---|",
+        "| rule | epochs (frac.) | epochs / patience=10 | test-loss regret [95% CI] | "
+        "patience at same epochs | oracle at same epochs | gap closed [95% CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: r["epochs"]):
-        lines.append(f"| {r['name']} | {r['epochs']:.3f} +- {r['epochs_se']:.3f} | "
-                     f"{r['regret_loss']:.4f} +- {r['regret_loss_se']:.4f} | "
-                     f"{r['regret_acc']:.2f} +- {r['regret_acc_se']:.2f} | "
-                     f"{'yes' if r['name'] in front else ''} |")
-    lines += ["", f"Curvature vs patience=10: epochs ratio {goal['epochs_ratio_vs_patience10']:.2f}, "
-              f"loss regret {cur['regret_loss']:.4f} vs {ref['regret_loss']:.4f}, "
-              f"acc regret {cur['regret_acc']:.2f} vs {ref['regret_acc']:.2f} points; "
-              f"on Pareto front: {goal['on_pareto_front']}; goal (front, regret <= patience=10, "
-              f"<= 75% of its epochs) met: {goal['met']}.",
-              f"Paired over the {len(test_runs)} held-out runs (curvature - patience=10): epochs "
-              f"{goal['paired_epochs_diff']:+.1f} +- {goal['paired_epochs_diff_se']:.1f}, test-loss regret "
-              f"{goal['paired_regret_loss_diff']:+.4f} +- {goal['paired_regret_loss_diff_se']:.4f}; "
-              f"curvature stops earlier on {goal['runs_curvature_stops_earlier']} runs and has higher "
-              f"regret on {goal['runs_curvature_higher_regret']}."]
-    text = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "goal": goal,
-                                                  "curvature_kwargs": curvature_kwargs}, indent=1))
-    plot_pareto(rows, front, out / "pareto.png",
-                f"Early-stopping rules on {len(test_runs)} held-out learning curves "
-                f"({horizon}-epoch horizon)")
-    print(text)
-    return {"rows": rows, "goal": goal}
+    for p in sorted(ev["points"], key=lambda p: p["epochs"]):
+        lines.append(
+            f"| {p['label']} | {p['epochs']:.3f} | {p['epochs_vs_p10']:.2f} | {p['regret']:.4f} "
+            f"[{p['regret_ci'][0]:.4f}, {p['regret_ci'][1]:.4f}] | {p['patience_regret']:.4f} | "
+            f"{p['oracle_regret']:.4f} | {p['gap_closed']:.2f} "
+            f"[{p['gap_closed_ci'][0]:.2f}, {p['gap_closed_ci'][1]:.2f}] |")
+    lines += ["", "Subgroups (held-out; default rule minus the subgroup's patience frontier at the "
+              "rule's epochs; worse = difference > 1 SE):", "",
+              "| subgroup | n | epochs | regret | patience at same epochs | difference +- SE | "
+              "patience=10 epochs / regret | worse |", "|---|---|---|---|---|---|---|---|"]
+    for r in ev["subgroups"]:
+        lines.append(f"| {r['key']}={r['value']} | {r['n']} | {r['epochs']:.3f} | "
+                     f"{r['regret']:.4f} | {r['patience_regret']:.4f} | {r['diff']:+.4f} +- "
+                     f"{r['se']:.4f} | {r['p10_epochs']:.3f} / {r['p10_regret']:.4f} | "
+                     f"{'**yes**' if r['worse'] else 'no'} |")
+    lines += ["", f"Goal (gap closed >= 0.5 at the rule's own epochs, epochs <= patience=10, no "
+              f"data set / optimizer / label-noise / batch-regime subgroup worse by > 1 SE): gap "
+              f"closed {g['gap_closed']:.2f} [{g['gap_closed_ci'][0]:.2f}, "
+              f"{g['gap_closed_ci'][1]:.2f}], epochs {g['epochs_vs_p10']:.2f} x patience=10, "
+              f"subgroups worse: {', '.join(g['subgroups_worse']) or 'none'} (model family / "
+              f"schedule, not part of the goal: {', '.join(g['other_subgroups_worse']) or 'none'})"
+              f" -> met: {g['met']}."]
+    return "\n".join(lines)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--build", action="store_true", help="train (or extend) the corpus")
-    ap.add_argument("--use-cache", action="store_true", help="replay the cached corpus")
-    ap.add_argument("--tune", action="store_true",
-                    help="re-tune the curvature defaults on the tuning half first")
-    ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--budget-s", type=float, default=1200.0)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--tune-samples", type=int, default=400)
+    ap.add_argument("--reps", type=int, default=1000, help="bootstrap resamples")
+    ap.add_argument("--v1", type=Path, default=CORPUS_V1, help="corpus v1 (json); 'none' skips it")
+    ap.add_argument("--v2", type=Path, default=CORPUS_V2, help="corpus v2 (jsonl)")
+    ap.add_argument("--tune", action="store_true",
+                    help="refit the learned rule on the tuning split, choose p_stop / confirm "
+                         "there, and print the numbers to paste into callbacks/early_stopping.py")
     args = ap.parse_args(list(argv) if argv is not None else None)
-    if not (args.build or args.use_cache):
-        ap.error("pass --build (train the corpus) and/or --use-cache (replay it)")
-    if args.build:
-        build_corpus(args.corpus, args.epochs, args.budget_s, args.limit)
-    if not args.corpus.exists():
-        raise SystemExit(f"--corpus={args.corpus} does not exist; build it with --build")
-    corpus = json.loads(args.corpus.read_text())
-    from callbacks.early_stopping import CurvatureRule
-
-    kwargs: dict[str, Any] = {}
+    if args.reps < 10:
+        print(f"shiftlab: error: --reps={args.reps} is not allowed; allowed: >= 10", file=sys.stderr)
+        return 2
+    runs = load_runs(None if str(args.v1) == "none" else args.v1, args.v2)
+    if not runs:
+        print("shiftlab: error: no cached curves; run python -m experiments.early_stopping_corpus",
+              file=sys.stderr)
+        return 2
     if args.tune:
-        tune_runs, _ = split_runs(corpus["runs"], args.split_seed)
-        ref = score("patience", {"patience": 10}, tune_runs)
-        print(f"tuning on {len(tune_runs)} runs; patience=10 there: "
-              f"{ {k: v for k, v in ref.items() if k != 'per_run'} }")
-        kwargs, table = tune(tune_runs, ref, args.tune_samples, args.split_seed)
+        tune, _ = split_runs(runs)
+        print(f"cross-validating on the {len(tune)} tuning curves (leave one cell out)")
+        cv = cross_validate(tune)
+        delta = max(cv, key=lambda d: cv[d]["gap_closed"] if cv[d]["epochs_vs_p10"] <= 1 else -1e9)
+        coef = fit_learned(tune, delta=delta)
+        kw, table = tune_rule("learned", TUNE_GRID, tune, {"coef": coef}, subgroups=True)
+        others = {name: tune_rule(name, grid, tune) for name, grid in OTHER_GRIDS.items()}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tuning.json").write_text(json.dumps({"reference": ref, "table": table},
-                                                         indent=1))
-        print(f"tuned: {kwargs}")
-    else:
-        d = CurvatureRule()
-        kwargs = {k: getattr(d, k) for k in TUNE_GRID}
-    report(corpus, kwargs, args.split_seed, args.out, tuned=True)
+        (args.out / "tuning.json").write_text(json.dumps(
+            {"cv": {str(k): v for k, v in cv.items()}, "grid": table,
+             **{name: t for name, (_, t) in others.items()}}, indent=1))
+        print(json.dumps({"delta": delta, "coef": coef,
+                          **{k: v for k, v in kw.items() if k != "coef"},
+                          **{name: k for name, (k, _) in others.items()}}, indent=1))
+        return 0
+    ev = evaluate(runs, args.reps)
+    text = render(ev, runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {k: v for k, v in ev.items() if not k.startswith("_")}, indent=1))
+    held = split_runs(runs)[1]
+    plot(ev["points"], ev["_pat"], ev["_orc"], np.arange(len(held)), args.out / "pareto.png",
+         f"Early stopping on {len(held)} held-out curves (data set / model cells not tuned on)")
+    if args.v2 == CORPUS_V2 and in_source_checkout(PLOT_COPY):  # the README's copy: shipped corpus only
+        PLOT_COPY.write_bytes((args.out / "pareto.png").read_bytes())
+    print(text)
     return 0
 
 

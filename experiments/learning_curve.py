@@ -30,7 +30,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("acc", "loss")
 
 
@@ -108,7 +107,7 @@ def run_sweep(sweep_dir: Path, overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "trainers.train", "-m", "experiment=learning_curve",
            f"hydra.sweep.dir={sweep_dir}", *overrides]
     print("running:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -124,7 +123,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         ap.error(f"--metric={args.metric!r} is unknown; allowed: {', '.join(METRICS)}")
     sweep_dir = args.sweep_dir
     if args.run:
-        sweep_dir = sweep_dir or ROOT / "outputs" / "learning_curve" / "multiruns" / time.strftime(
+        sweep_dir = sweep_dir or Path("outputs") / "learning_curve" / "multiruns" / time.strftime(
             "%Y-%m-%d_%H-%M-%S")
         run_sweep(sweep_dir, args.overrides)
     if sweep_dir is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from experiments._repro import CONFIG_DIR, machine, run, setup_threads

@@ -7,8 +7,9 @@ Forward in training is three launches:
    into its running triple with Chan's formula. Parallel over the reduced axis, so small C still
    fills the GPU.
 2. ``_bn_combine_kernel``: one program per channel block merges the chunk partials in a fixed
-   order (deterministic, no atomics) into the batch mean and biased variance.
-3. ``_bn_apply_kernel``: ``y = act((x - mean) * scale + beta [+ residual])``.
+   order (deterministic, no atomics) into the batch mean and biased variance. The mean is kept as
+   an exact fp32 pair ``mean + mean_lo`` (fp32 alone loses 5% of the spread at mean 1e4, std 1e-2).
+3. ``_bn_apply_kernel``: ``y = act(((x - mean) - mean_lo) * scale + beta [+ residual])``.
 
 Backward mirrors it: per-chunk partial sums of ``dy`` and ``dy * xhat`` (the ReLU mask is
 recomputed from ``x`` [+ residual], never stored), an ordered combine, then the elementwise
@@ -68,7 +69,7 @@ if _backend.HAS_TRITON:
         tl.store(P_M2 + out, m2, mask=mask_c)
 
     @triton.jit
-    def _bn_combine_kernel(X, sC, P_CNT, P_MEAN, P_M2, MEAN, VAR, C, P, BLOCK_C: tl.constexpr,
+    def _bn_combine_kernel(X, sC, P_CNT, P_MEAN, P_M2, MEAN, MEAN_LO, VAR, C, P, BLOCK_C: tl.constexpr,
                            ACC: tl.constexpr):
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -86,13 +87,21 @@ if _backend.HAS_TRITON:
             m2 = m2 + t_m2 + delta * delta * cnt * frac
             cnt = new_cnt
         pivot = tl.load(X + offs_c.to(tl.int64) * sC, mask=mask_c, other=0.0).to(ACC)
-        tl.store(MEAN + offs_c, mean + pivot, mask=mask_c)
+        # pivot + mean is not representable in fp32 when |pivot| >> spread: keep it as the exact
+        # unevaluated sum hi + lo (TwoSum), so x - mean = (x - hi) - lo with x - hi exact.
+        hi = pivot + mean
+        b = hi - pivot
+        tl.store(MEAN + offs_c, hi, mask=mask_c)
+        tl.store(MEAN_LO + offs_c, (pivot - (hi - b)) + (mean - b), mask=mask_c)
         tl.store(VAR + offs_c, m2 / tl.maximum(cnt, 1.0), mask=mask_c)
 
     @triton.jit
-    def _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     ACC: tl.constexpr):
+    def _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     HAS_LO: tl.constexpr, ACC: tl.constexpr):
         mean = tl.load(MEAN + offs_c, mask=mask_c, other=0.0).to(ACC)
+        lo = tl.zeros_like(mean)
+        if HAS_LO:
+            lo = tl.load(LO + offs_c, mask=mask_c, other=0.0).to(ACC)
         var = tl.load(VAR + offs_c, mask=mask_c, other=1.0).to(ACC)
         inv = 1.0 / tl.sqrt(var + eps)
         scale = inv
@@ -101,11 +110,11 @@ if _backend.HAS_TRITON:
         beta = tl.zeros_like(mean)
         if HAS_B:
             beta = tl.load(B + offs_c, mask=mask_c, other=0.0).to(ACC)
-        return mean, inv, scale, beta
+        return mean, lo, inv, scale, beta
 
     @triton.jit
-    def _bn_apply_kernel(X, R, Y, MEAN, VAR, W, B, eps, C, S, sN, sC, sS, num_sb,
-                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
+    def _bn_apply_kernel(X, R, Y, MEAN, LO, VAR, W, B, eps, C, S, sN, sC, sS, num_sb,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, HAS_LO: tl.constexpr,
                          RELU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         j = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -115,9 +124,10 @@ if _backend.HAS_TRITON:
         m = (offs_s < S)[:, None] & mask_c[None, :]
         off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                + offs_c[None, :].to(tl.int64) * sC)
-        mean, _, scale, beta = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B, ACC)
+        mean, lo, _, scale, beta = _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B,
+                                                HAS_LO, ACC)
         x = tl.load(X + off, mask=m, other=0.0).to(ACC)
-        y = (x - mean[None, :]) * scale[None, :] + beta[None, :]
+        y = ((x - mean[None, :]) - lo[None, :]) * scale[None, :] + beta[None, :]
         if HAS_R:
             y = y + tl.load(R + off, mask=m, other=0.0).to(ACC)
         if RELU:
@@ -125,15 +135,16 @@ if _backend.HAS_TRITON:
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bn_bwd_reduce_kernel(X, DY, R, MEAN, VAR, W, B, P_SDY, P_SDYX, eps, C, S, sN, sC, sS,
+    def _bn_bwd_reduce_kernel(X, DY, R, MEAN, LO, VAR, W, B, P_SDY, P_SDYX, eps, C, S, sN, sC, sS,
                               num_sb, total, per_prog, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                              HAS_R: tl.constexpr, RELU: tl.constexpr,
+                              HAS_R: tl.constexpr, HAS_LO: tl.constexpr, RELU: tl.constexpr,
                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
         pid_p = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         ar_s = tl.arange(0, BLOCK_S)
-        mean, inv, scale, beta = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B, ACC)
+        mean, lo, inv, scale, beta = _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B,
+                                                   HAS_LO, ACC)
         sdy = tl.zeros([BLOCK_C], dtype=ACC)
         sdyx = tl.zeros([BLOCK_C], dtype=ACC)
         start = pid_p * per_prog
@@ -144,15 +155,15 @@ if _backend.HAS_TRITON:
             m = ((offs_s < S) & (tl.full([BLOCK_S], j, tl.int32) < total))[:, None] & mask_c[None, :]
             off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                    + offs_c[None, :].to(tl.int64) * sC)
-            x = tl.load(X + off, mask=m, other=0.0).to(ACC)
+            xc = (tl.load(X + off, mask=m, other=0.0).to(ACC) - mean[None, :]) - lo[None, :]
             dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
             if RELU:
-                pre = (x - mean[None, :]) * scale[None, :] + beta[None, :]
+                pre = xc * scale[None, :] + beta[None, :]
                 if HAS_R:
                     pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
                 dy = tl.where(pre > 0.0, dy, 0.0)
             sdy += tl.sum(dy, axis=0)
-            sdyx += tl.sum(dy * (x - mean[None, :]), axis=0)
+            sdyx += tl.sum(dy * xc, axis=0)
         out = pid_p * C + offs_c
         tl.store(P_SDY + out, sdy, mask=mask_c)
         tl.store(P_SDYX + out, sdyx * inv, mask=mask_c)
@@ -170,10 +181,11 @@ if _backend.HAS_TRITON:
         tl.store(B + offs_c, b, mask=mask_c)
 
     @triton.jit
-    def _bn_bwd_apply_kernel(X, DY, R, DX, DR, MEAN, VAR, W, B, SDY, SDYX, inv_count, eps,
+    def _bn_bwd_apply_kernel(X, DY, R, DX, DR, MEAN, LO, VAR, W, B, SDY, SDYX, inv_count, eps,
                              C, S, sN, sC, sS, num_sb, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                             HAS_R: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                             HAS_R: tl.constexpr, HAS_LO: tl.constexpr, RELU: tl.constexpr,
+                             TRAINING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                             ACC: tl.constexpr):
         j = tl.program_id(0)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -182,11 +194,12 @@ if _backend.HAS_TRITON:
         m = (offs_s < S)[:, None] & mask_c[None, :]
         off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                + offs_c[None, :].to(tl.int64) * sC)
-        mean, inv, scale, beta = _scale_shift(MEAN, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B, ACC)
-        x = tl.load(X + off, mask=m, other=0.0).to(ACC)
+        mean, lo, inv, scale, beta = _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B,
+                                                   HAS_LO, ACC)
+        xc = (tl.load(X + off, mask=m, other=0.0).to(ACC) - mean[None, :]) - lo[None, :]
         dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
         if RELU:
-            pre = (x - mean[None, :]) * scale[None, :] + beta[None, :]
+            pre = xc * scale[None, :] + beta[None, :]
             if HAS_R:
                 pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
             dy = tl.where(pre > 0.0, dy, 0.0)
@@ -195,7 +208,7 @@ if _backend.HAS_TRITON:
         if TRAINING:
             mdy = tl.load(SDY + offs_c, mask=mask_c, other=0.0) * inv_count
             mdyx = tl.load(SDYX + offs_c, mask=mask_c, other=0.0) * inv_count
-            xhat = (x - mean[None, :]) * inv[None, :]
+            xhat = xc * inv[None, :]
             dx = scale[None, :] * (dy - mdy[None, :] - xhat * mdyx[None, :])
         else:
             dx = scale[None, :] * dy
@@ -262,14 +275,29 @@ def _bcast(t: Tensor) -> Tensor:
     return t[None, :, None]
 
 
+def _centred(x: Tensor, mean: Tensor, lo: Optional[Tensor]) -> Tensor:
+    """``x - (mean + lo)`` as ``(x - mean) - lo`` in the accumulation dtype (torch fallback)."""
+    d = _torch_3d(x) - _bcast(mean.to(stat_dtype(x)))
+    return d - _bcast(lo.to(d.dtype)) if lo is not None else d
+
+
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (fp32) of ``x`` over every dim but 1."""
+    mean, _, var = batch_stats_split(x)
+    return mean, var
+
+
+def batch_stats_split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, mean_lo, var)``: the mean as an unevaluated sum ``mean + mean_lo`` (fp32 pair).
+
+    A channel with mean 1e4 and std 1e-2 has a mean that fp32 holds only to ~5e-4, 5% of its
+    spread; the kernels subtract ``(x - mean) - mean_lo`` instead, both differences exact-ish."""
     C = x.shape[1]
     if not _backend.use_triton(x):
         x3 = _torch_3d(x)
         mean = x3.mean(dim=(0, 2))
-        var = (x3 - mean[None, :, None]).square().mean(dim=(0, 2))
-        return mean, var
+        lo = (x3 - _bcast(mean)).mean(dim=(0, 2))  # the second pass recovers what fp32 rounded off
+        return mean, lo, _centred(x, mean, lo).square().mean(dim=(0, 2))
     x, v = as_view3(x)
     bs, bc = _tiles(x, v)
     num_sb, total, per, P = _chunks(x, v, bs, bc)
@@ -278,15 +306,16 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     _bn_stats_kernel[(P, triton.cdiv(C, bc))](
         x, p_cnt, p_mean, p_m2, C, v.S, v.sN, v.sC, v.sS, num_sb, total, per,
         BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
-    mean, var = torch.empty(C, **f32), torch.empty(C, **f32)
+    mean, lo, var = (torch.empty(C, **f32) for _ in range(3))
     bc2 = min(1024, triton.next_power_of_2(C))
-    _bn_combine_kernel[(triton.cdiv(C, bc2),)](x, v.sC, p_cnt, p_mean, p_m2, mean, var, C, P, BLOCK_C=bc2, ACC=_acc(x))
-    return mean, var
+    _bn_combine_kernel[(triton.cdiv(C, bc2),)](x, v.sC, p_cnt, p_mean, p_m2, mean, lo, var, C, P,
+                                               BLOCK_C=bc2, ACC=_acc(x))
+    return mean, lo, var
 
 
 def bn_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-             residual: Optional[Tensor], eps: float, relu: bool) -> Tensor:
-    """``act((x - mean) * w / sqrt(var + eps) + b [+ residual])``.
+             residual: Optional[Tensor], eps: float, relu: bool, mean_lo: Optional[Tensor] = None) -> Tensor:
+    """``act((x - mean - mean_lo) * w / sqrt(var + eps) + b [+ residual])``.
 
     ``x - mean`` comes first: with a large mean and small spread, ``x * scale + shift`` would
     cancel catastrophically."""
@@ -296,7 +325,7 @@ def bn_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bia
         inv = torch.rsqrt(var.to(sd) + eps)
         scale = inv * weight.to(sd) if weight is not None else inv
         beta = bias.to(sd) if bias is not None else torch.zeros_like(scale)
-        y = (_torch_3d(x) - _bcast(mean.to(sd))) * scale[None, :, None] + beta[None, :, None]
+        y = _centred(x, mean, mean_lo) * scale[None, :, None] + beta[None, :, None]
         if residual is not None:
             y = y + _torch_3d(residual)
         if relu:
@@ -308,26 +337,27 @@ def bn_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bia
     bs, bc = tile(v, _INTERP_TILE if _backend.INTERPRET else _APPLY_TILE)
     num_sb = triton.cdiv(v.S, bs)
     _bn_apply_kernel[(v.N * num_sb, triton.cdiv(v.C, bc))](
-        xc, rc if rc is not None else xc, y, mean, var,
+        xc, rc if rc is not None else xc, y, mean, mean_lo if mean_lo is not None else mean, var,
         weight if weight is not None else mean, bias if bias is not None else mean,
         eps, v.C, v.S, v.sN, v.sC, v.sS, num_sb,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None, RELU=relu,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None,
+        HAS_LO=mean_lo is not None, RELU=relu,
         BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     return y if y is out else out.copy_(y)
 
 
 def bn_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                        bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
-                       relu: bool) -> tuple[Tensor, Tensor]:
+                       relu: bool, mean_lo: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per-channel ``sum(dy')`` and ``sum(dy' * xhat)`` (fp32), ``dy'`` = dy through the ReLU."""
     C = x.shape[1]
     if not _backend.use_triton(x):
         sd = stat_dtype(x)
         g = _torch_3d(dy)
         inv = torch.rsqrt(var.to(sd) + eps)
-        xhat = (_torch_3d(x) - _bcast(mean)) * inv[None, :, None]
+        xhat = _centred(x, mean, mean_lo) * inv[None, :, None]
         if relu:
-            g = g * (_bn_pre_torch(x, mean, var, weight, bias, residual, eps) > 0)
+            g = g * (_bn_pre_torch(x, mean, var, weight, bias, residual, eps, mean_lo) > 0)
         return g.sum(dim=(0, 2)), (g * xhat).sum(dim=(0, 2))
     xc, v = as_view3(x)
     dyc = like(dy, xc)
@@ -337,10 +367,11 @@ def bn_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight:
     f32 = dict(device=x.device, dtype=stat_dtype(x))
     p_a, p_b = torch.empty(P, C, **f32), torch.empty(P, C, **f32)
     _bn_bwd_reduce_kernel[(P, triton.cdiv(C, bc))](
-        xc, dyc, rc if rc is not None else xc, mean, var,
+        xc, dyc, rc if rc is not None else xc, mean, mean_lo if mean_lo is not None else mean, var,
         weight if weight is not None else mean, bias if bias is not None else mean,
         p_a, p_b, eps, C, v.S, v.sN, v.sC, v.sS, num_sb, total, per,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None, RELU=relu,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None,
+        HAS_LO=mean_lo is not None, RELU=relu,
         BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     sdy, sdyx = torch.empty(C, **f32), torch.empty(C, **f32)
     bc2 = min(1024, triton.next_power_of_2(C))
@@ -348,12 +379,12 @@ def bn_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight:
     return sdy, sdyx
 
 
-def _bn_pre_torch(x, mean, var, weight, bias, residual, eps) -> Tensor:
+def _bn_pre_torch(x, mean, var, weight, bias, residual, eps, mean_lo=None) -> Tensor:
     sd = stat_dtype(x)
     inv = torch.rsqrt(var.to(sd) + eps)
     scale = inv * weight.to(sd) if weight is not None else inv
     beta = bias.to(sd) if bias is not None else torch.zeros_like(scale)
-    pre = (_torch_3d(x) - _bcast(mean.to(sd))) * scale[None, :, None] + beta[None, :, None]
+    pre = _centred(x, mean, mean_lo) * scale[None, :, None] + beta[None, :, None]
     if residual is not None:
         pre = pre + _torch_3d(residual)
     return pre
@@ -361,7 +392,8 @@ def _bn_pre_torch(x, mean, var, weight, bias, residual, eps) -> Tensor:
 
 def bn_backward_apply(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                       bias: Optional[Tensor], residual: Optional[Tensor], sdy: Tensor, sdyx: Tensor,
-                      count: float, eps: float, relu: bool, training: bool) -> tuple[Tensor, Optional[Tensor]]:
+                      count: float, eps: float, relu: bool, training: bool,
+                      mean_lo: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``dx`` (and the residual's gradient when a ReLU masks it) given the reduced sums."""
     dx = torch.empty_like(x)
     dres = torch.empty_like(residual) if (residual is not None and relu) else None
@@ -369,13 +401,13 @@ def bn_backward_apply(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: 
         sd = stat_dtype(x)
         g = _torch_3d(dy)
         if relu:
-            g = g * (_bn_pre_torch(x, mean, var, weight, bias, residual, eps) > 0)
+            g = g * (_bn_pre_torch(x, mean, var, weight, bias, residual, eps, mean_lo) > 0)
             if dres is not None:
                 dres.copy_(g.reshape(x.shape))
         inv = torch.rsqrt(var.to(sd) + eps)
         scale = inv * weight.to(sd) if weight is not None else inv
         if training:
-            xhat = (_torch_3d(x) - _bcast(mean)) * inv[None, :, None]
+            xhat = _centred(x, mean, mean_lo) * inv[None, :, None]
             g = g - _bcast(sdy) / count - xhat * _bcast(sdyx) / count
         dx.copy_((g * scale[None, :, None]).reshape(x.shape))
         return dx, dres
@@ -389,10 +421,12 @@ def bn_backward_apply(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: 
     bs, bc = tile(v, _INTERP_TILE if _backend.INTERPRET else _APPLY_TILE)
     num_sb = triton.cdiv(v.S, bs)
     _bn_bwd_apply_kernel[(v.N * num_sb, triton.cdiv(v.C, bc))](
-        xc, dyc, rc if rc is not None else xc, dxc, drc if drc is not None else dxc, mean, var,
+        xc, dyc, rc if rc is not None else xc, dxc, drc if drc is not None else dxc, mean,
+        mean_lo if mean_lo is not None else mean, var,
         weight if weight is not None else mean, bias if bias is not None else mean,
         sdy, sdyx, 1.0 / count, eps, v.C, v.S, v.sN, v.sC, v.sS, num_sb,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None, RELU=relu,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=rc is not None,
+        HAS_LO=mean_lo is not None, RELU=relu,
         TRAINING=training, BLOCK_S=bs, BLOCK_C=bc, ACC=_acc(x))
     if dxc is not dx:
         dx.copy_(dxc)
@@ -409,42 +443,43 @@ def _reduced_count(x: Tensor) -> int:
 @torch.library.custom_op("shiftlab::bn_fwd", mutates_args=())
 def bn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
            mean_in: Optional[Tensor], var_in: Optional[Tensor], eps: float,
-           relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+           relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize with batch statistics (``mean_in is None``) or the given ones.
 
-    Returns ``(y, mean, var)``: the batch statistics (fp32, biased variance); in eval mode
-    (statistics given) ``mean``/``var`` are empty -- the backward reads the given ones.
+    Returns ``(y, mean, var, mean_lo)``: the batch statistics (fp32, biased variance, the mean as
+    ``mean + mean_lo``, see :func:`batch_stats_split`); in eval mode (statistics given) the last
+    three are empty -- the backward reads the given ones.
     """
     if mean_in is None or var_in is None:
-        mean, var = batch_stats(x)
-        return bn_apply(x, mean, var, weight, bias, residual, eps, relu), mean, var
+        mean, lo, var = batch_stats_split(x)
+        return bn_apply(x, mean, var, weight, bias, residual, eps, relu, lo), mean, var, lo
     empty = x.new_empty(0, dtype=stat_dtype(x))
-    return bn_apply(x, mean_in, var_in, weight, bias, residual, eps, relu), empty, empty.clone()
+    return (bn_apply(x, mean_in, var_in, weight, bias, residual, eps, relu), empty, empty.clone(),
+            empty.clone())
 
 
 @bn_fwd.register_fake
 def _(x, weight, bias, residual, mean_in, var_in, eps, relu):
     C = x.shape[1] if mean_in is None or var_in is None else 0
-    return (torch.empty_like(x), x.new_empty(C, dtype=stat_dtype(x)),
-            x.new_empty(C, dtype=stat_dtype(x)))
+    return (torch.empty_like(x), *(x.new_empty(C, dtype=stat_dtype(x)) for _ in range(3)))
 
 
 @torch.library.custom_op("shiftlab::bn_bwd", mutates_args=())
 def bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
            residual: Optional[Tensor], mean: Tensor, var: Tensor, eps: float, relu: bool,
-           training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           training: bool, mean_lo: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias, dresidual)``; fp32 ``dweight/dbias``; ``dresidual`` is
     empty unless a ReLU masks it."""
-    sdy, sdyx = bn_backward_reduce(dy, x, mean, var, weight, bias, residual, eps, relu)
+    sdy, sdyx = bn_backward_reduce(dy, x, mean, var, weight, bias, residual, eps, relu, mean_lo)
     dx, dres = bn_backward_apply(dy, x, mean, var, weight, bias, residual, sdy, sdyx,
-                                 float(_reduced_count(x)), eps, relu, training)
+                                 float(_reduced_count(x)), eps, relu, training, mean_lo)
     if dres is None:
         dres = x.new_empty(0)
     return dx, sdyx, sdy, dres
 
 
 @bn_bwd.register_fake
-def _(dy, x, weight, bias, residual, mean, var, eps, relu, training):
+def _(dy, x, weight, bias, residual, mean, var, eps, relu, training, mean_lo=None):
     C = x.shape[1]
     dres = torch.empty_like(residual) if (residual is not None and relu) else x.new_empty(0)
     return (torch.empty_like(x), x.new_empty(C, dtype=stat_dtype(x)),
@@ -453,18 +488,18 @@ def _(dy, x, weight, bias, residual, mean, var, eps, relu, training):
 
 def _bn_setup(ctx, inputs, output) -> None:
     x, weight, bias, residual, mean_in, _var_in, eps, relu = inputs
-    _, mean, var = output
+    _, mean, var, lo = output
     training = mean_in is None or _var_in is None
     if not training:
-        mean, var = mean_in, _var_in
-    ctx.save_for_backward(x, weight, bias, residual, mean, var)
+        mean, var, lo = mean_in, _var_in, None
+    ctx.save_for_backward(x, weight, bias, residual, mean, var, lo)
     ctx.eps, ctx.relu, ctx.training = eps, relu, training
 
 
-def _bn_backward(ctx, dy, _dmean, _dvar):
-    x, weight, bias, residual, mean, var = ctx.saved_tensors
+def _bn_backward(ctx, dy, _dmean, _dvar, _dlo):
+    x, weight, bias, residual, mean, var, lo = ctx.saved_tensors
     dx, dw, db, dres = torch.ops.shiftlab.bn_bwd(dy, x, weight, bias, residual, mean, var,
-                                                 ctx.eps, ctx.relu, ctx.training)
+                                                 ctx.eps, ctx.relu, ctx.training, lo)
     dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(bias.dtype) if bias is not None else None
     if residual is None:
@@ -521,9 +556,10 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, relu, group):
         C = x.shape[1]
-        mean_l, var_l = batch_stats(x)
+        mean_l, lo_l, var_l = batch_stats_split(x)
         n_l = float(_reduced_count(x))
-        row = torch.stack([torch.full_like(mean_l, n_l), mean_l, var_l * n_l]).double()
+        mean_l64 = mean_l.double() + lo_l.double()  # exact: the pair's full precision crosses ranks
+        row = torch.stack([torch.full_like(mean_l64, n_l), mean_l64, var_l.double() * n_l])
         rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
         dist.all_gather(rows, row, group=group)
         g = torch.stack(rows)  # (world, 3, C)
@@ -533,21 +569,22 @@ class _SyncBatchNorm(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} "
                              "values per channel over all ranks")
         mean, var = mu.to(stat_dtype(x)), (M2 / total).to(stat_dtype(x))
-        y = bn_apply(x, mean, var, weight, bias, residual, eps, relu)
-        ctx.save_for_backward(x, weight, bias, residual, mean, var)
+        lo = (mu - mean.double()).to(stat_dtype(x))  # what fp32 rounded off the merged mean
+        y = bn_apply(x, mean, var, weight, bias, residual, eps, relu, lo)
+        ctx.save_for_backward(x, weight, bias, residual, mean, var, lo)
         ctx.eps, ctx.relu, ctx.group, ctx.total = eps, relu, group, total
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var, torch.tensor(total)
 
     @staticmethod
     def backward(ctx, dy, _dm, _dv, _dn):
-        x, weight, bias, residual, mean, var = ctx.saved_tensors
-        sdy, sdyx = bn_backward_reduce(dy, x, mean, var, weight, bias, residual, ctx.eps, ctx.relu)
+        x, weight, bias, residual, mean, var, lo = ctx.saved_tensors
+        sdy, sdyx = bn_backward_reduce(dy, x, mean, var, weight, bias, residual, ctx.eps, ctx.relu, lo)
         both = torch.cat([sdy, sdyx])
         dist.all_reduce(both, group=ctx.group)
         C = x.shape[1]
         dx, dres = bn_backward_apply(dy, x, mean, var, weight, bias, residual, both[:C], both[C:],
-                                     ctx.total, ctx.eps, ctx.relu, True)
+                                     ctx.total, ctx.eps, ctx.relu, True, lo)
         dw = sdyx.to(weight.dtype) if weight is not None else None
         db = sdy.to(bias.dtype) if bias is not None else None
         dr = None if residual is None else (dres if ctx.relu else dy)
@@ -605,11 +642,11 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             if count <= 1:
                 raise ValueError("Expected more than 1 value per channel when training, got "
                                  f"input size {x.size()}")
-            y, mean, var = torch.ops.shiftlab.bn_fwd(x, w, b, residual, None, None, self.eps,
-                                                     self.fuse_relu)
+            y, mean, var, _ = torch.ops.shiftlab.bn_fwd(x, w, b, residual, None, None, self.eps,
+                                                        self.fuse_relu)
         else:
-            y, mean, var = torch.ops.shiftlab.bn_fwd(x, w, b, residual, self.running_mean,
-                                                     self.running_var, self.eps, self.fuse_relu)
+            y, mean, var, _ = torch.ops.shiftlab.bn_fwd(x, w, b, residual, self.running_mean,
+                                                        self.running_var, self.eps, self.fuse_relu)
         if update:
             torch.ops.shiftlab.bn_update_running(
                 self.running_mean, self.running_var, self.num_batches_tracked, mean.detach(),

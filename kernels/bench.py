@@ -2,10 +2,14 @@
 
     python -m kernels.bench OUT_DIR [--ops bn,bn_relu,bn_add_relu,ln] [--dtypes bf16,fp32]
                                    [--batches 128,256] [--quick] [--compile static|dynamic|off]
+    python -m kernels.bench OUT_DIR --report      # summary, targets, png again from bench.json
 
-Writes ``OUT_DIR/bench.json`` (every row + summary) and ``OUT_DIR/bench.png`` (speedups), and
-prints a table. Times are medians of ``triton.testing.do_bench`` in ms: ``fwd`` (training-mode
-forward with autograd recording), ``bwd`` (backward of a retained graph) and ``fwd_bwd``.
+Writes ``OUT_DIR/bench.json`` (every row + summary, rewritten after each row so a run cut short
+keeps what it measured), ``OUT_DIR/bench.png`` (speedups) and ``OUT_DIR/bench.md`` (the issue's
+targets, met or missed), and prints a table. Dtypes are the outer loop (all of bf16 first).
+Liger-Kernel's LayerNorm is timed as a peer on the LayerNorm shapes when ``liger_kernel`` imports.
+Times are medians of ``triton.testing.do_bench`` in ms: ``fwd`` (training-mode forward with
+autograd recording), ``bwd`` (backward of a retained graph) and ``fwd_bwd``.
 
 Byte model (N elements of s bytes; parameters and statistics ignored):
 BatchNorm fwd 3Ns (stats pass reads x, normalize pass reads x and writes y; +Ns per residual),
@@ -56,6 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=40, help="do_bench repetitions (ms)")
     p.add_argument("--cpu", action="store_true", help="smoke run without CUDA (tiny shapes)")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild summary, bench.md and bench.png from OUT_DIR/bench.json")
     a = p.parse_args(argv)
     for key, allowed in (("ops", BN_OPS + ("ln",)), ("dtypes", tuple(DTYPES)),
                          ("layouts", ("nchw", "nhwc"))):
@@ -143,7 +149,8 @@ def compiled(fn: Callable, mode: str) -> Callable | None:
     return torch.compile(fn, dynamic=(mode == "dynamic"))
 
 
-def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer: Timer) -> list[dict]:
+def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer: Timer,
+            emit: Callable[[dict], None]) -> None:
     from kernels import TritonBatchNorm2d, TritonBatchNormReLU2d
 
     dtype = DTYPES[dtype_name]
@@ -153,7 +160,6 @@ def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer:
     if a.cpu:
         shapes = [(3, 5, 7)]
     relu = op != "bn"
-    rows = []
     for batch in batches:
         for C, H, W in shapes:
             for layout in a.layouts:
@@ -200,13 +206,12 @@ def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer:
                         r[f"{phase}_gbs"] = gbs
                         r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
                     row[name] = r
-                rows.append(row)
-                print(fmt_row(row), flush=True)
+                emit(row)
                 del x, dy, res, dst
-    return rows
 
 
-def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer) -> list[dict]:
+def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer,
+            emit: Callable[[dict], None]) -> None:
     from kernels import TritonLayerNorm
 
     dtype = DTYPES[dtype_name]
@@ -216,7 +221,6 @@ def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer) -
         grid = [(4096, 1024), (4096, 4096), (8192, 8192), (4096, 16384)]
     if a.cpu:
         grid = [(8, 64)]
-    rows = []
     for M, N in grid:
         x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
@@ -228,6 +232,10 @@ def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer) -
             impls["compile"] = comp
         leaves_of = {"ours": [x, ours.weight, ours.bias], "eager": [x, ref.weight, ref.bias],
                      "compile": [x, ref.weight, ref.bias]}
+        peer = liger_layernorm(N, device, dtype)
+        if peer is not None:
+            impls["liger"] = lambda: peer(x)
+            leaves_of["liger"] = [x, peer.weight, peer.bias]
         n_el, s = x.numel(), x.element_size()
         bytes_ = {"fwd": 2 * n_el * s, "bwd": 3 * n_el * s, "fwd_bwd": 5 * n_el * s}
         dst = torch.empty_like(x)
@@ -236,15 +244,37 @@ def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer) -
         row = {"op": "ln", "dtype": dtype_name, "layout": "rows", "shape": [M, N],
                "eager_backend": "native", "copy_ms": t_copy, "copy_gbs": copy_gbs, "bytes": bytes_}
         for name, fn in impls.items():
-            r = measure(timer, fn, dy, leaves_of[name], cuda)
+            try:
+                r = measure(timer, fn, dy, leaves_of[name], cuda)
+            except Exception as e:  # a peer that fails here is reported, not fatal
+                if name != "liger":
+                    raise
+                row["liger_error"] = f"{type(e).__name__}: {e}"[:300]
+                continue
             for phase in ("fwd", "bwd", "fwd_bwd"):
                 gbs = bytes_[phase] / max(r[phase], 1e-9) / 1e6
                 r[f"{phase}_gbs"] = gbs
                 r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
             row[name] = r
-        rows.append(row)
-        print(fmt_row(row), flush=True)
-    return rows
+        emit(row)
+
+
+def liger_layernorm(N: int, device: str, dtype: torch.dtype) -> nn.Module | None:
+    """Liger-Kernel's Triton LayerNorm (same eps and affine init as ours), or None if absent."""
+    try:
+        from liger_kernel.transformers import LigerLayerNorm
+    except Exception:
+        return None
+    return LigerLayerNorm(N, eps=1e-5, bias=True).to(device=device, dtype=dtype)
+
+
+def copy_peak(device: str, cuda: bool, timer: "Timer") -> dict:
+    """Device-to-device ``copy_`` of 1 GiB (1 MiB on CPU): the bandwidth ceiling of this run."""
+    n = (1 << 30) if cuda else (1 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return {"bytes_moved": 2 * n, "ms": ms, "gbs": 2 * n / ms / 1e6}
 
 
 def fmt_row(row: dict) -> str:
@@ -253,7 +283,7 @@ def fmt_row(row: dict) -> str:
     o = row["ours"]
     parts.append(f"ours fwd/bwd/fb {o['fwd']:.4f}/{o['bwd']:.4f}/{o['fwd_bwd']:.4f} ms "
                  f"({o['fwd_bwd_pct_copy']:.0f}% copy)")
-    for base in ("eager", "compile"):
+    for base in BASES:
         if base in row:
             parts.append(f"x{row[base]['fwd_bwd'] / o['fwd_bwd']:.2f} vs {base}")
     parts.append(f"[eager={row['eager_backend']}]")
@@ -275,7 +305,7 @@ def summarize(rows: list[dict]) -> dict:
                 continue
             key = f"{op}/{dt}"
             out[key] = {}
-            for base in ("eager", "compile"):
+            for base in BASES:
                 for phase in ("fwd", "bwd", "fwd_bwd"):
                     g = geomean([r[base][phase] / r["ours"][phase] for r in sel if base in r])
                     if g is not None:
@@ -294,6 +324,64 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+BASES = ("eager", "compile", "liger")
+# (summary key, metric, threshold, label): the issue's performance targets, all fwd+bwd.
+TARGETS = [
+    ("bn/bf16", "fwd_bwd_speedup_vs_eager", 1.3, "BN bf16 >= 1.3x eager"),
+    ("bn/bf16", "fwd_bwd_speedup_vs_compile", 1.0, "BN bf16 >= 1.0x torch.compile"),
+    ("bn/bf16", "fwd_bwd_pct_copy_large_min", 80.0, "BN bf16 >= 80% of copy bandwidth (large shapes)"),
+    ("bn_relu/bf16", "fwd_bwd_speedup_vs_compile", 1.15, "BN+ReLU bf16 >= 1.15x torch.compile"),
+    ("ln/bf16", "fwd_bwd_speedup_vs_eager_N>=4096_min", 1.2, "LN bf16 >= 1.2x eager at N >= 4096"),
+    ("ln/bf16", "fwd_bwd_speedup_vs_eager_N=1024_min", 1.0, "LN bf16 >= 1.0x eager at N = 1024"),
+    ("ln/fp32", "fwd_bwd_speedup_vs_eager_N>=4096_min", 1.2, "LN fp32 >= 1.2x eager at N >= 4096"),
+    ("ln/fp32", "fwd_bwd_speedup_vs_eager_N=1024_min", 1.0, "LN fp32 >= 1.0x eager at N = 1024"),
+]
+
+
+def check_targets(summary: dict) -> list[dict]:
+    """Each target with its measured value and whether it is met (None: not measured)."""
+    out = []
+    for key, metric, thr, label in TARGETS:
+        v = summary.get(key, {}).get(metric)
+        out.append({"target": label, "key": key, "metric": metric, "threshold": thr, "value": v,
+                    "met": None if v is None else bool(v >= thr)})
+    return out
+
+
+def markdown(meta: dict, summary: dict, targets: list[dict]) -> str:
+    """The README table: per op/dtype geomean fwd+bwd speedups, then the targets."""
+    copy = meta.get("copy_peak", {})
+    lines = [f"Device: {meta.get('device')} (torch {meta.get('torch')}, triton {meta.get('triton')}); "
+             f"copy_ peak {copy.get('gbs', float('nan')):.0f} GB/s (read+write, same run).", "",
+             "| op/dtype | vs eager | vs torch.compile | vs Liger | min % of copy (large) |",
+             "| --- | --- | --- | --- | --- |"]
+
+    def f(v, suffix="x"):
+        return "-" if v is None else f"{v:.2f}{suffix}"
+
+    for key, s in summary.items():
+        lines.append(f"| {key} | {f(s.get('fwd_bwd_speedup_vs_eager'))} | "
+                     f"{f(s.get('fwd_bwd_speedup_vs_compile'))} | {f(s.get('fwd_bwd_speedup_vs_liger'))} | "
+                     f"{f(s.get('fwd_bwd_pct_copy_large_min'), '%')} |")
+    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+    for t in targets:
+        met = {None: "not measured", True: "yes", False: "**no**"}[t["met"]]
+        lines.append(f"| {t['target']} | {f(t['value'], '')} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict], final: bool) -> dict:
+    """bench.json always; bench.md and bench.png when ``final``. Returns the summary."""
+    summary = summarize(rows)
+    targets = check_targets(summary)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "targets": targets,
+                                                "rows": rows}, indent=1))
+    if final and rows:
+        (out / "bench.md").write_text(markdown(meta, summary, targets))
+        plot(rows, out / "bench.png")
+    return summary
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -307,14 +395,14 @@ def plot(rows: list[dict], path: Path) -> None:
         sel = [r for r in rows if r["op"] == op and r["dtype"] == dt]
         labels = [f"{'x'.join(map(str, r['shape']))} {r['layout']}" for r in sel]
         xs = range(len(sel))
-        for k, (base, off) in enumerate((("eager", -0.2), ("compile", 0.2))):
+        for base, off in (("eager", -0.27), ("compile", 0.0), ("liger", 0.27)):
             vals = [r[base]["fwd_bwd"] / r["ours"]["fwd_bwd"] if base in r else 0 for r in sel]
-            ax.bar([i + off for i in xs], vals, width=0.4, label=f"vs {base}")
+            ax.bar([i + off for i in xs], vals, width=0.27, label=f"vs {base}")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("fwd+bwd speedup")
-        ax.set_title(f"{op} {dt}: ours vs eager / torch.compile (>1 = ours faster)")
+        ax.set_title(f"{op} {dt}: ours vs eager / torch.compile / Liger (>1 = ours faster)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -323,12 +411,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    out = Path(a.out_dir)
+    if a.report:
+        data = json.loads((out / "bench.json").read_text())
+        summary = write_outputs(out, data["meta"], data["rows"], final=True)
+        print((out / "bench.md").read_text() if data["rows"] else "no rows in bench.json")
+        return 0
     cuda = torch.cuda.is_available()
     if not cuda and not a.cpu:
         print("kernels.bench: no CUDA device; nothing to measure (use --cpu for a smoke run).")
         return 0
     device = "cuda" if cuda else "cpu"
-    out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer(cuda, a.warmup, a.rep)
     from kernels import backend_name
@@ -341,21 +434,28 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    print(f"kernels.bench on {meta['device']} (kernels backend: {meta['backend']})", flush=True)
+    meta["liger"] = liger_layernorm(8, device, torch.float32) is not None
+    meta["copy_peak"] = copy_peak(device, cuda, timer)
+    print(f"kernels.bench on {meta['device']} (kernels backend: {meta['backend']}); copy_ peak "
+          f"{meta['copy_peak']['gbs']:.0f} GB/s; Liger peer: {meta['liger']}", flush=True)
     rows: list[dict] = []
     dtypes = a.dtypes if not a.cpu else ["fp32"]
-    for op in a.ops:
-        for dt in dtypes:
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(fmt_row(row), flush=True)
+        write_outputs(out, meta, rows, final=False)
+
+    for dt in dtypes:
+        for op in a.ops:
             if op == "ln":
-                rows += ln_rows(a, dt, device, timer)
+                ln_rows(a, dt, device, timer, emit)
             else:
-                rows += bn_rows(a, op, dt, device, timer)
-    summary = summarize(rows)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows},
-                                               indent=1))
-    plot(rows, out / "bench.png")
+                bn_rows(a, op, dt, device, timer, emit)
+    summary = write_outputs(out, meta, rows, final=True)
     print(json.dumps(summary, indent=1))
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
     return 0
 
 

@@ -22,7 +22,7 @@ if _backend.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _ln_fwd_kernel(X, Y, W, B, MEAN, RSTD, M, N, sx, eps, HAS_W: tl.constexpr,
+    def _ln_fwd_kernel(X, Y, W, B, MEAN, MEAN_LO, RSTD, M, N, sx, eps, HAS_W: tl.constexpr,
                        HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -34,13 +34,18 @@ if _backend.HAS_TRITON:
                     other=0.0).to(ACC)
         if IS_RMS:
             mean = tl.zeros([BLOCK_M], dtype=ACC)
+            lo = mean
             d = x
         else:  # shift by each row's first value so fp32 sums of large-offset rows stay exact
             pivot = tl.load(X + rows.to(tl.int64) * sx, mask=rmask, other=0.0).to(ACC)
             xs = tl.where(mask, x - pivot[:, None], 0.0)
             mean_s = tl.sum(xs, axis=1) / N
             d = tl.where(mask, xs - mean_s[:, None], 0.0)
-            mean = mean_s + pivot
+            # the backward needs pivot + mean_s, which fp32 cannot hold when |pivot| >> spread:
+            # keep it as the exact unevaluated sum mean + lo (TwoSum)
+            mean = pivot + mean_s
+            b = mean - pivot
+            lo = (pivot - (mean - b)) + (mean_s - b)
         var = tl.sum(d * d, axis=1) / N
         rstd = 1.0 / tl.sqrt(var + eps)
         y = d * rstd[:, None]
@@ -51,10 +56,11 @@ if _backend.HAS_TRITON:
         tl.store(Y + rows[:, None].to(tl.int64) * N + cols[None, :], y.to(Y.dtype.element_ty),
                  mask=mask)
         tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(MEAN_LO + rows, lo, mask=rmask)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
-    def _ln_bwd_kernel(X, DY, DX, W, MEAN, RSTD, PDW, PDB, M, N, sx, sdy, rows_per_prog,
+    def _ln_bwd_kernel(X, DY, DX, W, MEAN, MEAN_LO, RSTD, PDW, PDB, M, N, sx, sdy, rows_per_prog,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
         pid = tl.program_id(0)
@@ -73,8 +79,9 @@ if _backend.HAS_TRITON:
             x = tl.load(X + r64 * sx + cols[None, :], mask=mask, other=0.0).to(ACC)
             dy = tl.load(DY + r64 * sdy + cols[None, :], mask=mask, other=0.0).to(ACC)
             mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            lo = tl.load(MEAN_LO + rows, mask=rmask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            xhat = tl.where(mask, ((x - mean[:, None]) - lo[:, None]) * rstd[:, None], 0.0)
             if HAS_W:
                 wdy = dy * w[None, :]
             else:
@@ -134,36 +141,36 @@ def _rows(x: Tensor, N: int) -> Tensor:
 
 
 def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-              rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+              rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     M, N = x.shape
     y = x.new_empty((M, N))
     if not _use_kernels(x, N):
         xf = x.to(_sd(x))
         mean = torch.zeros(M, device=x.device, dtype=_sd(x)) if rms else xf.mean(1)
-        d = xf - mean[:, None]
+        lo = torch.zeros_like(mean) if rms else (xf - mean[:, None]).mean(1)  # what fp32 rounded off
+        d = (xf - mean[:, None]) - lo[:, None]
         rstd = torch.rsqrt(d.square().mean(1) + eps)
         out = d * rstd[:, None]
         if weight is not None:
             out = out * weight.to(_sd(x))
         if bias is not None:
             out = out + bias.to(_sd(x))
-        return y.copy_(out), mean, rstd
-    mean = torch.empty(M, device=x.device, dtype=_sd(x))
-    rstd = torch.empty(M, device=x.device, dtype=_sd(x))
+        return y.copy_(out), mean, rstd, lo
+    mean, lo, rstd = (torch.empty(M, device=x.device, dtype=_sd(x)) for _ in range(3))
     bm, bn, warps = _fwd_cfg(N)
     _ln_fwd_kernel[(triton.cdiv(M, bm),)](
-        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        x, y, weight if weight is not None else x, bias if bias is not None else x, mean, lo, rstd,
         M, N, x.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, IS_RMS=rms,
         BLOCK_M=bm, BLOCK_N=bn, ACC=_acc(x), num_warps=warps)
-    return y, mean, rstd
+    return y, mean, rstd, lo
 
 
 def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-              has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+              has_bias: bool, rms: bool, mean_lo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     M, N = x.shape
     dx = x.new_empty((M, N))
     if not _use_kernels(x, N):
-        xhat = (x.to(_sd(x)) - mean[:, None]) * rstd[:, None]
+        xhat = ((x.to(_sd(x)) - mean[:, None]) - mean_lo[:, None]) * rstd[:, None]
         g = dy.to(_sd(x))
         wdy = g * weight.to(_sd(x)) if weight is not None else g
         c1 = (xhat * wdy).mean(1, keepdim=True)
@@ -181,7 +188,7 @@ def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rst
     pdw = torch.empty(G, N, **f32)
     pdb = torch.empty(G, N, **f32)
     _ln_bwd_kernel[(G,)](
-        x, dy, dx, weight if weight is not None else x, mean, rstd, pdw, pdb, M, N,
+        x, dy, dx, weight if weight is not None else x, mean, mean_lo, rstd, pdw, pdb, M, N,
         x.stride(0), dy.stride(0), rows_per_prog, HAS_W=weight is not None, HAS_B=has_bias,
         IS_RMS=rms, BLOCK_M=bm, BLOCK_N=bn, ACC=_acc(x), num_warps=warps)
     dw, db = torch.zeros(N, **f32), torch.zeros(N, **f32)
@@ -195,28 +202,28 @@ def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rst
 
 @torch.library.custom_op("shiftlab::ln_fwd", mutates_args=())
 def ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-           rms: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Row normalization of a 2-D ``x``: returns ``(y, mean, rstd)`` (fp32 stats)."""
+           rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row normalization of a 2-D ``x``: returns ``(y, mean, rstd, mean_lo)`` (fp32 stats; the
+    row mean is the unevaluated sum ``mean + mean_lo``, exact where fp32 alone is not)."""
     return _norm_fwd(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, eps, rms)
 
 
 @ln_fwd.register_fake
 def _(x, weight, bias, eps, rms):
     M = x.shape[0]
-    return (x.new_empty(x.shape), x.new_empty(M, dtype=_sd(x)),
-            x.new_empty(M, dtype=_sd(x)))
+    return (x.new_empty(x.shape), *(x.new_empty(M, dtype=_sd(x)) for _ in range(3)))
 
 
 @torch.library.custom_op("shiftlab::ln_bwd", mutates_args=())
 def ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-           has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+           has_bias: bool, rms: bool, mean_lo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``, the latter two fp32 (zeros when absent)."""
     return _norm_bwd(dy, x if x.stride(-1) == 1 else x.contiguous(), weight, mean, rstd,
-                     has_bias, rms)
+                     has_bias, rms, mean_lo)
 
 
 @ln_bwd.register_fake
-def _(dy, x, weight, mean, rstd, has_bias, rms):
+def _(dy, x, weight, mean, rstd, has_bias, rms, mean_lo):
     N = x.shape[1]
     return (x.new_empty(x.shape), x.new_empty(N, dtype=_sd(x)),
             x.new_empty(N, dtype=_sd(x)))
@@ -224,14 +231,14 @@ def _(dy, x, weight, mean, rstd, has_bias, rms):
 
 def _ln_setup(ctx, inputs, output) -> None:
     x, weight, bias, _eps, rms = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    _, mean, rstd, lo = output
+    ctx.save_for_backward(x, weight, mean, rstd, lo)
     ctx.has_bias, ctx.bias_dtype, ctx.rms = bias is not None, (bias.dtype if bias is not None else None), rms
 
 
-def _ln_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.shiftlab.ln_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms)
+def _ln_backward(ctx, dy, _dmean, _drstd, _dlo):
+    x, weight, mean, rstd, lo = ctx.saved_tensors
+    dx, dw, db = torch.ops.shiftlab.ln_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.rms, lo)
     return (dx, dw.to(weight.dtype) if weight is not None else None,
             db.to(ctx.bias_dtype) if ctx.has_bias else None, None, None)
 
@@ -248,7 +255,7 @@ def layer_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Optional[Te
                          f"{tuple(normalized_shape)}")
     w = weight.reshape(N) if weight is not None else None
     b = bias.reshape(N) if bias is not None else None
-    y, _, _ = torch.ops.shiftlab.ln_fwd(_rows(x, N), w, b, eps, rms)
+    y, _, _, _ = torch.ops.shiftlab.ln_fwd(_rows(x, N), w, b, eps, rms)
     return y.reshape(x.shape)
 
 

@@ -54,6 +54,7 @@ os.environ.update({
     "WANDB_MODE": "disabled",
 })
 SHIFTLAB_PYTHON = os.environ.get("SHIFTLAB_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
+os.environ["SHIFTLAB_PYTHON"] = SHIFTLAB_PYTHON  # read when the DAG file is parsed, not per run
 
 STEPS = ["prepare_data", "train", "evaluate", "publish_report"]
 RUN_ID = "manual__2026-11-24T15:00:00+00:00"
@@ -101,7 +102,7 @@ def test_both_dags_parse_with_the_same_steps(dagbag) -> None:
         assert [t.task_id for t in dag.topological_sort()] == STEPS
         for up, down in zip(STEPS, STEPS[1:]):
             assert dag.get_task(up).downstream_task_ids == {down}
-        assert set(dag.params) == {"overrides", "output_root", "min_test_acc", "python"}
+        assert set(dag.params) == {"overrides", "output_root", "min_test_acc"}  # no executable among them
     kinds = {dag_id: {type(t).__name__ for t in dag.tasks} for dag_id, dag in dagbag.items()}
     assert kinds == {"shiftlab_pipeline": {"KubernetesPodOperator"}, "shiftlab_pipeline_local": {"BashOperator"}}
 
@@ -122,6 +123,9 @@ def test_pod_specs_render_from_dag_params_and_validate(dagbag, dag_module) -> No
         assert c["image"] == "shiftlab-trainer:0.1.0-cpu" and pod["metadata"]["namespace"] == "shiftlab"
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["serviceAccountName"] == "shiftlab-trainer"
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        scratch = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] in scratch} == {"/tmp", "/home/shiftlab", "/dev/shm"}
         assert {"cpu", "memory"} <= set(c["resources"]["limits"]) and "nvidia.com/gpu" not in c["resources"]["limits"]
         assert {"mountPath": "/outputs", "name": "outputs"} in c["volumeMounts"]
         assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "shiftlab-outputs"
@@ -150,6 +154,49 @@ def test_gpu_variant_and_bad_input(dag_module, monkeypatch) -> None:
     assert dag_module.run_slug("manual__2026-11-24T15:00:00.123+00:00") == "manual__2026-11-24T15_00_00.123_00_00"
 
 
+def _render_bash(dag, step: str, params: dict) -> str:
+    import copy
+
+    task = copy.deepcopy(dag.get_task(step))
+    task.render_template_fields({"params": params, "dag": dag, "run_id": RUN_ID, "task": task},
+                                jinja_env=dag.get_template_env())
+    return task.bash_command
+
+
+def test_executable_is_fixed_when_the_dag_is_parsed(dagbag, dag_module, monkeypatch) -> None:
+    """Finding 8: a triggered run cannot choose what executes on the worker."""
+    import shlex
+
+    dag = dagbag["shiftlab_pipeline_local"]
+    for step in STEPS:
+        # a run's conf naming another executable changes nothing: it is not a parameter
+        argv = shlex.split(_render_bash(dag, step, _params(dag, python="/tmp/evil", overrides=["seed=2"])))
+        assert argv[0] == SHIFTLAB_PYTHON and argv[1] == "-m" and "/tmp/evil" not in argv, step
+    k8s = dagbag["shiftlab_pipeline"].get_task("train")
+    assert k8s.cmds == ["python"]
+    monkeypatch.setenv("SHIFTLAB_PYTHON", "/opt/other/bin/python")
+    rebuilt = dag_module.build_dag("local")
+    assert shlex.split(_render_bash(rebuilt, "train", _params(rebuilt)))[0] == "/opt/other/bin/python"
+    monkeypatch.setenv("SHIFTLAB_PYTHON", "venv/bin/python")
+    with pytest.raises(dag_module.PipelineError, match="SHIFTLAB_PYTHON=venv/bin/python is not allowed; allowed: an "
+                                                       "absolute path"):
+        dag_module.build_dag("local")
+
+
+@pytest.mark.parametrize("override", [
+    "-m", "--config-dir=/tmp/x", "-cd=/tmp", "hydra.job.env_set.LD_PRELOAD=/tmp/x.so", "+hydra.callbacks.x=1",
+    "hydra/launcher=joblib", "+callbacks.x._target_=os.system", "callbacks.x={_target_: os.system, command: id}",
+    "+model._partial_=true", "=1",
+])
+def test_overrides_that_change_the_program_are_refused(dagbag, dag_module, override) -> None:
+    dag = dagbag["shiftlab_pipeline"]
+    with pytest.raises(dag_module.PipelineError, match=r"^overrides: .* is not allowed; allowed: key=value"):
+        dag_module.step_argv("train", _params(dag, overrides=["seed=1", override]), "d", "r")
+    ok = ["experiment=a b", "+trainer.limit_train_batches=5", "~callbacks.early_stopping", "optimizer.lr=0.05",
+          "data@data2=digits", "++task_name=x_y"]
+    assert dag_module.check_overrides(ok) == ok
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_local_dag_runs_end_to_end(dagbag, tmp_path: Path) -> None:
@@ -161,7 +208,7 @@ def test_local_dag_runs_end_to_end(dagbag, tmp_path: Path) -> None:
     dag = dagbag["shiftlab_pipeline_local"]
     out = tmp_path / "pipelines"
     conf = {"overrides": ["trainer.max_epochs=2", "+trainer.limit_train_batches=5", "seed=1"],
-            "python": SHIFTLAB_PYTHON, "output_root": str(out), "min_test_acc": 0.0}
+            "output_root": str(out), "min_test_acc": 0.0}
     run = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert run.state == "success", states

@@ -44,7 +44,7 @@ def _all_pod_templates(docs: list[dict]):
 # rendering
 # --------------------------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (the Python renderer is used)")
-@pytest.mark.parametrize("tree", ["base", "overlays/cpu", "overlays/gpu"])
+@pytest.mark.parametrize("tree", ["base", "overlays/cpu", "overlays/gpu", "overlays/digest"])
 def test_python_render_equals_kubectl_kustomize(tree: str) -> None:
     ours = {render.key(d): d for d in render.render(K8S / tree)}
     theirs = {render.key(d): d for d in render.kubectl_render(K8S / tree)}
@@ -56,7 +56,8 @@ def test_python_render_equals_kubectl_kustomize(tree: str) -> None:
 def test_renders_the_expected_objects(overlay) -> None:
     name, docs = overlay
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
-    assert kinds == [("ConfigMap", "shiftlab-env"), ("Namespace", "shiftlab"),
+    assert kinds == [("ConfigMap", "shiftlab-env"), ("Namespace", "shiftlab"), ("NetworkPolicy", "shiftlab-ddp"),
+                     ("NetworkPolicy", "shiftlab-ray-head"), ("NetworkPolicy", "shiftlab-ray-workers"),
                      ("PersistentVolumeClaim", "shiftlab-outputs"), ("PyTorchJob", "shiftlab-ddp"),
                      ("RayCluster", "shiftlab-ray"), ("RayJob", "shiftlab-sweep"),
                      ("ServiceAccount", "shiftlab-trainer")]
@@ -144,6 +145,93 @@ def test_pods_are_non_root_bounded_and_share_outputs_and_wandb_secret(overlay) -
         assert claims in ([], ["shiftlab-outputs"]), where
     pvc = _by_kind(docs, "PersistentVolumeClaim")[0]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_root_filesystems_are_read_only_with_writable_scratch(overlay) -> None:
+    """Finding 8: every container read-only; /tmp and $HOME are emptyDirs, /outputs the PVC."""
+    _, docs = overlay
+    home = re.search(r"ENV HOME=(\S+)", (ROOT / "deploy" / "Dockerfile").read_text()).group(1)
+    assert home == re.search(r"ENV HOME=(\S+)", (ROOT / "deploy" / "Dockerfile.cpu").read_text()).group(1)
+    n = 0
+    for where, template in _all_pod_templates(docs):
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        for c in template["spec"]["containers"]:
+            n += 1
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, (where, c["name"])
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+            assert {"/tmp", home} <= set(mounts), (where, c["name"])
+            for path, volume in mounts.items():
+                writable = "emptyDir" in volume or volume.get("persistentVolumeClaim", {}).get("claimName") == "shiftlab-outputs"
+                assert writable and not any(m.get("readOnly") for m in c["volumeMounts"]), (where, path)
+                assert "emptyDir" not in volume or volume["emptyDir"].get("sizeLimit"), (where, path)
+    assert n == 5  # Ray head, Ray worker, RayJob submitter, DDP master and worker
+    env = _by_kind(docs, "ConfigMap")[0]["data"]
+    for var in ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "WANDB_DIR"):
+        assert env[var].startswith(("/tmp/", "/outputs/")), var
+    assert env["SHIFTLAB_ROOT"] == "/outputs"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # the only selector form used here
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _ingress_allowed(policies: list[dict], dst: dict, src: dict, port: int) -> bool:
+    """Kubernetes NetworkPolicy semantics for pods of one namespace: allowed if no policy selects
+    ``dst`` for Ingress, else if any rule of a selecting policy admits ``src`` on ``port``."""
+    selecting = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], dst)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            ports = rule.get("ports")
+            if (peers is None or any(_selects(peer["podSelector"], src) for peer in peers)) and \
+                    (ports is None or any(p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in ports)):
+                return True
+    return False
+
+
+def test_network_policies_close_the_ray_head_to_other_pods(overlay) -> None:
+    """Finding 8: the dashboard's job-submission API (8265), GCS (6379) and client port (10001)
+    reach the head only from the cluster's own pods; the RayJob submitter only on 8265."""
+    _, docs = overlay
+    policies = _by_kind(docs, "NetworkPolicy")
+    for p in policies:
+        assert all("namespaceSelector" not in peer and "ipBlock" not in peer
+                   for rule in p["spec"].get("ingress", []) for peer in rule.get("from", [])), p["metadata"]["name"]
+    cluster = _by_kind(docs, "RayCluster")[0]
+    name = cluster["metadata"]["name"]
+    head_ports = {p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports == {6379, 8265, 10001}
+    # the labels KubeRay puts on the pods it creates, plus the submitter template's own labels
+    head = {"ray.io/cluster": name, "ray.io/node-type": "head", "ray.io/is-ray-node": "yes"}
+    worker = {"ray.io/cluster": name, "ray.io/node-type": "worker", "ray.io/group": "trials"}
+    submitter = _by_kind(docs, "RayJob")[0]["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    ddp = {"training.kubeflow.org/job-name": "shiftlab-ddp", "training.kubeflow.org/replica-type": "worker"}
+    stranger = {"app": "notebook"}
+    for port in sorted(head_ports):
+        assert _ingress_allowed(policies, head, worker, port) and _ingress_allowed(policies, head, head, port)
+        assert _ingress_allowed(policies, head, submitter, port) == (port == 8265), port
+        for other in (stranger, ddp, {"ray.io/cluster": "another-cluster", "ray.io/node-type": "worker"}):
+            assert not _ingress_allowed(policies, head, other, port), (other, port)
+    assert _ingress_allowed(policies, worker, head, 40000) and not _ingress_allowed(policies, worker, stranger, 40000)
+    assert not _ingress_allowed(policies, worker, submitter, 8265)
+    assert _ingress_allowed(policies, ddp, {**ddp, "training.kubeflow.org/replica-type": "master"}, 23456)
+    assert not _ingress_allowed(policies, ddp, stranger, 23456)
+    # the evaluator itself: without the policies, the stranger gets in
+    assert _ingress_allowed([], head, stranger, 8265)
+
+
+def test_digest_overlay_pins_every_image() -> None:
+    docs = render.render(K8S / "overlays" / "digest")
+    assert render.validate(docs) == []
+    images = {c["image"] for _, t in _all_pod_templates(docs) for c in t["spec"]["containers"]}
+    assert len(images) == 1 and re.fullmatch(r"shiftlab-trainer@sha256:[0-9a-f]{64}", images.pop())
+    # the rest is the CPU overlay unchanged
+    cpu = render.render(K8S / "overlays" / "cpu")
+    strip = lambda ds: json.dumps(ds, sort_keys=True).replace("shiftlab-trainer:0.1.0-cpu", "X")  # noqa: E731
+    assert re.sub(r"shiftlab-trainer@sha256:[0-9a-f]{64}", "X", json.dumps(docs, sort_keys=True)) == strip(cpu)
 
 
 def test_pytorchjob_matches_its_trainer_overrides(overlay) -> None:

@@ -84,13 +84,42 @@ def test_callback_matches_replay_and_restores_best(cb_cls, rule, kw):
     assert items["stopped_epoch"] == expected.stop_epoch and items["restored_epoch"] == expected.best_epoch
 
 
-def test_curvature_callback_logs_diagnostics():
+def test_curvature_callback_logs_its_forecast():
     val, train = u_curve(1)
     cb = CurvatureEarlyStopping(verbose=False)
     trainer, _ = _fit(cb, val, train)
     logged = trainer.callback_metrics
-    for key in ("early_stop/smoothed", "early_stop/slope", "early_stop/curvature"):
-        assert key in logged and math.isfinite(float(logged[key]))
+    for key in ("early_stop/p_continue", "early_stop/forecast_min", "early_stop/forecast_lo",
+                "early_stop/forecast_hi", "early_stop/epochs_left", "early_stop/p_improve"):
+        assert key in logged and math.isfinite(float(logged[key])), key
+    assert float(logged["early_stop/forecast_lo"]) <= float(logged["early_stop/forecast_hi"])
+    assert "forecast minimum" in cb.stop_reason
+    assert "forecast_min" in cb.summary_items()["early_stopping"]["last_diagnostics"]
+
+
+class SEModule(ScriptedModule):
+    """Also logs ``val/loss_se`` (as the classification module does)."""
+
+    def __init__(self, val, train, se):
+        super().__init__(val, train)
+        self.se_curve = se
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val/loss_se", self.se_curve[self.current_epoch], on_step=False, on_epoch=True)
+
+
+def test_callback_passes_the_standard_error_to_the_rule():
+    val, train = u_curve(3)
+    se = [0.002 * (1 + (t % 3)) for t in range(len(val))]
+    expected = replay("curvature", val, train, val_se=se)
+    cb = CurvatureEarlyStopping(verbose=False)
+    trainer = L.Trainer(max_epochs=len(val), logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, callbacks=[cb], accelerator="cpu", devices=1)
+    trainer.fit(SEModule(val, train, se), _loader(), _loader())
+    assert cb.rule.se_values == pytest.approx(se[:len(cb.rule.se_values)])
+    assert (cb.stopped_epoch, cb.best_trainer_epoch) == (expected.stop_epoch, expected.best_epoch)
 
 
 def test_resume_keeps_the_decision_state(tmp_path):
@@ -130,6 +159,9 @@ def test_configs_instantiate_every_stopping_callback():
         assert "model_checkpoint" in cfg.callbacks  # the default entries are kept
         cb = instantiate(cfg.callbacks[group])
         assert isinstance(cb, cls)
-    cb = instantiate(compose_cfg(["callbacks=curvature_stop", "callbacks.curvature_stop.z=3.5"])
+    cb = instantiate(compose_cfg(["callbacks=curvature_stop", "callbacks.curvature_stop.p_stop=0.3"])
                      .callbacks.curvature_stop)
-    assert cb.rule.z == 3.5 and cb.rule.window > 0
+    assert cb.rule.p_stop == 0.3 and cb.rule.name == "curvature" and cb.se_monitor == "val/loss_se"
+    cb = instantiate(compose_cfg(["callbacks=curvature_stop", "callbacks.curvature_stop.rule=quadratic",
+                                  "+callbacks.curvature_stop.z=3.5"]).callbacks.curvature_stop)
+    assert cb.rule.name == "quadratic" and cb.rule.z == 3.5

@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from callbacks.early_stopping import (CurvatureRule, GLRule, PatienceRule, PQRule, UPRule,
+from callbacks.early_stopping import (FEATURES, LEARNED_COEF, CurvatureRule, ForecastRule,
+                                      GLRule, LearnedRule, PatienceRule, PQRule, QuadraticRule,
+                                      SESlopeRule, UPRule, curve_features, forecast_curve,
                                       local_quadratic_fit, make_rule, replay)
 
 
@@ -109,36 +111,47 @@ def test_non_finite_value_stops_at_once():
 
 
 def test_make_rule_errors_name_the_allowed_values():
-    with pytest.raises(ValueError, match="allowed: curvature, patience, gl, pq, up"):
+    with pytest.raises(ValueError, match="allowed: curvature, quadratic, se_slope, forecast, "
+                                         "learned, patience, gl, pq, up"):
         make_rule("plateau")
     with pytest.raises(ValueError, match="allowed: min, max"):
         make_rule("gl", mode="down")
     with pytest.raises(ValueError, match="window"):
-        make_rule("curvature", window=2)
+        make_rule("quadratic", window=2)
+    with pytest.raises(ValueError, match="p_stop"):
+        make_rule("curvature", p_stop=1.5)
+    with pytest.raises(ValueError, match="fit_window"):
+        make_rule("forecast", fit_window=3)
 
 
 @pytest.mark.parametrize("name,kw", [("patience", {}), ("gl", {}), ("up", {"k": 2}),
-                                      ("curvature", {}), ("pq", {})])
-def test_state_dict_resume_continues_same_decision(name, kw):
+                                      ("curvature", {}), ("pq", {}), ("quadratic", {}),
+                                      ("se_slope", {}), ("forecast", {}), ("learned", {})])
+@pytest.mark.parametrize("with_se", [False, True])
+def test_state_dict_resume_continues_same_decision(name, kw, with_se):
+    import json
+
     r = random.Random(3)
     val = [1 / (1 + 0.2 * t) + 0.002 * t * t / 50 + r.gauss(0, 0.01) for t in range(80)]
     tr = [1 / (1 + 0.3 * t) for t in range(80)]
-    full = replay(name, val, tr, **kw)
+    se = [0.01] * 80 if with_se else None
+    full = replay(name, val, tr, val_se=se, **kw)
+    assert full.stopped or name in ("gl", "pq")  # the curve has a clear minimum near t = 25
     a = make_rule(name, **kw)
     for t in range(20):
-        a.update(val[t], tr[t])
+        a.update(val[t], tr[t], None if se is None else se[t])
     b = make_rule(name, **kw)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # survives a JSON round trip
     stop = None
     for t in range(20, 80):
-        if b.update(val[t], tr[t]):
+        if b.update(val[t], tr[t], None if se is None else se[t]):
             stop = t
             break
     assert stop == (full.stop_epoch if full.stopped else None)
     assert b.best_epoch == full.best_epoch
 
 
-# ---------------------------------------------------------------------------- curvature
+# ---------------------------------------------------------------------------- quadratic (v1)
 def test_local_quadratic_fit_recovers_slope_and_curvature():
     ys = [3.0 + 0.5 * x + 0.25 * x * x for x in range(-9, 1)]  # newest x = 0
     fit = local_quadratic_fit(ys, half_life=4)
@@ -165,57 +178,188 @@ def _resolvable(amp: float, noise: float, t_min: int = 35) -> float:
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_curvature_stops_after_the_minimum_of_a_noisy_u(seed):
+def test_quadratic_stops_after_the_minimum_of_a_noisy_u(seed):
     tol = _resolvable(0.4, 0.01)  # ~5.5 epochs
-    d = replay("curvature", _u_curve(seed))
+    d = replay("quadratic", _u_curve(seed))
     assert d.stopped and 35 - tol <= d.stop_epoch <= 60, d
     assert abs(d.best_epoch - 35) <= 2 * tol  # within 4 noise sd of the minimum
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_curvature_stops_just_after_a_sharp_minimum(seed):
+def test_quadratic_stops_just_after_a_sharp_minimum(seed):
     tol = _resolvable(1.0, 0.002)  # ~1.6 epochs
-    d = replay("curvature", _u_curve(seed, noise=0.002, amp=1.0))
+    d = replay("quadratic", _u_curve(seed, noise=0.002, amp=1.0))
     assert d.stopped and 35 <= d.stop_epoch <= 45, d
     assert abs(d.best_epoch - 35) <= tol + 1
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_curvature_stops_on_the_plateau_of_a_decreasing_curve(seed):
+def test_quadratic_stops_on_the_plateau_of_a_decreasing_curve(seed):
     r = random.Random(seed)
     curve = [0.2 + 1.5 * math.exp(-t / 6) + r.gauss(0, 0.002) for t in range(150)]
-    d = replay("curvature", curve)
+    d = replay("quadratic", curve)
     # the exponential has < 1% of the plateau value left after t ~ 6*ln(1.5/0.002) = 40
     assert d.stopped and 25 <= d.stop_epoch <= 110, d
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_curvature_does_not_stop_in_warmup_on_pure_noise(seed):
+def test_quadratic_does_not_stop_in_warmup_on_pure_noise(seed):
     r = random.Random(seed)
-    rule = CurvatureRule()
+    rule = QuadraticRule()
     curve = [1.0 + r.gauss(0, 0.05) for _ in range(60)]
     d = replay(rule, curve)
     assert d.stop_epoch >= rule.warmup
 
 
-def test_curvature_max_mode_mirrors_min_mode():
+def test_quadratic_max_mode_mirrors_min_mode():
     loss = _u_curve(1)
-    d_min = replay("curvature", loss)
-    d_max = replay("curvature", [2.0 - v for v in loss], mode="max", log=False)
-    d_lin = replay("curvature", loss, log=False)
+    d_min = replay("quadratic", loss)
+    d_max = replay("quadratic", [2.0 - v for v in loss], mode="max", log=False)
+    d_lin = replay("quadratic", loss, log=False)
     assert (d_max.stop_epoch, d_max.best_epoch) == (d_lin.stop_epoch, d_lin.best_epoch)
     assert d_min.stopped
 
 
-def test_curvature_trace_logs_smoothed_slope_curvature():
-    d = replay("curvature", _u_curve(2), trace=True)
+def test_quadratic_trace_logs_smoothed_slope_curvature():
+    d = replay("quadratic", _u_curve(2), trace=True)
     row = d.trace[-1]
     assert set(row) >= {"smoothed", "slope", "curvature"}
     assert row["slope"] > 0 and abs(row["smoothed"] - _u_curve(2)[d.stop_epoch]) < 0.05
 
 
 def test_rules_share_the_interface():
-    for cls in (PatienceRule, GLRule, UPRule, CurvatureRule):
+    for cls in (PatienceRule, GLRule, UPRule, QuadraticRule, SESlopeRule, ForecastRule,
+                LearnedRule, CurvatureRule):
         rule = cls()
         assert not rule.update(1.0)
         assert rule.best_epoch == 0 and isinstance(rule.diagnostics(), dict)
+
+
+# ---------------------------------------------------------------------------- measured noise
+def test_local_fit_with_measured_sigma_uses_it_for_the_errors():
+    import numpy as np
+
+    ys = [1.0 + 0.1 * x + 0.02 * x * x for x in range(-7, 1)]
+    r = random.Random(1)
+    noisy = [y + r.gauss(0, 0.05) for y in ys]
+    fit = local_quadratic_fit(noisy, half_life=None, sigma=[0.2] * 8)
+    xs = np.arange(-7, 1, dtype=float)
+    a = np.stack([np.ones(8), xs, 0.5 * xs * xs], axis=1)
+    cov = 0.2 ** 2 * np.linalg.inv(a.T @ a)  # uniform weights, known noise
+    assert fit.se_slope == pytest.approx(math.sqrt(cov[1, 1]))
+    assert fit.se_curvature == pytest.approx(math.sqrt(cov[2, 2]))
+    # the residual-based errors differ (the true scatter is 0.05, not 0.2)
+    assert local_quadratic_fit(noisy, half_life=None).se_slope < 0.5 * fit.se_slope
+
+
+def test_se_slope_rule_reads_standard_errors_and_falls_back_without():
+    curve = _u_curve(4)
+    with_se = SESlopeRule()
+    replay(with_se, curve, val_se=[0.05] * len(curve))
+    without = replay("se_slope", curve)
+    same = replay(QuadraticRule(**{k: v for k, v in SESlopeRule.DEFAULTS.items() if k != "noise"}),
+                  curve)
+    assert (without.stop_epoch, without.best_epoch) == (same.stop_epoch, same.best_epoch)
+    # a 5x larger measured noise makes the 'minimum passed' test more cautious: no earlier stop
+    assert with_se.stopped_epoch is None or with_se.stopped_epoch >= without.stop_epoch
+
+
+# ---------------------------------------------------------------------------- forecast
+def test_forecast_curve_finds_the_minimum_of_decay_plus_drift():
+    # y = 1 + exp(-s/8) + 0.01 s: minimum at s* = 8 ln(12.5) = 20.2, seen up to s = 15
+    ys = [1 + math.exp(-s / 8) + 0.01 * s for s in range(16)]
+    fc = forecast_curve(ys, None, horizon=20, min_delta=0.0)
+    assert fc.timescale == 8.0
+    assert fc.epochs_left == pytest.approx(20.2 - 15, abs=0.6)
+    assert fc.minimum == pytest.approx(1 + math.exp(-20.2 / 8) + 0.202, abs=1e-4)
+    assert fc.improvement > 0 and fc.p_improve == 1.0  # exact fit: no uncertainty
+    assert forecast_curve(ys[:5], None, 10, 0.0) is None
+
+
+def test_forecast_interval_widens_with_measured_noise():
+    r = random.Random(0)
+    ys = [1 + math.exp(-s / 8) + 0.01 * s + r.gauss(0, 0.002) for s in range(30)]
+    small = forecast_curve(ys, [0.002] * 30, horizon=15, min_delta=0.005)
+    big = forecast_curve(ys, [0.05] * 30, horizon=15, min_delta=0.005)
+    assert big.sd_minimum > 5 * small.sd_minimum
+
+
+def test_forecast_rule_stops_after_a_u_and_logs_its_forecast():
+    d = replay("forecast", _u_curve(0), trace=True)
+    assert d.stopped and 35 <= d.stop_epoch <= 70 and abs(d.best_epoch - 35) <= 11
+    row = d.trace[-1]
+    assert row["forecast_lo"] <= row["forecast_min"] <= row["forecast_hi"]
+    assert row["epochs_left"] >= 0 and 0 <= row["p_improve"] < ForecastRule().p_stop
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_forecast_rule_goes_on_while_the_curve_still_falls(seed):
+    r = random.Random(seed)
+    curve = [0.2 + 1.5 * math.exp(-t / 40) + r.gauss(0, 0.002) for t in range(60)]
+    assert not replay("forecast", curve).stopped
+
+
+# ---------------------------------------------------------------------------- learned / default
+def test_curve_features_are_scale_free():
+    r = random.Random(2)
+    val = [0.5 + 1 / (1 + 0.1 * t) + r.gauss(0, 0.01) for t in range(40)]
+    tr = [1 / (1 + 0.2 * t) for t in range(40)]
+    se = [0.02] * 40
+    best = min(range(40), key=val.__getitem__)
+    f1 = curve_features(val, tr, se, best)
+    f2 = curve_features([3 * v for v in val], [3 * v for v in tr], [3 * e for e in se], best)
+    assert set(f1) == set(FEATURES)
+    for k in FEATURES:
+        assert f1[k] == pytest.approx(f2[k], rel=1e-9, abs=1e-12), k
+    f3 = curve_features(val, tr, [], best)  # no standard errors: the residual scatter instead
+    assert f3["gain_half_noise"] != pytest.approx(f1["gain_half_noise"])
+
+
+def test_learned_rule_uses_its_coefficients():
+    curve = _u_curve(5)
+    # a constant logit of -10 (p ~ 5e-5) stops at the first decision after warm-up
+    stop_now = {k: 0.0 for k in FEATURES} | {"bias": -10.0}
+    d = replay(LearnedRule(coef=stop_now, warmup=5), curve)
+    assert d.stop_epoch == 5
+    never = {k: 0.0 for k in FEATURES} | {"bias": 10.0}
+    assert not replay(LearnedRule(coef=never), curve).stopped
+    with pytest.raises(ValueError, match="unknown features"):
+        LearnedRule(coef={"curvature_of_moon": 1.0})
+    with pytest.raises(ValueError, match="mode"):
+        LearnedRule(mode="max")
+
+
+def test_default_rule_is_the_tuned_learned_rule():
+    rule = make_rule("curvature")
+    assert isinstance(rule, LearnedRule) and rule.name == "curvature"
+    assert rule.coef == LEARNED_COEF and any(v != 0 for v in LEARNED_COEF.values())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_rule_stops_after_the_minimum_with_or_without_extras(seed):
+    val = _u_curve(seed)
+    train = [1 / (1 + 0.2 * t) for t in range(len(val))]
+    for kwargs in ({}, {"train_loss": train}, {"train_loss": train, "val_se": [0.01] * len(val)}):
+        d = replay("curvature", val, **kwargs)
+        assert d.stopped and 35 <= d.stop_epoch <= 75, (kwargs.keys(), d)
+        assert abs(d.best_epoch - 35) <= 2 * _resolvable(0.4, 0.01)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_default_rule_does_not_stop_early_on_a_long_descent(seed):
+    r = random.Random(seed)
+    curve = [0.2 + 1.5 * math.exp(-t / 40) + r.gauss(0, 0.002) for t in range(60)]
+    d = replay("curvature", curve)
+    assert d.stop_epoch >= 30, d
+
+
+def test_default_rule_stop_reason_quotes_the_forecast():
+    d = replay("curvature", _u_curve(1), trace=True)
+    assert "forecast minimum" in d.reason and "epochs" in d.reason
+    assert {"p_continue", "forecast_min", "forecast_lo", "forecast_hi", "epochs_left"} <= set(
+        d.trace[-1])
+
+
+def test_replay_checks_the_standard_errors_length():
+    with pytest.raises(ValueError, match="val_se has 2 epochs"):
+        replay("curvature", [1.0, 0.9, 0.8], val_se=[0.1, 0.1])

@@ -9,7 +9,7 @@ import lightning as L
 import optuna
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from callbacks.optuna_pruning import OptunaPruning, OptunaReporter, active_reporter, current_reporter
 from trainers import sweep as sw
@@ -98,6 +98,11 @@ def test_settings_derive_direction_from_metric_mode() -> None:
     ({"direction": "minimize"}, "contradicts optimized_metric_mode='max'"),
     ({"backend": "ray", "pruner": "wilcoxon"}, "allowed with backend=ray: none, median, successive_halving, hyperband"),
     ({"nope": 1}, "sweep.nope is not a sweep setting"),
+    ({"heartbeat_interval_s": 0}, "sweep.heartbeat_interval_s=0 is not allowed; allowed: an integer >= 1 or null"),
+    ({"grace_period_s": 1.5}, "sweep.grace_period_s=1.5 is not allowed; allowed: an integer >= 1 or null"),
+    ({"heartbeat_interval_s": 5, "grace_period_s": 5}, "sweep.grace_period_s=5 is not allowed; allowed: an integer > "
+                                                        "sweep.heartbeat_interval_s=5"),
+    ({"max_retry": -1}, "sweep.max_retry=-1 is not allowed; allowed: an integer >= 0 or null"),
 ])
 def test_bad_settings_name_the_key(sweep, needle) -> None:
     with pytest.raises(sw.SweepError) as err:
@@ -120,6 +125,20 @@ def test_sampler_is_seeded_and_pruner_built_from_args() -> None:
     assert sw.build_pruner(s)._n_startup_trials == 7
     with pytest.raises(sw.SweepError, match="sweep.pruner_args=.*do not fit MedianPruner"):
         sw.build_pruner(sw.SweepSettings.from_cfg(_cfg(pruner_args={"bogus": 1})))
+
+
+def test_sampler_seed_differs_per_resumption_but_is_reproducible() -> None:
+    assert sw.sampler_seed(7, 0) == 7  # a fresh study uses the run seed itself
+    seeds = [sw.sampler_seed(7, n) for n in range(0, 50)]
+    assert len(set(seeds)) == 50 and seeds == [sw.sampler_seed(7, n) for n in range(0, 50)]
+    assert sw.sampler_seed(7, 3) != sw.sampler_seed(8, 3)
+    s = sw.SweepSettings.from_cfg(_cfg(sampler="random", sampler_args={"seed": 5}))
+    dist = optuna.distributions.FloatDistribution(0, 1)
+
+    def first_draw(n_existing: int) -> float:
+        return optuna.create_study(sampler=sw.build_sampler(s, n_existing)).ask({"p": dist}).params["p"]
+
+    assert first_draw(4) == first_draw(4) and first_draw(4) != first_draw(0)
 
 
 def test_cli_rejects_bad_input_with_one_line(capsys) -> None:
@@ -304,6 +323,18 @@ def test_sqlite_study_resumes_across_invocations(tmp_path: Path) -> None:
         sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
 
 
+def test_resumed_study_draws_new_parameters(tmp_path: Path) -> None:
+    """Finding 7: every invocation used to re-seed the sampler identically and repeat the first draws."""
+    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"])
+    settings = sw.SweepSettings.from_cfg(cfg)
+    assert settings.sampler == "tpe"
+    for _ in range(3):
+        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 6 and len(set(params)) == 6
+
+
 def test_ray_records_fill_in_failed_and_scheduler_stopped_trials(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
@@ -351,3 +382,132 @@ def test_callback_follows_rank_zero_on_other_ranks() -> None:
     cb.on_validation_end(trainer, None)
     assert rep.history == [] and broadcasts == [(False, 0)]  # rank 1 did not report, asked rank 0
     assert trainer.should_stop and cb.pruned and cb.stop_reason == "pruned by FakePruner at epoch 4 (val/loss=0.7)"
+
+
+# --------------------------------------------------------------------------------------------
+# finding 7: a study killed mid-trial and started again
+# --------------------------------------------------------------------------------------------
+def _states(storage: str, name: str) -> dict[int, str]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    return {t.number: t.state.name for t in study.trials}
+
+
+def test_trial_records_follow_the_study(tmp_path: Path) -> None:
+    """study.db wins over trial.json: a kill can land between a trial's last write and Optuna's tell."""
+    from trainers.report import make_report
+
+    settings = sw.SweepSettings.from_cfg(_cfg(dir=str(tmp_path), storage=f"sqlite:///{tmp_path}/study.db"))
+    study = sw._create_study(settings)
+    dist = {"optimizer.lr": optuna.distributions.CategoricalDistribution([0.1, 0.01, 0.001])}
+    done, stale, never = (study.ask(dist) for _ in range(3))
+    study.tell(done, 0.9)
+    (tmp_path / "trials" / "0000").mkdir(parents=True)
+    (tmp_path / "trials" / "0000" / "trial.json").write_text(json.dumps({"state": "running", "params": done.params}))
+    (tmp_path / "trials" / "0001").mkdir(parents=True)  # wrote "complete", was killed before the tell
+    (tmp_path / "trials" / "0001" / "trial.json").write_text(json.dumps({"state": "complete", "value": 0.8}))
+    study.tell(stale, state=optuna.trial.TrialState.FAIL)
+    study.tell(never, state=optuna.trial.TrialState.FAIL)  # killed before its directory existed
+    assert sw.sync_trial_records(settings, study) == 3
+    assert sw.sync_trial_records(settings, study) == 0
+    records = [json.loads((tmp_path / "trials" / f"{i:04d}" / "trial.json").read_text()) for i in range(3)]
+    assert [r["state"] for r in records] == ["complete", "failed", "failed"]
+    assert records[0]["value"] == 0.9 and records[1]["value"] is None
+    assert records[2]["reason"].startswith("stale: ") and records[2]["params"] == never.params
+    sw._finish(settings, sw.study_trials(study), 0.0)
+    assert "3 runs: 1 complete, 2 failed." in make_report(tmp_path)["markdown"].read_text()
+
+
+@pytest.mark.slow
+def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path) -> None:
+    import collections
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    args = ["hparams_search=digits_mlp", "n_trials=2", f"sweep.dir={out}", "heartbeat_interval_s=1",
+            "grace_period_s=2", "trainer.max_epochs=2", "print_config=false", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "test=false", "report=true"]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.sweep", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "trials" / "0001" / "trial.json"
+    deadline = time.monotonic() + 120
+    try:
+        while not second.exists():  # trial 1 has started: it is RUNNING in study.db
+            assert proc.poll() is None, "the sweep ended before its second trial started"
+            assert time.monotonic() < deadline, "the second trial did not start within 120 s"
+            time.sleep(0.02)
+        time.sleep(0.5)  # let its heartbeat thread write a first beat (a trial killed before that never goes stale)
+        assert proc.poll() is None and json.loads(second.read_text())["state"] == "running"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    storage, name = f"sqlite:///{out}/study.db", "digits_mlp_search"
+    assert _states(storage, name) == {0: "COMPLETE", 1: "RUNNING"}
+    assert json.loads(second.read_text())["state"] == "running"
+
+    time.sleep(3.0)  # older than grace_period_s=2: the killed trial's heartbeat is stale now
+    assert sw.main(args) == 0
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = {t.number: t for t in study.trials}
+    assert {n: t.state.name for n, t in trials.items()} == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    # the stale trial ran again with its own parameters, as trial 2
+    assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].params == trials[1].params
+    # no parameter set repeated otherwise (the restart's sampler is not the first invocation's)
+    ran = [tuple(sorted(t.params.items())) for n, t in trials.items() if n != 1]
+    assert len(set(ran)) == len(ran) == 3
+    stale = json.loads(second.read_text())
+    assert stale["state"] == "failed" and stale["reason"].startswith("stale: the process running it stopped")
+    assert "retried as trial 2" in stale["reason"]
+    assert json.loads((out / "trials" / "0002" / "trial.json").read_text())["retry_of"] == 1
+    # report.md and sweep.json count what study.db holds
+    db = collections.Counter({"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned",
+                              "RUNNING": "running"}[t.state.name] for t in study.trials)
+    md = (out / "report" / "report.md").read_text()
+    line = re.search(r"^(\d+) runs: (.*)\. Metric", md, re.M)
+    assert line is not None and int(line.group(1)) == len(study.trials)
+    assert {s: int(n) for n, s in (part.split(" ") for part in line.group(2).split(", "))} == dict(db)
+    assert json.loads((out / "sweep.json").read_text())["counts"] == dict(db)
+
+
+def test_preempted_trial_stops_the_sweep_and_runs_first_on_restart(tmp_path: Path) -> None:
+    """A SIGTERM during a trial ends the sweep (no further trials) and re-queues its parameters."""
+    calls: list[float] = []
+
+    def preempted_once(cfg: DictConfig) -> dict:
+        calls.append(float(cfg.optimizer.lr))
+        if len(calls) == 2:
+            return {"status": "preempted", "stop_reason": "preempted by SIGTERM at epoch 0, step 3"}
+        return _fake_train(cfg)
+
+    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=3",
+                             "sweep.sampler=random"])
+    settings = sw.SweepSettings.from_cfg(cfg)
+    with pytest.raises(sw.SweepInterrupted) as e:
+        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
+    assert e.value.status == "preempted" and e.value.number == 1 and len(calls) == 2
+    record = json.loads((tmp_path / "s" / "trials" / "0001" / "trial.json").read_text())
+    assert record["state"] == "failed" and record["interrupted"] == "preempted"
+    sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
+    assert calls[2] == calls[1]  # the interrupted parameters run first
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 4
+
+
+def test_cli_exit_code_after_preemption(tmp_path: Path, monkeypatch, capsys) -> None:
+    def preempted(cfg: DictConfig) -> dict:
+        return {"status": "preempted", "stop_reason": "preempted"}
+
+    import trainers.train
+
+    monkeypatch.setattr(trainers.train, "train", preempted)
+    assert sw.main(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"]) == 143
+    assert "trial 0 preempted" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import os
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trainers.batching import FullBatch, MiniBatch
 from trainers.config_checks import ConfigError, show
@@ -100,7 +100,3 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         plugins.append(KubeflowEnvironment())
     kwargs = {"callbacks": callbacks, "logger": loggers or False, "plugins": plugins}
     return _instantiate(cfg.trainer, "trainer", **kwargs)
-
-
-def config_to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
+import shutil
 import re
 import tempfile
 from pathlib import Path
@@ -26,9 +28,28 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 class RunWriteError(OSError):
     """A run-directory file could not be written; the previous version (if any) is intact."""
 
+    def __str__(self) -> str:  # one line, without OSError's "[Errno n]" prefix
+        return str(self.strerror or super().__str__())
+
 
 class CheckpointLoadError(ValueError):
     """A checkpoint is missing, damaged, or holds objects outside the allow-list."""
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -51,6 +72,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -59,9 +81,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, RunWriteError):
-            raise RunWriteError(e.errno, f"could not write {path}: {e.strerror or e}") from e
-        raise
+        if isinstance(e, RunWriteError) or not isinstance(e, Exception):
+            raise
+        # torch reports a full disk as a RuntimeError from its zip writer, not as ENOSPC.
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+        if _disk_full(path.parent) and "space" not in why:
+            why = f"no space left on device ({why})" if why else "no space left on device"
+        raise RunWriteError(getattr(e, "errno", None) or errno.EIO, f"could not write {path}: {why}") from e
     _fsync_dir(path.parent)
 
 

@@ -23,6 +23,10 @@ class AtomicExperimentWriter(ExperimentWriter):
         super().__init__(log_dir)
         self._rows: list[dict[str, Any]] = []
 
+    def _check_log_dir_exists(self) -> None:
+        """No warning: the log dir is the run directory, which holds .hydra/ and checkpoints/ by
+        design (the stock warning said files "will be deleted", which was never true here)."""
+
     def save(self) -> None:
         if not self.metrics:
             return

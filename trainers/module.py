@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
@@ -55,6 +55,7 @@ class ClassificationModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(k, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(k, average="micro")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_sample_losses = CatMetric()  # per-sample losses -> val/loss_se (early stopping)
         self.test_metrics = MetricCollection({
             "acc": MulticlassAccuracy(k, average="micro"),
             "precision_macro": MulticlassPrecision(k, average="macro"),
@@ -167,10 +168,21 @@ class ClassificationModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self.model(x)
-        self.val_loss.update(F.cross_entropy(logits, y), weight=y.shape[0])
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        self.val_loss.update(per_sample.mean(), weight=y.shape[0])
+        self.val_sample_losses.update(per_sample.detach())
         self.val_acc.update(logits, y)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss_se``: standard error of ``val/loss`` over the validation samples (all
+        ranks; stopping rules read it as the noise level of the curve)."""
+        if self.val_sample_losses.update_count:
+            losses = self.val_sample_losses.compute().flatten()
+            if losses.numel() > 1:
+                self.log("val/loss_se", losses.std() / losses.numel() ** 0.5)
+        self.val_sample_losses.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, y = batch

@@ -37,9 +37,13 @@ def prepare(overrides: Sequence[str], out: Path) -> dict[str, Any]:
 
 
 def evaluate(run_dir: Path, checkpoint: str = "best") -> dict[str, Any]:
+    """Score a run's checkpoint. The checkpoint is loaded weights-only (shiftlab's allow-list):
+    the step runs on a shared volume, where anyone who can write a ``.ckpt`` must not be able to
+    run code in the evaluating pod."""
     import torch
 
     from trainers.build import build_datamodule, build_module
+    from trainers.checkpoint_io import load_checkpoint
     from trainers.summary import evaluate_split
 
     cfg_path = run_dir / ".hydra" / "config.yaml"
@@ -55,7 +59,7 @@ def evaluate(run_dir: Path, checkpoint: str = "best") -> dict[str, Any]:
     if getattr(dm, "test_set", None) is None:
         dm.setup("test")
     module = build_module(cfg, dm)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt, map_location="cpu")
     module.load_state_dict(state["state_dict"])
     device = torch.device("cpu")
     module.to(device)
@@ -80,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
     e.add_argument("--min-test-acc", type=float, default=0.0)
     args = parser.parse_args(argv)
+    from trainers.checkpoint_io import CheckpointLoadError
+    from trainers.data.cifar10 import CIFAR10IntegrityError
+
     try:
         if args.step == "prepare":
             info = prepare(args.overrides, args.out)
@@ -87,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         result = evaluate(args.run_dir, args.checkpoint)
     except FileNotFoundError as err:
+        print(f"pipeline: error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointLoadError, CIFAR10IntegrityError) as err:  # refused input: one line, no traceback
         print(f"pipeline: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result))

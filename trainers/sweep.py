@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 import traceback
@@ -39,7 +38,8 @@ log = logging.getLogger("shiftlab.sweep")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BACKENDS = ("local", "ray")
 SWEEP_KEYS = ("study_name", "dir", "n_trials", "timeout_s", "direction", "storage", "sampler", "sampler_args",
-              "pruner", "pruner_args", "enqueue", "backend", "ray", "report", "params")
+              "pruner", "pruner_args", "enqueue", "backend", "ray", "report", "params",
+              "heartbeat_interval_s", "grace_period_s", "max_retry")
 DIRECTIONS = ("maximize", "minimize")
 PARAM_TYPES = ("float", "int", "categorical")
 SAMPLERS = {
@@ -94,6 +94,9 @@ class SweepSettings:
     report: bool = True
     params: dict = field(default_factory=dict)
     seed: int = 0
+    heartbeat_interval_s: int | None = 10
+    grace_period_s: int | None = 30
+    max_retry: int | None = 2
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "SweepSettings":
@@ -127,6 +130,12 @@ class SweepSettings:
         if backend == "ray" and s.get("pruner", "median") not in RAY_SCHEDULERS:
             raise SweepError(f"sweep.pruner={s.get('pruner')!r} has no Ray Tune scheduler; allowed with "
                              f"backend=ray: {', '.join(RAY_SCHEDULERS)}")
+        heartbeat = _optional_int(s, "heartbeat_interval_s", 10, low=1)
+        grace = _optional_int(s, "grace_period_s", 30, low=1)
+        if heartbeat is not None and grace is not None and grace <= heartbeat:
+            raise SweepError(f"sweep.grace_period_s={grace} is not allowed; allowed: an integer > "
+                             f"sweep.heartbeat_interval_s={heartbeat} (a live trial must not look dead)")
+        max_retry = _optional_int(s, "max_retry", 2, low=0)
         ray_cfg = {"address": None, "max_concurrent": 2, "cpus_per_trial": 1, "gpus_per_trial": 0}
         ray_cfg.update(s.get("ray") or {})
         return cls(
@@ -147,7 +156,20 @@ class SweepSettings:
             report=bool(s.get("report", True)),
             params=dict(s["params"]),
             seed=int(cfg.get("seed", 0) or 0),
+            heartbeat_interval_s=heartbeat,
+            grace_period_s=grace,
+            max_retry=max_retry,
         )
+
+
+def _optional_int(node: Mapping[str, Any], key: str, default: int | None, low: int) -> int | None:
+    """``node[key]`` as an integer >= ``low``, or None (null in the config)."""
+    value = node.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SweepError(f"sweep.{key}={value!r} is not allowed; allowed: an integer >= {low} or null")
+    return value
 
 
 def available_searches(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -171,14 +193,32 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_sampler(settings: SweepSettings):
-    """The Optuna sampler; seeded with the run seed unless ``sampler_args`` says otherwise."""
+def sampler_seed(seed: int, n_existing: int) -> int:
+    """The sampler's seed for an invocation that finds ``n_existing`` trials in the study.
+
+    Why: a sampler seeded identically on every invocation of a resumed study draws the same
+    sequence again, so the new trials repeat the first ones' parameters. A fresh study
+    (``n_existing == 0``) uses ``seed`` itself; a resumed one a seed derived from (seed, number of
+    trials already there) -- still reproducible, different on every resumption.
+    """
+    if n_existing <= 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(n_existing)]).generate_state(1)[0])
+
+
+def build_sampler(settings: SweepSettings, n_existing: int = 0):
+    """The Optuna sampler, seeded with the run seed (or ``sampler_args.seed``) mixed with the number
+    of trials the study already holds (:func:`sampler_seed`)."""
     import inspect
 
     cls = _import(_class_path(settings.sampler, SAMPLERS, "sweep.sampler"))
     args = dict(settings.sampler_args)
-    if "seed" not in args and "seed" in inspect.signature(cls).parameters:
-        args["seed"] = settings.seed
+    if "seed" in inspect.signature(cls).parameters:
+        base = args.get("seed", settings.seed)
+        if base is not None:
+            args["seed"] = sampler_seed(int(base), n_existing)
     try:
         return cls(**args)
     except TypeError as e:
@@ -387,6 +427,9 @@ def run_trial(overrides: Sequence[str], params: Mapping[str, Any], run_dir: Path
         if reporter.pruned:
             last = reporter.history[-1][1] if reporter.history else value
             record.update(state="pruned", value=last, reason=reporter.reason or summary.get("stop_reason"))
+        elif status in ("interrupted", "preempted"):
+            record.update(state="failed", value=value, interrupted=status,
+                          reason=f"{status}: {summary.get('stop_reason')}; queued again for the next invocation")
         elif status != "completed":
             record.update(state="failed", value=value, reason=f"{status}: {summary.get('stop_reason')}")
         elif value is None or not math.isfinite(value):
@@ -419,9 +462,23 @@ class TrialFailed(RuntimeError):
     """Raised in the Optuna objective so the study records the trial as FAIL and goes on."""
 
 
+class SweepInterrupted(Exception):
+    """A trial was stopped by SIGINT / SIGTERM: the sweep ends (exit 130 / 143) and resumes later."""
+
+    def __init__(self, status: str, number: int) -> None:
+        self.status, self.number = status, number
+        super().__init__(f"trial {number} {status}; the sweep stops here and re-runs its parameters first "
+                         "when started again")
+
+
 def run_local(settings: SweepSettings, overrides: Sequence[str],
               train_fn: Callable[[DictConfig], dict] | None = None) -> dict[str, Any]:
-    """Optuna ``study.optimize`` in this process; returns the sweep record."""
+    """Optuna ``study.optimize`` in this process; returns the sweep record.
+
+    With an RDB storage every trial sends Optuna heartbeats; before each new trial Optuna fails
+    trials whose heartbeat stopped more than ``grace_period_s`` ago (their process died) and
+    :func:`_on_stale_trial` records that and enqueues them again.
+    """
     import optuna
 
     from callbacks.optuna_pruning import OptunaReporter
@@ -433,12 +490,21 @@ def run_local(settings: SweepSettings, overrides: Sequence[str],
 
     def objective(trial: optuna.Trial) -> float:
         params = {name: suggest(trial, name, dist) for name, dist in space.items()}
-        run_dir = settings.dir / "trials" / f"{trial.number:04d}"
+        run_dir = _trial_dir(settings, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
+        meta = {"number": trial.number, "backend": "local", "study": settings.study_name}
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        retry_of = frozen.system_attrs.get("failed_trial")  # set by the stale-trial retry callback
+        if retry_of is not None:
+            meta["retry_of"] = retry_of
         record = run_trial(overrides, params, run_dir, OptunaReporter(trial), settings.metric,
-                           meta={"number": trial.number, "backend": "local", "study": settings.study_name},
-                           train_fn=train_fn)
+                           meta=meta, train_fn=train_fn)
         trial.set_user_attr("reason", record["reason"])
+        if record.get("interrupted"):
+            # A signal (Ctrl-C, a scheduler's SIGTERM) stops the whole sweep; the interrupted
+            # parameters run first when the study is started again.
+            study.enqueue_trial(params, user_attrs={"requeued_from": trial.number})
+            raise SweepInterrupted(record["interrupted"], trial.number)
         if record["state"] == "pruned":
             raise optuna.TrialPruned(record["reason"])
         if record["state"] == "failed":
@@ -447,7 +513,119 @@ def run_local(settings: SweepSettings, overrides: Sequence[str],
 
     start = time.perf_counter()
     study.optimize(objective, n_trials=settings.n_trials, timeout=settings.timeout_s, catch=(TrialFailed,))
+    sync_trial_records(settings, study)
     return _finish(settings, study_trials(study), time.perf_counter() - start)
+
+
+def _trial_dir(settings: SweepSettings, number: int) -> Path:
+    return settings.dir / "trials" / f"{number:04d}"
+
+
+def _storage(settings: SweepSettings) -> Any:
+    """``settings.storage`` as an Optuna storage; RDB URLs get heartbeats and stale-trial retries."""
+    import warnings
+
+    import optuna
+
+    if settings.storage is None:
+        return None
+    if settings.heartbeat_interval_s is None:
+        return optuna.storages.RDBStorage(settings.storage)
+    import inspect
+
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    if retry_cls is None:  # optuna < 4.9
+        retry_cls = optuna.storages.RetryFailedTrialCallback
+    key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+           in inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")
+    with warnings.catch_warnings():  # heartbeats and retries are "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = retry_cls(max_retry=settings.max_retry)
+
+        def on_stale(study: Any, trial: Any) -> None:
+            _on_stale_trial(settings, study, trial)
+            retry(study, trial)
+
+        return optuna.storages.RDBStorage(settings.storage, heartbeat_interval=settings.heartbeat_interval_s,
+                                          grace_period=settings.grace_period_s, **{key: on_stale})
+
+
+def _stale_reason(settings: SweepSettings) -> str:
+    grace = settings.grace_period_s or 2 * (settings.heartbeat_interval_s or 0)
+    return f"stale: the process running it stopped (no Optuna heartbeat for over {grace} s); marked failed"
+
+
+def _on_stale_trial(settings: SweepSettings, study: Any, trial: Any) -> None:
+    """A trial left RUNNING by a dead process was just failed: say so in its ``trial.json``."""
+    path = _trial_dir(settings, trial.number) / "trial.json"
+    record = _read_record(path)
+    retries = len(trial.system_attrs.get("retry_history", [])) + 1
+    will_retry = settings.max_retry is None or retries <= settings.max_retry
+    reason = _stale_reason(settings) + ("; run again as a new trial" if will_retry else
+                                        f"; not retried (sweep.max_retry={settings.max_retry} reached)")
+    record.update(number=trial.number, params=dict(trial.params), state="failed", value=None, reason=reason)
+    record.setdefault("run_dir", str(path.parent))
+    _write_json(path, record)
+    log.warning("trial %d was left RUNNING by a process that died: %s", trial.number, reason)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def sync_trial_records(settings: SweepSettings, study: Any) -> int:
+    """Make every started trial's ``trial.json`` agree with the study's state (study.db wins).
+
+    Why: ``trial.json`` is written by the trial itself; a process killed between its last write
+    and Optuna's ``tell`` (or before the trial wrote anything) leaves a record the study
+    contradicts, and the report is built from these records. Returns how many were rewritten.
+    """
+    from optuna.trial import TrialState
+
+    retried = {t.system_attrs.get("failed_trial"): t.number for t in study.get_trials(deepcopy=False)
+               if t.system_attrs.get("failed_trial") is not None}
+    changed = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            continue  # enqueued, never started: not a run yet
+        state = {"fail": "failed"}.get(t.state.name.lower(), t.state.name.lower())
+        path = _trial_dir(settings, t.number) / "trial.json"
+        record = _read_record(path)
+        note = f"retried as trial {retried[t.number]}" if t.number in retried else None
+        if state == "running" and record.get("state") is not None:
+            continue  # maybe alive in another process; its own records are the newest
+        if record.get("state") == state and (note is None or note in str(record.get("reason"))):
+            continue
+        if state == "failed":
+            reason = record.get("reason") if record.get("state") == "failed" else _stale_reason(settings)
+        else:
+            reason = t.user_attrs.get("reason") or record.get("reason")
+        if note is not None and note not in str(reason):
+            reason = f"{reason}; {note}"
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        value = t.value if state == "complete" else last if state == "pruned" else None
+        record.update(number=t.number, params=dict(t.params), state=state, reason=reason, value=value,
+                      metric=settings.metric)
+        record.setdefault("run_dir", str(path.parent))
+        _write_json(path, record)
+        changed += 1
+    return changed
+
+
+def _existing_trials(settings: SweepSettings) -> int:
+    """How many trials the stored study already holds (0 for a new or in-memory study)."""
+    import optuna
+
+    if settings.storage is None:
+        return 0
+    try:
+        summaries = optuna.study.get_all_study_summaries(settings.storage, include_best_trial=False)
+    except Exception:  # noqa: BLE001 - no database yet
+        return 0
+    return next((s.n_trials for s in summaries if s.study_name == settings.study_name), 0)
 
 
 def _create_study(settings: SweepSettings):
@@ -457,8 +635,13 @@ def _create_study(settings: SweepSettings):
     if settings.storage is None and (settings.dir / "trials").exists() and any((settings.dir / "trials").iterdir()):
         raise SweepError(f"sweep.dir={settings.dir} already holds trials of an in-memory study; allowed: a new "
                          "sweep.dir, or sweep.storage=sqlite:///... to resume a study")
-    return optuna.create_study(study_name=settings.study_name, storage=settings.storage,
-                               sampler=build_sampler(settings), pruner=build_pruner(settings),
+    storage = _storage(settings)
+    n_existing = _existing_trials(settings)
+    if n_existing:
+        log.info("resuming study %s: %d trials already stored; the sampler's seed is derived from seed=%s and "
+                 "that count", settings.study_name, n_existing, settings.sampler_args.get("seed", settings.seed))
+    return optuna.create_study(study_name=settings.study_name, storage=storage,
+                               sampler=build_sampler(settings, n_existing), pruner=build_pruner(settings),
                                direction=settings.direction, load_if_exists=True)
 
 
@@ -521,7 +704,8 @@ def run_ray(settings: SweepSettings, overrides: Sequence[str], max_epochs: int) 
     settings.dir.mkdir(parents=True, exist_ok=True)
     mode = "max" if settings.direction == "maximize" else "min"
     storage = optuna.storages.RDBStorage(settings.storage) if settings.storage else None
-    searcher = OptunaSearch(space=space, metric="objective", mode=mode, sampler=build_sampler(settings),
+    searcher = OptunaSearch(space=space, metric="objective", mode=mode,
+                            sampler=build_sampler(settings, _existing_trials(settings)),
                             study_name=settings.study_name, storage=storage,
                             points_to_evaluate=[dict(p) for p in settings.enqueue] or None)
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=int(settings.ray["max_concurrent"]))
@@ -643,6 +827,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepError as e:
         print(f"shiftlab-sweep: error: {e}", file=sys.stderr)
         return 2
+    except SweepInterrupted as e:
+        from callbacks.run_contract import EXIT_CODES
+
+        print(f"shiftlab-sweep: {e} -> {settings.dir}", file=sys.stderr)
+        return EXIT_CODES[e.status]
     except Exception as e:  # hydra composition errors: one line, not a traceback
         from hydra.errors import HydraException
 

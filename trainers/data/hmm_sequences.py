@@ -16,7 +16,6 @@ import torch
 
 from trainers.data.base import TensorDataModule, TensorSplit
 from trainers.data.label_noise import corrupt_labels
-from trainers.pgm.chain import PAD
 from trainers.pgm.hmm import HMMParams, make_hmm
 
 

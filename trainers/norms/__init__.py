@@ -66,10 +66,6 @@ class NormFactory:
         self.name = name
         self.kwargs = kwargs
 
-    @property
-    def is_identity(self) -> bool:
-        return self.name == "none"
-
     def __call__(self, num_features: int, dims: int) -> nn.Module:
         return create_norm_layer(self.name, num_features, dims, **self.kwargs)
 

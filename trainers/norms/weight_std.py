@@ -68,8 +68,6 @@ def prepare_model(model: nn.Module, eps: float = 1e-5) -> nn.Module:
     return model
 
 
-standardize_convs = prepare_model
-
 
 @register_norm("weight_std")
 def build(num_features: int, dims: int, num_groups: int = 32, eps: float = 1e-5,
