@@ -109,7 +109,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.max_epochs": (lambda v: _int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
     "trainer.min_epochs": (lambda v: v is None or _nonneg_int(v), "null or an integer >= 0"),
     "trainer.max_steps": (lambda v: _int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
-    "trainer.devices": (lambda v: v == "auto" or (_int(v) and (v >= 1 or v == -1)) or isinstance(v, (list, str)),
+    "trainer.devices": (lambda v: v == "auto" or (_int(v) and (v >= 1 or v == -1)) or isinstance(v, str)
+                        or (_ints(v, 0) and len(v) >= 1),
                         "an integer >= 1, -1, 'auto' or a list of ids"),
     "trainer.num_nodes": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "trainer.check_val_every_n_epoch": OPT_POS_INT,

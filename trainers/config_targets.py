@@ -141,8 +141,8 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
     (``betas=[2,3]``, ``eps=-1``) fail before the data is loaded, not inside ``fit``."""
     from hydra.utils import instantiate
 
-    if not isinstance(cfg.get("optimizer"), DictConfig):
-        return
+    if not isinstance(cfg.get("optimizer"), DictConfig) or "_target_" not in cfg.optimizer:
+        return  # a partial config (tests, notebooks): nothing to build
     param = torch.nn.Parameter(torch.zeros(2))
     try:
         opt = instantiate(cfg.optimizer)([param])
@@ -151,7 +151,7 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
         key = _blame(cfg.optimizer, "optimizer", msg)
         raise ConfigError(f"optimizer.{key}={show(cfg.optimizer.get(key))} is not allowed; allowed: values "
                           f"optimizer={cfg.optimizer.get('name')} accepts ({msg})") from None
-    if not isinstance(cfg.get("scheduler"), DictConfig):
+    if not isinstance(cfg.get("scheduler"), DictConfig) or "_target_" not in cfg.scheduler:
         return
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=10)
     epochs = epochs if isinstance(epochs, int) and epochs > 0 else 10
