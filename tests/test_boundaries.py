@@ -232,11 +232,10 @@ def test_config_range_bounds(key, ok, bad):
         assert msg.startswith(f"{key}=") and "not allowed; allowed:" in msg and "\n" not in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="config_checks tests isinstance(v, list), but OmegaConf hands it a ListConfig: "
-                   "trainer.devices=[0,1] is rejected although the message allows 'a list of ids' (fix belongs "
-                   "in trainers/config_checks.py; drop this mark with it)")
 def test_config_devices_list_of_ids_is_accepted():
     check_config(_cfg("trainer.devices", [0, 1]))
+    with pytest.raises(ConfigError, match=r"^trainer\.devices=\[\] is not allowed"):
+        check_config(_cfg("trainer.devices", []))
 
 
 def test_config_missing_keys_are_skipped_and_sync_batchnorm_rules():

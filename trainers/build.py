@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from trainers.batching import FullBatch, MiniBatch
-from trainers.config_checks import ConfigError
+from trainers.config_checks import ConfigError, show
 from trainers.data.base import TensorDataModule
 
 
@@ -21,8 +21,13 @@ def _instantiate(node: DictConfig, key: str, **kwargs):
         cause = e.__cause__
         if isinstance(cause, KeyError):
             raise ConfigError(cause.args[0] if cause.args else str(cause)) from None
-        if isinstance(cause, (ValueError, TypeError)):
-            raise ConfigError(f"{key}: {cause}") from None
+        if isinstance(cause, (ValueError, TypeError, RuntimeError)):
+            text = next((ln for ln in str(cause).splitlines() if ln.strip()), type(cause).__name__)
+            if text.startswith((f"{key}.", f"{key}=")):  # already names the key
+                raise ConfigError(text) from None
+            args = " ".join(f"{key}.{k}={show(v)}" for k, v in node.items() if not str(k).startswith("_")) or key
+            raise ConfigError(f"{args} is not allowed; allowed: arguments {node.get('_target_')} accepts "
+                              f"({text})") from None
         raise
 
 

@@ -16,6 +16,19 @@ from torch.nn import functional as F
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def as_model_input(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device`` in the dtype of ``model``'s floating parameters when ``x`` is floating.
+
+    Why: Lightning converts the batches it hands to ``training_step`` for ``precision=64-true``
+    (the model is float64), but tensors read straight from the data module stay float32; integer
+    inputs (symbol ids) are left alone.
+    """
+    if x.is_floating_point():
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+        return x.to(device, dtype=dtype, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
 def per_sample_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
@@ -30,9 +43,10 @@ def accumulate_full_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     Returns the (detached) partial mean loss ``sum(loss) / n_total`` for these samples.
     ``on_chunk(logits, y)`` lets the caller update metrics from the same forward pass.
     """
-    total = torch.zeros((), device=device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    total = torch.zeros((), device=device, dtype=dtype)  # float64 under precision=64-true
     for start in range(0, x.shape[0], chunk_size):
-        xb = x[start:start + chunk_size].to(device, non_blocking=True)
+        xb = as_model_input(model, x[start:start + chunk_size], device)
         yb = y[start:start + chunk_size].to(device, non_blocking=True)
         logits = model(xb)
         loss = loss_fn(logits, yb).sum() / n_total

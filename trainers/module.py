@@ -34,6 +34,13 @@ class ClassificationModule(L.LightningModule):
         num_classes: number of classes (metrics).
     """
 
+    # What this module logs during fit (callbacks' ``monitor`` keys are checked against it before
+    # training) and the metric keys it adds to summary.json (``optimized_metric`` is checked
+    # against them); tests/test_bad_input.py runs a fit and compares.
+    logged_metrics: tuple[str, ...] = ("train/loss", "train/acc", "val/loss", "val/acc")
+    summary_metrics: tuple[str, ...] = ("train/loss", "train/acc", "train/acc_vs_true_labels", "test/loss",
+                                        "test/acc", "test/precision_macro", "test/recall_macro", "test/f1_macro")
+
     def __init__(self, model: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  batching: MiniBatch | FullBatch, num_classes: int) -> None:
         super().__init__()

@@ -70,6 +70,12 @@ class SequenceModule(ClassificationModule):
             forward-backward per batch; switch off for wall-time measurements).
     """
 
+    summary_metrics: tuple[str, ...] = (
+        "train/loss", "train/acc", "train/ll_per_token", "train/seq_acc", "train/acc_vs_true_labels",
+        *(f"val/{k}" for k in ("seq_acc", "ll_per_token", "bayes_acc", "bayes_seq_acc", "true_ll_per_token",
+                                "gap_to_bayes_acc", "ece")),
+        *(f"test/{k}" for k in ("loss", "acc", "seq_acc", "ll_per_token", "ece", "bayes_acc", "gap_to_bayes_acc")))
+
     def __init__(self, model: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  batching: MiniBatch | FullBatch, num_classes: int, num_bins: int = 15,
                  track_train_acc: bool = True) -> None:

@@ -35,7 +35,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise KeyError(
-                f"{self.key}={name!r} is unknown; known {self.kind} names: {', '.join(self.names())}"
+                f"{self.key}={name} is not allowed; allowed: known {self.kind} names: {', '.join(self.names())}"
             ) from None
 
     def create(self, name: str, *args, **kwargs) -> T:

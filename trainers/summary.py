@@ -33,12 +33,16 @@ def stop_reason(trainer: L.Trainer, status: str, error: str | None) -> str:
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                    chunk: int = 4096) -> dict[str, float]:
-    """Loss and accuracy of ``model`` (eval mode) on a whole split."""
+    """Loss and accuracy of ``model`` (eval mode) on a whole split, in the model's own dtype
+    (float64 under ``precision=64-true``; mixed precision models keep float32 weights and are
+    evaluated in float32, outside autocast)."""
+    from trainers.full_batch import as_model_input
+
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for s in range(0, x.shape[0], chunk):
-        xb, yb = x[s:s + chunk].to(device), y[s:s + chunk].to(device)
+        xb, yb = as_model_input(model, x[s:s + chunk], device), y[s:s + chunk].to(device)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())

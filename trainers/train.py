@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from callbacks.divergence import DivergenceError, DivergenceGuard
 from callbacks.run_contract import EXIT_CODES, RunContract, RunInterrupted
 from callbacks.run_history import EpochHistory
+from trainers.built_checks import check_built
 from trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
 from trainers.checkpoint_io import RunWriteError
 from trainers.config_checks import ConfigError, check_config
@@ -94,6 +95,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         if cfg.get("print_config") and trainer.is_global_zero:
             print_config_tree(cfg)
 
+        check_built(cfg, dm, module)  # splits, model, probe layers, ckpt_path: before any training
         test_metrics = None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -200,6 +202,16 @@ def main() -> None:
     # entry in their own project needs no PYTHONPATH.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # Compose and check the command line first: Hydra reports composition mistakes itself (several
+    # lines, exit 1) before `_hydra_main` runs, and value errors would come after the run directory
+    # is made.
+    from trainers.cli_checks import preflight
+
+    try:
+        preflight(sys.argv[1:], CONFIG_DIR)
+    except (ConfigError, ExtensionError) as e:
+        print(f"shiftlab: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     _hydra_main()
 
 
