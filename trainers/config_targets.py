@@ -32,7 +32,7 @@ SUMMARY_CORE = ("epochs_run", "global_step", "wall_time_s", "train/loss_epoch_me
                 "val/loss", "val/acc")
 # Nodes whose ``_target_`` arguments are checked: group -> arguments the build passes itself.
 BUILD_ARGS = {"model": ("input_shape", "num_classes", "norm"), "module": ("model", "optimizer", "scheduler",
-              "batching", "num_classes"), "trainer": ("callbacks", "logger", "plugins")}
+              "batching", "num_classes"), "trainer": ("callbacks", "logger")}  # trainer.plugins: kept, see build
 
 
 def _nearest(word: str, choices: list[str]) -> str:
