@@ -43,8 +43,8 @@ test-fast: install airflow
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m experiments.bench_overhead
-	$(PY) -m experiments.batch_regime_bench
+	$(PY) -m shiftlab.experiments.bench_overhead
+	$(PY) -m shiftlab.experiments.batch_regime_bench
 
 # Mutation testing of the critical modules (mutmut; config in pyproject's [tool.mutmut], scores and
 # survivors in tests/MUTATION.md). Not part of `make test` / CI: it takes tens of minutes.

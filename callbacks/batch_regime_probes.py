@@ -2,12 +2,12 @@
 
 Why: Keskar et al. (2017) claim large-batch / full-batch training ends in sharper minima. This
 callback measures the curvature of the training loss on a fixed training subset with the shared
-math in :mod:`callbacks.hessian` (the curvature early-stopping monitor uses the same functions):
+math in :mod:`shiftlab.callbacks.hessian` (the curvature early-stopping monitor uses the same functions):
 the top Hessian eigenvalue (power iteration), the Hessian trace (Hutchinson) and, optionally,
 Keskar's epsilon-sharpness.
 
 Logged keys (prefix ``log_prefix``, default ``sharpness``, the same names as
-:class:`callbacks.sharpness_monitor.SharpnessMonitor`, so use one of the two per run):
+:class:`shiftlab.callbacks.sharpness_monitor.SharpnessMonitor`, so use one of the two per run):
 ``sharpness/top_eigenvalue``, ``sharpness/trace`` and, with ``epsilon_sharpness=True``,
 ``sharpness/eps_sharpness``. The last values go to ``summary.json`` (``summary_items``).
 
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.hessian import _HVP, _hutchinson, _power_iteration, epsilon_sharpness
-from callbacks.probe_utils import (
+from shiftlab.callbacks.hessian import _HVP, _hutchinson, _power_iteration, epsilon_sharpness
+from shiftlab.callbacks.probe_utils import (
     check_positive_int,
     eval_mode,
     fixed_subset,

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.covariate_shift import activation_drift, gradient_ics, landscape_smoothness
-from callbacks.probe_utils import check_positive_int, fixed_subset, probe_model
+from shiftlab.callbacks.covariate_shift import activation_drift, gradient_ics, landscape_smoothness
+from shiftlab.callbacks.probe_utils import check_positive_int, fixed_subset, probe_model
 
 
 def _default_loss(pl_module) -> Callable:

@@ -837,7 +837,7 @@ def curve_features(values: Sequence[float], train: Sequence[float], se: Sequence
     return f
 
 
-# Fitted by ``python -m experiments.early_stopping_benchmark --tune`` on the tuning split only
+# Fitted by ``python -m shiftlab.experiments.early_stopping_benchmark --tune`` on the tuning split only
 # (logistic regression of "the validation loss still beats its running best by more than
 # LEARNED_DELTA" on :func:`curve_features`; see ``learned_dataset`` there).
 LEARNED_DELTA = 0.01

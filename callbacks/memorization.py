@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from callbacks.probe_utils import (
+from shiftlab.callbacks.probe_utils import (
     check_positive_int,
     eval_mode,
     fixed_subset,

@@ -7,7 +7,7 @@ sweep report can show *why* it ended. The callback asks the trial whether to pru
 pruned (raising ``optuna.TrialPruned`` in its objective).
 
 The trial is not a config value (it cannot be serialised), so the sweep driver makes it *active*
-with :func:`active_reporter` around ``trainers.train.train(cfg)``; the callback looks it up when it
+with :func:`active_reporter` around ``shiftlab.trainers.train.train(cfg)``; the callback looks it up when it
 fires. Outside a sweep (no active reporter) the callback does nothing, so the same config still
 runs on a laptop.
 

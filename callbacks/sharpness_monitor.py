@@ -2,11 +2,11 @@
 
 Why a fixed batch: sharpness measured on a different batch each time mixes curvature changes
 with sampling noise; a fixed subset of the training set makes the series comparable across
-epochs. The math lives in :mod:`callbacks.hessian` (shared with the batch-regime experiment).
+epochs. The math lives in :mod:`shiftlab.callbacks.hessian` (shared with the batch-regime experiment).
 
 Usable as a stopping signal: ``max_top_eigenvalue`` stops once the top eigenvalue exceeds a bound
 (e.g. ``2 / lr``, the edge of stability for gradient descent), and ``stop_rule`` runs any stopping
-rule of :mod:`callbacks.early_stopping` on the eigenvalue series (e.g. ``up`` with ``mode=min``
+rule of :mod:`shiftlab.callbacks.early_stopping` on the eigenvalue series (e.g. ``up`` with ``mode=min``
 stops once sharpness has kept rising over successive strips).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.nn import functional as F
 
-from callbacks.early_stopping import StoppingRule, make_rule
-from callbacks.hessian import hutchinson_trace, top_hessian_eigenvalue
+from shiftlab.callbacks.early_stopping import StoppingRule, make_rule
+from shiftlab.callbacks.hessian import hutchinson_trace, top_hessian_eigenvalue
 
 __all__ = ["SharpnessMonitor"]
 

@@ -1,4 +1,4 @@
-"""Lightning callbacks over the stopping rules of :mod:`callbacks.early_stopping`.
+"""Lightning callbacks over the stopping rules of :mod:`shiftlab.callbacks.early_stopping`.
 
 Why one base class: every rule needs the same plumbing (read the monitored value once per
 validation, agree across DDP ranks, keep the best weights, survive a resume, explain itself),
@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.early_stopping import StoppingRule, make_rule
+from shiftlab.callbacks.early_stopping import StoppingRule, make_rule
 
 __all__ = ["RuleEarlyStopping", "CurvatureEarlyStopping", "PatienceStopping", "GLStopping",
            "PQStopping", "UPStopping"]
@@ -54,7 +54,7 @@ class RuleEarlyStopping(Callback):
             slope, curvature, slope's standard error, remaining improvement) under
             ``<log_prefix>/<name>``.
         verbose: print the stop reason on rank 0.
-        rule_kwargs: further arguments of the rule (see :func:`callbacks.early_stopping.make_rule`).
+        rule_kwargs: further arguments of the rule (see :func:`shiftlab.callbacks.early_stopping.make_rule`).
     """
 
     def __init__(self, rule: str = "curvature", monitor: str = "val/loss", mode: str = "min",
@@ -191,7 +191,7 @@ class CurvatureEarlyStopping(RuleEarlyStopping):
 
     Reads ``val/loss``, its standard error ``val/loss_se`` (when logged) and ``train/loss`` each
     epoch and stops when the rule's probability of a further gain (by ``LEARNED_DELTA``) falls
-    below ``p_stop`` for ``confirm`` epochs (:class:`callbacks.early_stopping.CurvatureRule`, which documents the
+    below ``p_stop`` for ``confirm`` epochs (:class:`shiftlab.callbacks.early_stopping.CurvatureRule`, which documents the
     evidence). Logs ``early_stop/p_continue`` and the forecast -- ``forecast_min`` with the
     interval ``forecast_lo`` / ``forecast_hi``, ``epochs_left``, ``p_improve`` -- every epoch;
     the stop reason quotes them. Arguments left at None take the rule's tuned defaults;

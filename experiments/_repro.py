@@ -39,7 +39,7 @@ def run(overrides: Sequence[str], out_dir: Path, reuse: bool = False) -> dict[st
     summary_path = out_dir / "summary.json"
     if reuse and summary_path.exists():
         return json.loads(summary_path.read_text())
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = compose(overrides, out_dir)

@@ -1,6 +1,6 @@
 """Full-batch vs mini-batch training on label-corrupted data: sweep, then figures + summary.
 
-One command runs the study (``python -m experiments.batch_noise run``):
+One command runs the study (``python -m shiftlab.experiments.batch_noise run``):
 
 1. **tune**: for every batching regime, a Hydra multirun over that regime's learning-rate grid at
    ``label_noise=tune_noise`` (default 0), one seed; the lr with the best final ``val/acc`` (clean
@@ -131,7 +131,7 @@ def _fmt(values: Iterable[Any]) -> str:
 def launch_command(p: Profile, launch: Launch) -> list[str]:
     regime = [o.replace("${gnp_alpha}", repr(float(p.gnp_alpha))) for o in REGIMES[launch.regime]]
     return [
-        sys.executable, "-m", "trainers.train", "-m", f"experiment={p.experiment}", *regime,
+        sys.executable, "-m", "shiftlab.trainers.train", "-m", f"experiment={p.experiment}", *regime,
         f"optimizer.lr={_fmt(launch.lrs)}", f"data.label_noise={_fmt(launch.noise)}",
         f"seed={_fmt(launch.seeds)}", f"trainer.max_epochs={p.epochs}",
         f"hydra.sweep.dir={launch.dir}", "hydra.sweep.subdir=${hydra.job.num}", *QUIET, *p.extra,
@@ -704,7 +704,7 @@ def read_tuning(p: Profile, out: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m experiments.batch_noise", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m shiftlab.experiments.batch_noise", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="tune lr per regime, run the sweep, aggregate")
     run.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
     run_launches(p, sweep_launches(p, out, best), args.jobs, args.nice, args.dry_run)
     if args.dry_run:
         return
-    meta = {**asdict(p), "command": "python -m experiments.batch_noise " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {**asdict(p), "command": "python -m shiftlab.experiments.batch_noise " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "wall_s": round(time.perf_counter() - t0, 1)}
     (out / "sweep_meta.json").write_text(json.dumps(meta, indent=2))

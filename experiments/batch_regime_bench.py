@@ -3,7 +3,7 @@
 1. Training throughput (samples/s) of ``batching=full`` vs ``batching=mini`` at the same chunk size
    (full batch accumulates the gradient over chunks of ``chunk_size`` samples and steps once per
    epoch; mini-batch steps after each batch of the same size). Target: full >= 0.9x mini.
-2. Overhead of the sharpness probe (``callbacks.batch_regime_probes.SharpnessProbe``) at its
+2. Overhead of the sharpness probe (``shiftlab.callbacks.batch_regime_probes.SharpnessProbe``) at its
    default settings from ``configs/callbacks/batch_noise.yaml``, as a fraction of training time,
    in both regimes; also without its overhead budget (``max_overhead=null``). Target: <= 10%.
 
@@ -11,7 +11,7 @@ Epoch times exclude validation (``limit_val_batches=0``), logging and checkpoint
 epoch is warm-up. Configurations are interleaved and repeated, and medians are reported, because a
 shared machine's load changes over a run.
 
-    python -m experiments.batch_regime_bench [--epochs 100] [--chunk 512] [--repeats 3]
+    python -m shiftlab.experiments.batch_regime_bench [--epochs 100] [--chunk 512] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def time_run(regime: list[str], epochs: int, probe: dict[str, Any] | None, devic
     import lightning as L
     from hydra.utils import instantiate
 
-    from trainers.build import build_datamodule, build_module
+    from shiftlab.trainers.build import build_datamodule, build_module
 
     cfg = _cfg(["experiment=batch_noise", *regime, f"trainer.max_epochs={epochs}"])
     L.seed_everything(0, verbose=False)
@@ -88,7 +88,7 @@ def time_run(regime: list[str], epochs: int, probe: dict[str, Any] | None, devic
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m experiments.batch_regime_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m shiftlab.experiments.batch_regime_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=100, help="the batch_noise experiment default")
     ap.add_argument("--chunk", type=int, default=512, help="full-batch chunk size = mini-batch size")
     ap.add_argument("--repeats", type=int, default=3)

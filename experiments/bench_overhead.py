@@ -4,7 +4,7 @@ Both train the same model on the same data with the same batch size and optimize
 validation pass per epoch. shiftlab runs as users run it (Lightning Trainer, torchmetrics,
 logging, divergence guard), with the progress bar off since the hand loop prints nothing.
 
-    python -m experiments.bench_overhead [--config digits_mlp|mnist1d_cnn] [--epochs 8]
+    python -m shiftlab.experiments.bench_overhead [--config digits_mlp|mnist1d_cnn] [--epochs 8]
 
 Prints the median epoch time of each and the ratio (target: <= 1.15).
 """
@@ -21,8 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
 
-from trainers.build import build_datamodule, build_module
-from trainers.train import CONFIG_DIR, train
+from shiftlab.trainers.build import build_datamodule, build_module
+from shiftlab.trainers.train import CONFIG_DIR, train
 
 SETUPS = {
     "digits_mlp": ["data=digits", "model=mlp", "norm=batchnorm", "optimizer=adam", "batching.batch_size=64"],

@@ -27,9 +27,9 @@ and every rule reads the cached curves.
 
 Usage::
 
-    python -m experiments.early_stopping_corpus                # make / extend corpus v2 (cached)
-    python -m experiments.early_stopping_benchmark             # replay, report, Pareto plot
-    python -m experiments.early_stopping_benchmark --tune      # refit the learned rule (tuning split)
+    python -m shiftlab.experiments.early_stopping_corpus                # make / extend corpus v2 (cached)
+    python -m shiftlab.experiments.early_stopping_benchmark             # replay, report, Pareto plot
+    python -m shiftlab.experiments.early_stopping_benchmark --tune      # refit the learned rule (tuning split)
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from callbacks.early_stopping import LEARNED_DELTA
-from experiments.early_stopping_corpus import CORPUS_V1, CORPUS_V2, in_source_checkout, load_corpus
+from shiftlab.callbacks.early_stopping import LEARNED_DELTA
+from shiftlab.experiments.early_stopping_corpus import CORPUS_V1, CORPUS_V2, in_source_checkout, load_corpus
 
 ROOT = Path(__file__).resolve().parent
 OUT = Path("outputs") / "early_stopping_benchmark"  # under the working directory
@@ -115,7 +115,7 @@ def outcome(run: dict, stop: int, best: int) -> tuple[float, float]:
 def replay_rule(factory: Callable[[], Any], runs: Sequence[dict], use_se: bool = True
                 ) -> np.ndarray:
     """Replay a fresh rule per run; returns (n, 2) of (epochs fraction, regret)."""
-    from callbacks.early_stopping import replay
+    from shiftlab.callbacks.early_stopping import replay
 
     out = np.empty((len(runs), 2))
     for i, run in enumerate(runs):
@@ -221,7 +221,7 @@ def subgroup_table(rule: np.ndarray, pat: np.ndarray, runs: Sequence[dict], idx:
 # ------------------------------------------------------------------------------------------------
 def candidates() -> list[tuple[str, Callable[[], Any]]]:
     """(label, factory) of every rule point on the plot; the default rule is ``curvature``."""
-    from callbacks.early_stopping import make_rule
+    from shiftlab.callbacks.early_stopping import make_rule
 
     def f(name: str, **kw: Any) -> Callable[[], Any]:
         return lambda: make_rule(name, **kw)
@@ -265,7 +265,7 @@ def learned_dataset(runs: Sequence[dict], warmup: int = 5, window: int = 8,
     at the restored epoch, weighted by how much it changes it (plus a floor of 1e-3), so the
     classifier spends its capacity on the stops that cost regret (worse in cross-validation:
     a few runs with large gains dominate the fit)."""
-    from callbacks.early_stopping import FEATURES, curve_features
+    from shiftlab.callbacks.early_stopping import FEATURES, curve_features
 
     xs, ys, ws = [], [], []
     for run in runs:
@@ -299,7 +299,7 @@ def fit_learned(runs: Sequence[dict], c: float = 1.0, target: str = "val",
     """Logistic regression of :func:`learned_dataset` (no intercept: ``bias`` is a feature)."""
     from sklearn.linear_model import LogisticRegression
 
-    from callbacks.early_stopping import FEATURES
+    from shiftlab.callbacks.early_stopping import FEATURES
 
     x, y, w = learned_dataset(runs, target=target, delta=delta)
     model = LogisticRegression(C=c, fit_intercept=False, max_iter=5000)
@@ -318,7 +318,7 @@ def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
     more than one SE (the goal's own criteria, checked on the tuning runs)."""
     import itertools
 
-    from callbacks.early_stopping import make_rule
+    from shiftlab.callbacks.early_stopping import make_rule
 
     pat, orc = patience_frontier(runs), oracle_frontier(runs)
     idx = np.arange(len(runs))
@@ -343,7 +343,7 @@ def cross_validate(runs: Sequence[dict], deltas: Sequence[float] = DELTAS
     """Leave-one-(data set, model)-cell-out on ``runs`` (the tuning split): for each cell, fit
     the learned rule and tune ``p_stop`` / ``confirm`` on the other cells, replay it on the cell;
     score the pooled out-of-cell outcomes against the frontiers. Per ``delta``."""
-    from callbacks.early_stopping import make_rule
+    from shiftlab.callbacks.early_stopping import make_rule
 
     cells = sorted({(r["data"], r["model"]) for r in runs})
     pat, orc = patience_frontier(runs), oracle_frontier(runs)
@@ -486,7 +486,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 2
     runs = load_runs(None if str(args.v1) == "none" else args.v1, args.v2)
     if not runs:
-        print("shiftlab: error: no cached curves; run python -m experiments.early_stopping_corpus",
+        print("shiftlab: error: no cached curves; run python -m shiftlab.experiments.early_stopping_corpus",
               file=sys.stderr)
         return 2
     if args.tune:

@@ -16,7 +16,7 @@ there (an interrupted build continues where it stopped).
 
 Usage::
 
-    nice -n 19 python -m experiments.early_stopping_corpus --runs 400 --budget-s 3600 [--cheap-first]
+    nice -n 19 python -m shiftlab.experiments.early_stopping_corpus --runs 400 --budget-s 3600 [--cheap-first]
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ def est_cost(cfg: dict[str, Any]) -> float:
 
 
 def _datamodule(cfg: dict[str, Any]):
-    from trainers.data import DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
-    from trainers.data.hmm_sequences import HMMSequenceDataModule
+    from shiftlab.trainers.data import DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
+    from shiftlab.trainers.data.hmm_sequences import HMMSequenceDataModule
 
     common = dict(batch_size=max(cfg["batch_size"], 1), label_noise=cfg["label_noise"],
                   seed=cfg["seed"], val_fraction=0.15, test_fraction=0.2,
@@ -114,11 +114,11 @@ def _datamodule(cfg: dict[str, Any]):
 def _model(cfg: dict[str, Any], dm):
     import torch.nn as nn
 
-    from trainers.models.cnn import CNN
-    from trainers.models.mlp import MLP
-    from trainers.models.resnet import ResNet
-    from trainers.pgm.crf import LinearChainCRF, PositionSoftmax
-    from trainers.pgm.hmm import HMM
+    from shiftlab.trainers.models.cnn import CNN
+    from shiftlab.trainers.models.mlp import MLP
+    from shiftlab.trainers.models.resnet import ResNet
+    from shiftlab.trainers.pgm.crf import LinearChainCRF, PositionSoftmax
+    from shiftlab.trainers.pgm.hmm import HMM
 
     big = cfg["width"] == "large"
     if cfg["model"] == "mlp":
@@ -167,7 +167,7 @@ def train_curve(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration for ``cfg['epochs']`` epochs; per-epoch curves."""
     import torch
 
-    from trainers.optim import create_optimizer, create_scheduler
+    from shiftlab.trainers.optim import create_optimizer, create_scheduler
 
     torch.manual_seed(cfg["seed"])
     dm = _datamodule(cfg)
@@ -291,7 +291,7 @@ def v1_configs() -> list[dict[str, Any]]:
 
 
 def _v1_datamodule(cfg: dict[str, Any]):
-    from trainers.data import DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
+    from shiftlab.trainers.data import DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
 
     common = dict(batch_size=cfg["batch_size"], label_noise=cfg["label_noise"], seed=cfg["seed"],
                   val_fraction=0.15, test_fraction=0.2)
@@ -308,8 +308,8 @@ def _v1_datamodule(cfg: dict[str, Any]):
 
 
 def _v1_model(cfg: dict[str, Any], dm):
-    from trainers.models.cnn import CNN
-    from trainers.models.mlp import MLP
+    from shiftlab.trainers.models.cnn import CNN
+    from shiftlab.trainers.models.mlp import MLP
 
     if cfg["model"] == "mlp":
         return MLP(dm.input_shape, dm.num_classes, hidden=(128, 128))
@@ -321,7 +321,7 @@ def v1_train_curve(cfg: dict[str, Any], epochs: int) -> dict[str, list[float]]:
     import torch
     import torch.nn.functional as F
 
-    from trainers.optim import create_optimizer
+    from shiftlab.trainers.optim import create_optimizer
 
     torch.manual_seed(cfg["seed"])
     dm = _v1_datamodule(cfg)

@@ -1,6 +1,6 @@
 """Ioffe & Szegedy 2015, Fig. 1: a 3x100 sigmoid MLP with and without BatchNorm.
 
-One command: ``python -m experiments.ioffe2015`` (digits; ``--data mnist1d`` for mnist1d).
+One command: ``python -m shiftlab.experiments.ioffe2015`` (digits; ``--data mnist1d`` for mnist1d).
 Writes fig_a_heldout_accuracy.png, fig_bc_sigmoid_input_percentiles.png and SUMMARY.md.
 
 (a) held-out accuracy over training steps; (b, c) the 15/50/85th percentiles of one
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments._repro import (base_parser, epoch_series, plt, probe_history, run, series, setup_threads,
+from shiftlab.experiments._repro import (base_parser, epoch_series, plt, probe_history, run, series, setup_threads,
                                 write_report)
 
 LAYER = "net.8"  # the norm slot right before the last hidden layer's sigmoids
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         notes.insert(0, "QUICK run (--quick): a pipeline smoke test, not a reproduction.")
-    cmd = "python -m experiments.ioffe2015 " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m shiftlab.experiments.ioffe2015 " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(out, "Ioffe & Szegedy 2015 -- Fig. 1 (MLP with and without BatchNorm)", cmd.strip(), rows, notes,
                  ["fig_a_heldout_accuracy.png", "fig_bc_sigmoid_input_percentiles.png"], time.perf_counter() - t0)
     return 0

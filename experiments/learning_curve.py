@@ -12,9 +12,9 @@ trained on), ``val`` = the last epoch's validation accuracy (or loss).
 
 Usage::
 
-    python -m experiments.learning_curve --run                      # sweep + aggregate
-    python -m experiments.learning_curve --run trainer.max_epochs=10 data=mnist1d model=cnn
-    python -m experiments.learning_curve --sweep-dir outputs/learning_curve/multiruns/<stamp>
+    python -m shiftlab.experiments.learning_curve --run                      # sweep + aggregate
+    python -m shiftlab.experiments.learning_curve --run trainer.max_epochs=10 data=mnist1d model=cnn
+    python -m shiftlab.experiments.learning_curve --sweep-dir outputs/learning_curve/multiruns/<stamp>
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def write_outputs(table: list[dict], out: Path, metric: str, title: str = "") ->
 
 def run_sweep(sweep_dir: Path, overrides: list[str]) -> None:
     """``shiftlab-train -m experiment=learning_curve`` into ``sweep_dir``."""
-    cmd = [sys.executable, "-m", "trainers.train", "-m", "experiment=learning_curve",
+    cmd = [sys.executable, "-m", "shiftlab.trainers.train", "-m", "experiment=learning_curve",
            f"hydra.sweep.dir={sweep_dir}", *overrides]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)

@@ -1,6 +1,6 @@
 """Normalization variants across batch sizes: where does BatchNorm break, and who holds up?
 
-One command: ``python -m experiments.norm_batch_size`` (digits images, 2-D CNN); ``--setup
+One command: ``python -m shiftlab.experiments.norm_batch_size`` (digits images, 2-D CNN); ``--setup
 mnist1d_cnn`` (1-D CNN) or ``--setup mnist1d_mlp`` (MLP on flat mnist1d vectors). Writes fig_accuracy_vs_batch.png, results.json and SUMMARY.md.
 
 Claims checked: BN degrades at tiny batches (Ioffe 2017; Wu & He 2018) while GroupNorm, LayerNorm
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments._repro import base_parser, plt, run, setup_threads, write_report
+from shiftlab.experiments._repro import base_parser, plt, run, setup_threads, write_report
 
 VARIANTS = ("none", "batchnorm", "groupnorm", "layernorm", "batch_renorm", "ghost_bn", "weight_std")
 BATCHES = (2, 4, 16, 64, 256)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         notes.insert(0, "QUICK run (--quick): one epoch per run, a pipeline smoke test, not a reproduction.")
-    cmd = "python -m experiments.norm_batch_size " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m shiftlab.experiments.norm_batch_size " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(out, "Normalization variants across batch sizes", cmd.strip(), rows, notes,
                  ["fig_accuracy_vs_batch.png"], time.perf_counter() - t0,
                  extra=["## Test accuracy (%) per variant and batch size", "", *table])

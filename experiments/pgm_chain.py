@@ -22,9 +22,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from trainers.build import build_datamodule, build_module
-from trainers.pgm import em, metrics
-from trainers.pgm.hmm import HMM, true_model_scores
+from shiftlab.trainers.build import build_datamodule, build_module
+from shiftlab.trainers.pgm import em, metrics
+from shiftlab.trainers.pgm.hmm import HMM, true_model_scores
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -135,7 +135,7 @@ def part_a(seeds: list[int], gd_epochs: dict[str, int], em_iters: int, base: lis
 
 
 def part_b(noise_levels: list[float], seeds: list[int], epochs: int, out: Path) -> list[dict]:
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     rows = []
     for noise in noise_levels:

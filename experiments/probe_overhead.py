@@ -1,6 +1,6 @@
 """Benchmark: training time with the covariate-shift probes at their default periods vs off.
 
-``python -m experiments.probe_overhead [--repeats 2] [--epochs 10]``
+``python -m shiftlab.experiments.probe_overhead [--repeats 2] [--epochs 10]``
 
 For each reproduction config (santurkar2018: mnist1d CNN, ioffe2015: digits sigmoid MLP) it
 trains with (1) no probe callbacks, (2) the probes present but switched off (``every_n_steps=0``)
@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from experiments._repro import CONFIG_DIR, machine, run, setup_threads
+from shiftlab.experiments._repro import CONFIG_DIR, machine, run, setup_threads
 
 PROBES = ("activation_drift", "gradient_ics", "landscape")
 

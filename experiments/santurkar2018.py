@@ -1,6 +1,6 @@
 """Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch Normalization Help Optimization?".
 
-One command: ``python -m experiments.santurkar2018`` (CPU scale: mnist1d + 1-D CNN, then the
+One command: ``python -m shiftlab.experiments.santurkar2018`` (CPU scale: mnist1d + 1-D CNN, then the
 25-layer deep linear network); ``--scale gpu`` runs the paper's VGG / CIFAR-10 setup
 (``configs/experiment/santurkar2018_vgg.yaml``). Writes PNGs and SUMMARY.md into ``--out``.
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments._repro import (base_parser, epoch_series, median, plt, probe_history, run, series,
+from shiftlab.experiments._repro import (base_parser, epoch_series, median, plt, probe_history, run, series,
                                 setup_threads, write_report)
 
 NORMS = ("none", "batchnorm", "noisy_bn")
@@ -111,7 +111,7 @@ def figures_cnn(out: Path, dirs: dict[str, Path]) -> dict[str, Any]:
 def deep_linear_net(norm: str, depth: int, width: int, seed: int) -> nn.Module:
     """``depth`` bias-free ``width x width`` linear layers, a norm layer after each but the last.
     Weights ~ N(0, 1/width) so the product neither explodes nor vanishes at initialisation."""
-    from trainers.norms import create_norm_layer
+    from shiftlab.trainers.norms import create_norm_layer
 
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -126,7 +126,7 @@ def deep_linear_net(norm: str, depth: int, width: int, seed: int) -> nn.Module:
 
 def run_dln(norm: str, steps: int, lr: float, probe_every: int, seed: int = 0) -> dict[str, Any]:
     """Full-batch GD on ``y = A x`` (1000 Gaussian samples), loss = half the summed squared error."""
-    from callbacks.covariate_shift import gradient_ics
+    from shiftlab.callbacks.covariate_shift import gradient_ics
 
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1000, 10, generator=g)
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quick:
         notes.insert(0, "QUICK run (--quick): a pipeline smoke test, not a reproduction.")
-    cmd = "python -m experiments.santurkar2018 " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m shiftlab.experiments.santurkar2018 " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(out, "Santurkar et al. 2018 -- BatchNorm, ICS and the loss landscape", cmd.strip(), rows, notes,
                  figs, time.perf_counter() - t0)
     return 0

@@ -6,12 +6,12 @@ to torch and warns once.
 """
 from __future__ import annotations
 
-from kernels._backend import INTERPRET, backend_name
-from kernels.batchnorm import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNorm3d,
+from ._backend import INTERPRET, backend_name
+from .batchnorm import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNorm3d,
                                TritonBatchNormReLU1d, TritonBatchNormReLU2d, TritonSyncBatchNorm,
                                batch_stats)
-from kernels.convert import convert_to_triton
-from kernels.layernorm import TritonChannelLayerNorm, TritonLayerNorm, TritonRMSNorm, layer_norm
+from .convert import convert_to_triton
+from .layernorm import TritonChannelLayerNorm, TritonLayerNorm, TritonRMSNorm, layer_norm
 
 __all__ = [
     "INTERPRET", "backend_name", "batch_stats", "convert_to_triton", "layer_norm",

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kernels import _backend
-from kernels._layout import View3, as_view3, like, tile
+from . import _backend
+from ._layout import View3, as_view3, like, tile
 
 if _backend.HAS_TRITON:
     import triton

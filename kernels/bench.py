@@ -1,8 +1,8 @@
 """Benchmark the Triton norms against eager PyTorch and torch.compile.
 
-    python -m kernels.bench OUT_DIR [--ops bn,bn_relu,bn_add_relu,ln] [--dtypes bf16,fp32]
+    python -m shiftlab.kernels.bench OUT_DIR [--ops bn,bn_relu,bn_add_relu,ln] [--dtypes bf16,fp32]
                                    [--batches 128,256] [--quick] [--compile static|dynamic|off]
-    python -m kernels.bench OUT_DIR --report      # summary, targets, png again from bench.json
+    python -m shiftlab.kernels.bench OUT_DIR --report      # summary, targets, png again from bench.json
 
 Writes ``OUT_DIR/bench.json`` (every row + summary, rewritten after each row so a run cut short
 keeps what it measured), ``OUT_DIR/bench.png`` (speedups) and ``OUT_DIR/bench.md`` (the issue's
@@ -47,7 +47,7 @@ BN_OPS = ("bn", "bn_relu", "bn_add_relu")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shiftlab.kernels.bench", description=__doc__.split("\n")[0])
     p.add_argument("out_dir", nargs="?", default="outputs/bench")
     p.add_argument("--ops", default="bn,bn_relu,ln",
                    help="comma list of bn, bn_relu, bn_add_relu, ln")
@@ -151,7 +151,7 @@ def compiled(fn: Callable, mode: str) -> Callable | None:
 
 def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer: Timer,
             emit: Callable[[dict], None]) -> None:
-    from kernels import TritonBatchNorm2d, TritonBatchNormReLU2d
+    from . import TritonBatchNorm2d, TritonBatchNormReLU2d
 
     dtype = DTYPES[dtype_name]
     cuda = device == "cuda"
@@ -212,7 +212,7 @@ def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer:
 
 def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer,
             emit: Callable[[dict], None]) -> None:
-    from kernels import TritonLayerNorm
+    from . import TritonLayerNorm
 
     dtype = DTYPES[dtype_name]
     cuda = device == "cuda"
@@ -419,12 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cuda = torch.cuda.is_available()
     if not cuda and not a.cpu:
-        print("kernels.bench: no CUDA device; nothing to measure (use --cpu for a smoke run).")
+        print("shiftlab.kernels.bench: no CUDA device; nothing to measure (use --cpu for a smoke run).")
         return 0
     device = "cuda" if cuda else "cpu"
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer(cuda, a.warmup, a.rep)
-    from kernels import backend_name
+    from . import backend_name
 
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "backend": backend_name(device),
             "torch": torch.__version__, "argv": sys.argv[1:], "compile": a.compile}
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     meta["liger"] = liger_layernorm(8, device, torch.float32) is not None
     meta["copy_peak"] = copy_peak(device, cuda, timer)
-    print(f"kernels.bench on {meta['device']} (kernels backend: {meta['backend']}); copy_ peak "
+    print(f"shiftlab.kernels.bench on {meta['device']} (kernels backend: {meta['backend']}); copy_ peak "
           f"{meta['copy_peak']['gbs']:.0f} GB/s; Liger peer: {meta['liger']}", flush=True)
     rows: list[dict] = []
     dtypes = a.dtypes if not a.cpu else ["fp32"]

@@ -1,8 +1,8 @@
 """End-to-end training-step time: a CIFAR ResNet with ``norm=batchnorm`` vs ``norm=triton_bn``.
 
-    python -m kernels.bench_step OUT_DIR [--depth 18] [--width 64] [--batch 256] [--steps 20]
+    python -m shiftlab.kernels.bench_step OUT_DIR [--depth 18] [--width 64] [--batch 256] [--steps 20]
                                         [--modes eager,compile] [--dtype bf16|fp32] [--layout nhwc|nchw]
-    python -m kernels.bench_step OUT_DIR --smoke     # tiny CPU run: checks the script, not the speed
+    python -m shiftlab.kernels.bench_step OUT_DIR --smoke     # tiny CPU run: checks the script, not the speed
 
 Why: kernel micro-benchmarks miss launch overhead, layout changes and what torch.compile fuses
 around the norm; a full SGD step (forward, cross-entropy, backward, optimizer) on synthetic
@@ -28,7 +28,7 @@ MODES = ("eager", "compile")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench_step", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shiftlab.kernels.bench_step", description=__doc__.split("\n")[0])
     p.add_argument("out_dir", nargs="?", default="outputs/bench_step")
     p.add_argument("--depth", type=int, default=18, help="ResNet depth: 18 or 6n+2")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage")
@@ -56,8 +56,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(norm: str, depth: int, width: int, image: int, device: str) -> nn.Module:
     """The project's CIFAR ResNet with the named norm from the project's norm registry."""
-    from trainers.models.resnet import ResNet
-    from trainers.norms import NormFactory
+    from shiftlab.trainers.models.resnet import ResNet
+    from shiftlab.trainers.norms import NormFactory
 
     torch.manual_seed(0)  # same initial weights for every norm
     return ResNet((3, image, image), 10, depth=depth, base_width=width, norm=NormFactory(norm)).to(device)
@@ -131,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not a.smoke:
-        print("kernels.bench_step: no CUDA device; nothing to measure (use --smoke for a CPU check).")
+        print("shiftlab.kernels.bench_step: no CUDA device; nothing to measure (use --smoke for a CPU check).")
         return 0
     device = "cuda" if cuda else "cpu"
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from kernels import backend_name
+    from . import backend_name
 
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "backend": backend_name(device),
             "torch": torch.__version__, "argv": sys.argv[1:],

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.batchnorm import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNorm3d,
+from .batchnorm import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNorm3d,
                                TritonSyncBatchNorm, _TritonBatchNorm)
-from kernels.layernorm import TritonLayerNorm, TritonRMSNorm
+from .layernorm import TritonLayerNorm, TritonRMSNorm
 
 _BN = {nn.BatchNorm1d: TritonBatchNorm1d, nn.BatchNorm2d: TritonBatchNorm2d,
        nn.BatchNorm3d: TritonBatchNorm3d}

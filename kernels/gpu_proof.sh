@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU proof of the Triton norm kernels (issue 16), in one call of at most ~8 minutes:
 #   1. the @pytest.mark.gpu kernel tests (CUDA correctness, fp16/bf16, determinism, compile, large means)
-#   2. python -m kernels.bench: bn, bn_relu, bn_add_relu, ln in bf16 then fp32 (ResNet-50 / LayerNorm
+#   2. python -m shiftlab.kernels.bench: bn, bn_relu, bn_add_relu, ln in bf16 then fp32 (ResNet-50 / LayerNorm
 #      shapes, --quick set) vs eager and torch.compile (+ Liger-Kernel's LayerNorm when importable),
 #      with a 1 GiB copy_ bandwidth reference measured in the same run; bench.md has the targets
-#   3. python -m kernels.bench_step: ResNet-18 training step on CIFAR-shaped batches,
+#   3. python -m shiftlab.kernels.bench_step: ResNet-18 training step on CIFAR-shaped batches,
 #      norm=batchnorm vs norm=triton_bn, eager and compiled
 # Needs torch + triton only (no hydra/omegaconf/wandb). From the repository root:
-#   PYTHONPATH=. bash kernels/gpu_proof.sh            # on the GPU machine
+#   bash kernels/gpu_proof.sh                         # on the GPU machine (no install needed)
 #   bash kernels/gpu_proof.sh --smoke                 # CPU: tiny shapes in the Triton interpreter
 # Env: OUT (./outputs/gpu_proof), PY (python3), TOTAL_S (470: whole-script budget; each stage is
 #      cut at its cap or when the later stages' reserve would be eaten, whichever is first;
@@ -21,7 +21,10 @@ SMOKE=0
 OUT=${OUT:-./outputs/gpu_proof}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# No install on the GPU machine: a namespace shim makes the folders importable as shiftlab.*
+SHIM=$(mktemp -d)/shim; mkdir -p "$SHIM/shiftlab"
+for d in kernels trainers callbacks configs; do ln -s "$PWD/$d" "$SHIM/shiftlab/$d"; done
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/gpu_proof_inductor}
 exec > >(tee "$OUT/gpu_proof.log") 2>&1
 
@@ -62,15 +65,15 @@ stage() {  # stage NAME BUDGET_S CMD...: run with a time limit, record rc and se
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-stage import 60 $PY -c "import kernels, kernels.bench, kernels.bench_step; print('kernels backend:', kernels.backend_name('cuda'))"
+stage import 60 $PY -c "import shiftlab.kernels as kernels, shiftlab.kernels.bench, shiftlab.kernels.bench_step; print('kernels backend:', kernels.backend_name('cuda'))"
 p=$(left $((STEP_RESERVE_S + 120)))
 stage pytest_gpu $((p < PYTEST_S ? p : PYTEST_S)) $PY -m pytest -m gpu tests/test_kernels_bn.py tests/test_kernels_ln.py -q \
     -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 # shellcheck disable=SC2086  # BENCH_ARGS / STEP_ARGS are word lists
-stage bench "$(left $((STEP_RESERVE_S + 20)))" $PY -m kernels.bench "$OUT" $BENCH_ARGS
-[ -f "$OUT/bench.json" ] && stage bench_report 30 $PY -m kernels.bench "$OUT" --report
+stage bench "$(left $((STEP_RESERVE_S + 20)))" $PY -m shiftlab.kernels.bench "$OUT" $BENCH_ARGS
+[ -f "$OUT/bench.json" ] && stage bench_report 30 $PY -m shiftlab.kernels.bench "$OUT" --report
 # shellcheck disable=SC2086
-stage step "$(left 10)" $PY -m kernels.bench_step "$OUT" $STEP_ARGS
+stage step "$(left 10)" $PY -m shiftlab.kernels.bench_step "$OUT" $STEP_ARGS
 
 STAGES_JSON="{$STAGES}" $PY - "$OUT/proof.json" <<'EOF'
 import json, os, subprocess, sys

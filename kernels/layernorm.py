@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from kernels import _backend
+from . import _backend
 
 MAX_FUSED_N = 16384
 

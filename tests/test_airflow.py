@@ -132,7 +132,7 @@ def test_pod_specs_render_from_dag_params_and_validate(dagbag, dag_module) -> No
         wandb = next(e for e in c["env"] if e["name"] == "WANDB_API_KEY")
         assert wandb["valueFrom"]["secretKeyRef"] == {"name": "shiftlab-wandb", "key": "api-key", "optional": True}
     train = _render_pod(dag, "train", params)["spec"]["containers"][0]["args"]
-    assert train[:2] == ["-m", "trainers.train"] and train[2:5] == overrides  # one argument per override
+    assert train[:2] == ["-m", "shiftlab.trainers.train"] and train[2:5] == overrides  # one argument per override
     assert "hydra.run.dir=/outputs/pipelines/shiftlab_pipeline/manual__2026-11-24T15_00_00_00_00/train" in train
     evaluate = _render_pod(dag, "evaluate", params)["spec"]["containers"][0]["args"]
     assert evaluate[-2:] == ["--min-test-acc", "0.9"]
@@ -192,7 +192,7 @@ def test_overrides_that_change_the_program_are_refused(dagbag, dag_module, overr
     dag = dagbag["shiftlab_pipeline"]
     with pytest.raises(dag_module.PipelineError, match=r"^overrides: .* is not allowed; allowed: key=value"):
         dag_module.step_argv("train", _params(dag, overrides=["seed=1", override]), "d", "r")
-    ok = ["experiment=a b", "+trainer.limit_train_batches=5", "~callbacks.early_stopping", "optimizer.lr=0.05",
+    ok = ["experiment=a b", "+trainer.limit_train_batches=5", "~shiftlab.callbacks.early_stopping", "optimizer.lr=0.05",
           "data@data2=digits", "++task_name=x_y"]
     assert dag_module.check_overrides(ok) == ok
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.built_checks import check_built
-from trainers.cli_checks import _hydra, compose_checked
-from trainers.config_checks import ConfigError, check_config
+from shiftlab.trainers.built_checks import check_built
+from shiftlab.trainers.cli_checks import _hydra, compose_checked
+from shiftlab.trainers.config_checks import ConfigError, check_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = str(REPO / "configs")
@@ -30,7 +30,7 @@ def validate(overrides: list[str], out: Path) -> None:
     """What ``shiftlab-train`` does before ``trainer.fit``, minus the trainer."""
     from omegaconf import open_dict
 
-    from trainers.build import build_datamodule, build_module
+    from shiftlab.trainers.build import build_datamodule, build_module
 
     with _hydra(CONFIG_DIR):
         cfg = compose_checked("train", QUIET + overrides + [f"paths.output_dir={out}"])
@@ -45,7 +45,7 @@ def validate(overrides: list[str], out: Path) -> None:
 
 def state_of(overrides: list[str]) -> dict[str, torch.Tensor]:
     """The state_dict a LightningModule built from ``overrides`` would checkpoint."""
-    from trainers.build import build_datamodule, build_module
+    from shiftlab.trainers.build import build_datamodule, build_module
 
     with _hydra(CONFIG_DIR):
         cfg = compose_checked("train", QUIET + overrides + ["paths.output_dir=/tmp/unused"])
@@ -251,8 +251,8 @@ def test_declared_metric_names_match_what_a_run_logs(tmp_path):
 
     from conftest import compose_cfg
 
-    from trainers.module import ClassificationModule
-    from trainers.train import train
+    from shiftlab.trainers.module import ClassificationModule
+    from shiftlab.trainers.train import train
 
     summary = train(compose_cfg(QUIET + ["trainer.max_epochs=1", "data.label_noise=0.2"], tmp_path / "run"))
     with open(tmp_path / "run" / "metrics.csv") as f:
@@ -266,7 +266,7 @@ def test_declared_metric_names_match_what_a_run_logs(tmp_path):
 # ------------------------------------------------------------------------------ command line
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + str(REPO / "tests"), WANDB_MODE="offline")
-    return subprocess.run([sys.executable, "-m", "trainers.train", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "shiftlab.trainers.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

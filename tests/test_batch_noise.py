@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.batch_regime_probes import SharpnessProbe
-from callbacks.gradient_noise import GradientNoiseScale
-from experiments import batch_noise as bn
-from trainers.train import train
+from shiftlab.callbacks.batch_regime_probes import SharpnessProbe
+from shiftlab.callbacks.gradient_noise import GradientNoiseScale
+from shiftlab.experiments import batch_noise as bn
+from shiftlab.trainers.train import train
 
 
 def _fake(split, epoch=0, max_epochs=5):
@@ -151,8 +151,8 @@ def test_cli_rejects_unknown_regime_and_quick_profile_is_small():
 def test_every_regime_composes_for_both_experiments(experiment, tmp_path):
     from conftest import compose_cfg  # noqa: PLC0415
 
-    from trainers.build import build_batching, build_callbacks  # noqa: PLC0415
-    from trainers.config_checks import check_config  # noqa: PLC0415
+    from shiftlab.trainers.build import build_batching, build_callbacks  # noqa: PLC0415
+    from shiftlab.trainers.config_checks import check_config  # noqa: PLC0415
 
     for regime, overrides in bn.REGIMES.items():
         overrides = [o.replace("${gnp_alpha}", "0.1") for o in overrides]

@@ -17,14 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from callbacks.early_stopping import make_rule, replay, training_progress
-from callbacks.hessian import hessian_vector_product, hutchinson_trace, top_hessian_eigenvalue
-from trainers.config_checks import ConfigError, check_config
-from trainers.data.base import TensorDataModule
-from trainers.data.label_noise import corrupt_labels
-from trainers.norms._bn_common import StatBatchNorm
-from trainers.norms.batch_renorm import BatchRenorm, renorm_limits
-from trainers.norms.ghost_bn import GhostBatchNorm
+from shiftlab.callbacks.early_stopping import make_rule, replay, training_progress
+from shiftlab.callbacks.hessian import hessian_vector_product, hutchinson_trace, top_hessian_eigenvalue
+from shiftlab.trainers.config_checks import ConfigError, check_config
+from shiftlab.trainers.data.base import TensorDataModule
+from shiftlab.trainers.data.label_noise import corrupt_labels
+from shiftlab.trainers.norms._bn_common import StatBatchNorm
+from shiftlab.trainers.norms.batch_renorm import BatchRenorm, renorm_limits
+from shiftlab.trainers.norms.ghost_bn import GhostBatchNorm
 
 FAST = settings(max_examples=40, deadline=None)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.early_stopping import RULES, make_rule
-from trainers.norms import create_norm_layer, norm_names
-from trainers.optim import OPTIMIZERS
+from shiftlab.callbacks.early_stopping import RULES, make_rule
+from shiftlab.trainers.norms import create_norm_layer, norm_names
+from shiftlab.trainers.optim import OPTIMIZERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHAPES = {0: (6, 8), 1: (6, 8, 5), 2: (6, 8, 3, 3)}
@@ -126,7 +126,7 @@ CASES = ([("callbacks", o, []) for o in _options("callbacks")]
 
 @pytest.mark.parametrize("group,option,extra", CASES, ids=[f"{g}={o}" for g, o, _ in CASES])
 def test_every_option_trains_under_a_fast_debug_config(run_cfg, group, option, extra):
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     summary = train(run_cfg(f"{group}={option}", *extra, "debug=fdr"))
     assert summary["status"] == "completed", summary.get("stop_reason")

@@ -19,12 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from trainers.batching import FullBatch
-from trainers.data.base import TensorSplit
-from trainers.module import ClassificationModule
-from trainers.pgm import chain
-from trainers.pgm.crf import LinearChainCRF
-from trainers.pgm_module import SequenceModule
+from shiftlab.trainers.batching import FullBatch
+from shiftlab.trainers.data.base import TensorSplit
+from shiftlab.trainers.module import ClassificationModule
+from shiftlab.trainers.pgm import chain
+from shiftlab.trainers.pgm.crf import LinearChainCRF
+from shiftlab.trainers.pgm_module import SequenceModule
 
 N, CHUNK = 13, 4  # uneven shards (7 and 6 samples) and an uneven last chunk
 

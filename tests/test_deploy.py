@@ -244,7 +244,7 @@ def test_pytorchjob_matches_its_trainer_overrides(overlay) -> None:
         assert c["name"] == "pytorch" and c["command"] == ["torchrun"]
         assert {"name": "pytorchjob-port", "containerPort": 23456} in c["ports"]
         args = dict(a.split("=", 1) for a in c["args"] if "=" in a)
-        assert c["args"][:2] == ["--module", "trainers.train"], role
+        assert c["args"][:2] == ["--module", "shiftlab.trainers.train"], role
         assert int(args["trainer.num_nodes"]) == nodes, role
         assert args["trainer.devices"] == job["spec"]["nprocPerNode"], role
         assert args["trainer"] == "ddp" and args["trainer.accelerator"] == name, role
@@ -254,7 +254,7 @@ def test_pytorchjob_matches_its_trainer_overrides(overlay) -> None:
 
 def test_manifest_commands_compose_with_the_real_configs(overlay) -> None:
     """The overrides in the manifests must name config keys and groups that exist."""
-    from trainers import sweep as sw
+    from shiftlab.trainers import sweep as sw
 
     _, docs = overlay
     job = _by_kind(docs, "PyTorchJob")[0]

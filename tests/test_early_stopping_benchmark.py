@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from callbacks.early_stopping import replay
-from experiments import early_stopping_benchmark as B
-from experiments.early_stopping_corpus import _summary, design, load_corpus
+from shiftlab.callbacks.early_stopping import replay
+from shiftlab.experiments import early_stopping_benchmark as B
+from shiftlab.experiments.early_stopping_corpus import _summary, design, load_corpus
 
 
 def run(val, test, data="digits", model="mlp", **kw):
@@ -152,7 +152,7 @@ def test_standard_error_is_the_ratio_estimator():
 
 
 def test_train_curve_records_standard_errors_on_a_tiny_run():
-    from experiments.early_stopping_corpus import train_curve
+    from shiftlab.experiments.early_stopping_corpus import train_curve
 
     cfg = design(3) | {"data": "digits", "model": "mlp", "epochs": 3, "batch": "full",
                        "batch_size": 0, "train_fraction": 0.25}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.early_stopping import replay
-from callbacks.stopping_callbacks import (CurvatureEarlyStopping, GLStopping, PatienceStopping,
+from shiftlab.callbacks.early_stopping import replay
+from shiftlab.callbacks.stopping_callbacks import (CurvatureEarlyStopping, GLStopping, PatienceStopping,
                                           PQStopping, UPStopping)
 
 

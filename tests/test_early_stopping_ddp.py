@@ -32,7 +32,7 @@ def _job(out: Path) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from callbacks.stopping_callbacks import CurvatureEarlyStopping
+    from shiftlab.callbacks.stopping_callbacks import CurvatureEarlyStopping
 
     class Scripted(L.LightningModule):
         def __init__(self) -> None:
@@ -69,7 +69,7 @@ def _job(out: Path) -> None:
 
 @pytest.mark.slow
 def test_every_rank_takes_rank_zero_decision(tmp_path):
-    from callbacks.early_stopping import replay
+    from shiftlab.callbacks.early_stopping import replay
 
     env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(HERE), str(tmp_path)], env=env,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from callbacks.early_stopping import (FEATURES, LEARNED_COEF, CurvatureRule, ForecastRule,
+from shiftlab.callbacks.early_stopping import (FEATURES, LEARNED_COEF, CurvatureRule, ForecastRule,
                                       GLRule, LearnedRule, PatienceRule, PQRule, QuadraticRule,
                                       SESlopeRule, UPRule, curve_features, forecast_curve,
                                       local_quadratic_fit, make_rule, replay)

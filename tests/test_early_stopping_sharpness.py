@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.sharpness_monitor import SharpnessMonitor
+from shiftlab.callbacks.sharpness_monitor import SharpnessMonitor
 
 
 def test_measure_matches_explicit_hessian():

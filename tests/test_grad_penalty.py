@@ -1,7 +1,7 @@
 """Geiping et al.'s gradient-norm penalty in the full-batch step, against double backprop.
 
 The regularized objective is ``L + (alpha/2) ||grad L||^2``; its gradient ``g + alpha H g`` is what
-``trainers.full_batch.grad_norm_penalty_fd`` approximates with one extra gradient evaluation.
+``shiftlab.trainers.full_batch.grad_norm_penalty_fd`` approximates with one extra gradient evaluation.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.build import build_datamodule, build_module
-from trainers.full_batch import grad_norm_penalty_fd
+from shiftlab.trainers.build import build_datamodule, build_module
+from shiftlab.trainers.full_batch import grad_norm_penalty_fd
 
 
 def _double_backprop_grad(model: nn.Module, x, y, alpha: float) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.gradient_noise import (
+from shiftlab.callbacks.gradient_noise import (
     GradientNoiseScale,
     b_simple_from_batch_grads,
     b_simple_two_batch,

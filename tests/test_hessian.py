@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from callbacks.hessian import (
+from shiftlab.callbacks.hessian import (
     epsilon_sharpness,
     hessian_vector_product,
     hutchinson_trace,

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.covariate_shift_callbacks import (ActivationDriftMonitor, GradientICSMonitor,
+from shiftlab.callbacks.covariate_shift_callbacks import (ActivationDriftMonitor, GradientICSMonitor,
                                                  LandscapeSmoothnessMonitor)
 
 
@@ -36,7 +36,7 @@ PROBES = ["callbacks=covariate_shift", "callbacks.activation_drift.every_n_steps
 @pytest.mark.timeout(120)
 def test_probes_leave_training_bit_identical(tmp_path):
     from conftest import QUIET, compose_cfg
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     quiet = [o for o in QUIET if not o.startswith("callbacks=")]
     runs = {}
@@ -101,7 +101,7 @@ def test_probes_under_two_process_cpu_ddp_with_synced_bn(tmp_path):
     """Lightning ddp_spawn (gloo, 2 CPU ranks), norm=batch_renorm syncing in-layer, all probes on:
     no deadlock (every rank runs the probes' forwards), probe files written by rank 0."""
     from conftest import QUIET, compose_cfg
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     quiet = [o for o in QUIET if not o.startswith("callbacks=")]
     out = tmp_path / "ddp"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.covariate_shift import (activation_drift, clone_optimizer, gradient_ics, landscape_smoothness,
+from shiftlab.callbacks.covariate_shift import (activation_drift, clone_optimizer, gradient_ics, landscape_smoothness,
                                        weight_layers)
 
 
@@ -95,7 +95,7 @@ def test_gradient_ics_matches_manual_update(kind):
 
 def test_gradient_ics_noise_layers_use_training_rng_and_bn_buffers_kept():
     """With noisy BN the probe's G equals the gradient the real step computes next."""
-    from trainers.norms.noisy_bn import NoisyBatchNorm
+    from shiftlab.trainers.norms.noisy_bn import NoisyBatchNorm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), NoisyBatchNorm(6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 2))
@@ -200,7 +200,7 @@ def test_clone_optimizer_is_independent():
 
 
 def test_distribution_stats_subsampled_percentiles_close():
-    from callbacks.covariate_shift import distribution_stats
+    from shiftlab.callbacks.covariate_shift import distribution_stats
 
     t = torch.randn(200, 32, 40)
     full = distribution_stats(t, max_quantile_elements=t.numel())

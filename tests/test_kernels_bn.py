@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNormReLU2d,
+from shiftlab import kernels
+from shiftlab.kernels import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNormReLU2d,
                      convert_to_triton)
-from kernels.batchnorm import batch_stats_split
+from shiftlab.kernels.batchnorm import batch_stats_split
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 CUDA = torch.cuda.is_available()
@@ -175,7 +175,7 @@ ADVERSARIAL = [((4, 3, 16, 16), "contiguous", 1e4, 1e-2), ((4, 3, 16, 16), "chan
 def test_adversarial_large_mean_small_std(shape, layout, loc, scale, backend, monkeypatch):
     """Forward, dx, dW, dB and running stats within 1e-4 of float64 (forward 2.5e-5)."""
     if backend == "torch_fallback":
-        from kernels import _backend
+        from shiftlab.kernels import _backend
 
         monkeypatch.setattr(_backend, "INTERPRET", False)
         monkeypatch.setattr(_backend, "_warned", True)
@@ -377,7 +377,7 @@ def test_small_model_trained_with_triton_bn_tracks_torch_bn():
 
 def test_norm_registry_builds_triton_modules():
     pytest.importorskip("hydra")
-    from trainers.norms import NormFactory, norm_names
+    from shiftlab.trainers.norms import NormFactory, norm_names
 
     assert {"triton_bn", "triton_ln"} <= set(norm_names())
     f = NormFactory("triton_bn", eps=1e-5, momentum=None)
@@ -406,7 +406,7 @@ def test_norm_yaml_configs_instantiate():
 
 def test_torch_fallback_matches_and_warns(monkeypatch):
     """Outside CUDA and the interpreter the ops run in torch, warning once."""
-    from kernels import _backend
+    from shiftlab.kernels import _backend
 
     monkeypatch.setattr(_backend, "INTERPRET", False)
     monkeypatch.setattr(_backend, "_warned", False)

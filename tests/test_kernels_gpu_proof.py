@@ -1,4 +1,4 @@
-"""The GPU proof tooling (kernels/gpu_proof.sh, kernels.bench, kernels.bench_step) checked on CPU.
+"""The GPU proof tooling (kernels/gpu_proof.sh, shiftlab.kernels.bench, shiftlab.kernels.bench_step) checked on CPU.
 
 The GPU machine has torch + triton but no hydra/omegaconf/wandb/mnist1d, and its time is short:
 these tests make sure the script's parts import there and run end to end on tiny shapes here.
@@ -31,11 +31,11 @@ sys.meta_path.insert(0, _Block())
 
 
 def test_proof_modules_import_without_hydra_and_friends():
-    """kernels, kernels.bench, kernels.bench_step and the models/norms that bench_step builds."""
+    """kernels, shiftlab.kernels.bench, shiftlab.kernels.bench_step and the models/norms that bench_step builds."""
     code = BLOCKED_IMPORTS + (
-        "import kernels, kernels.bench, kernels.bench_step\n"
+        "import shiftlab.kernels, shiftlab.kernels.bench, shiftlab.kernels.bench_step\n"
         "for norm in ('batchnorm', 'triton_bn'):\n"
-        "    m = kernels.bench_step.build_model(norm, 8, 4, 8, 'cpu')\n"
+        "    m = shiftlab.kernels.bench_step.build_model(norm, 8, 4, 8, 'cpu')\n"
         "    print(norm, sorted({type(x).__name__ for x in m.modules() if 'Norm' in type(x).__name__}))\n"
         "assert 'hydra' not in sys.modules and 'omegaconf' not in sys.modules\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
@@ -46,7 +46,7 @@ def test_proof_modules_import_without_hydra_and_friends():
 
 
 def test_bench_step_smoke(tmp_path):
-    from kernels import bench_step
+    from shiftlab.kernels import bench_step
 
     assert bench_step.main([str(tmp_path), "--smoke", "--modes", "eager"]) == 0
     data = json.loads((tmp_path / "step.json").read_text())
@@ -61,7 +61,7 @@ def test_bench_step_smoke(tmp_path):
 
 
 def test_bench_step_rejects_unknown_norm(capsys):
-    from kernels import bench_step
+    from shiftlab.kernels import bench_step
 
     with pytest.raises(SystemExit) as e:
         bench_step.parse(["x", "--norms", "groupnorm"])
@@ -79,7 +79,7 @@ def _row(op, dtype, shape, ours, eager, compile_, pct=50.0):
 
 def test_bench_report_targets_from_partial_json(tmp_path):
     """--report rebuilds the summary, the target table and the plot from whatever rows exist."""
-    from kernels import bench
+    from shiftlab.kernels import bench
 
     rows = [_row("bn", "bf16", [128, 64, 112, 112], 1.0, 1.5, 0.9, pct=85.0),
             _row("bn", "bf16", [128, 1024, 14, 14], 1.0, 1.0, 1.1, pct=75.0),

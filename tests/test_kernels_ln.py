@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import TritonChannelLayerNorm, TritonLayerNorm, TritonRMSNorm, convert_to_triton
+from shiftlab.kernels import TritonChannelLayerNorm, TritonLayerNorm, TritonRMSNorm, convert_to_triton
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 CUDA = torch.cuda.is_available()
@@ -92,7 +92,7 @@ def test_layernorm_half(dtype):
 def test_layernorm_adversarial_large_mean(shape, loc, scale, backend, monkeypatch):
     """Forward within 2.5e-5 and dx / dW / dB within 1e-4 of float64."""
     if backend == "torch_fallback":
-        from kernels import _backend
+        from shiftlab.kernels import _backend
 
         monkeypatch.setattr(_backend, "INTERPRET", False)
         monkeypatch.setattr(_backend, "_warned", True)
@@ -180,7 +180,7 @@ def test_convert_layernorm_and_rmsnorm():
 
 def test_triton_ln_norm_registry_modes():
     pytest.importorskip("hydra")
-    from trainers.norms import NormFactory
+    from shiftlab.trainers.norms import NormFactory
 
     x = randn((3, 4, 5, 5))
     all_mode = NormFactory("triton_ln", over="all")(4, 2)

@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, relu: bool, loc: flo
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        from kernels import TritonBatchNormReLU2d, TritonSyncBatchNorm
+        from shiftlab.kernels import TritonBatchNormReLU2d, TritonSyncBatchNorm
 
         x, dy, r = _data(relu, loc, scale)
         lo = sum(BATCHES[:rank])
@@ -104,7 +104,7 @@ def test_sync_bn_two_ranks_uneven_batches(tmp_path, relu, loc, scale, tol):
 
 
 def test_merge_stats_is_exact_for_uneven_groups():
-    from kernels.batchnorm import merge_stats
+    from shiftlab.kernels.batchnorm import merge_stats
 
     g = torch.Generator().manual_seed(1)
     parts = [torch.randn(n, 3, generator=g, dtype=torch.float64) * 3 + 100 for n in (1, 4, 9)]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from callbacks.learning_curve_diagnosis import LABELS, diagnose
+from shiftlab.callbacks.learning_curve_diagnosis import LABELS, diagnose
 
 
 def _noise(seed: int, n: int, sd: float) -> list[float]:
@@ -64,7 +64,7 @@ def test_bad_input_is_rejected():
 def test_spine_run_with_curvature_stop_and_diagnosis(run_cfg, tmp_path):
     """callbacks=curvature_stop in a real run: the stop reason and the diagnosis reach
     summary.json, the plots are written, and the restored weights are tested."""
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     cfg = run_cfg("callbacks=curvature_stop", "trainer.enable_progress_bar=false",
                   "data.label_noise=0.4", "optimizer.lr=0.01", "scheduler=constant",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.learning_curve import aggregate, collect, main
+from shiftlab.experiments.learning_curve import aggregate, collect, main
 
 
 def _fake_sweep(root, results):

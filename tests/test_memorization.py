@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.memorization import MemorizationMonitor, memorization_metrics
+from shiftlab.callbacks.memorization import MemorizationMonitor, memorization_metrics
 
 
 def _case():

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from trainers.norms.batch_renorm import BatchRenorm
-from trainers.norms.noisy_bn import NoisyBatchNorm
+from shiftlab.trainers.norms.batch_renorm import BatchRenorm
+from shiftlab.trainers.norms.noisy_bn import NoisyBatchNorm
 
 SPLIT = (3, 6)  # uneven per-rank batches: 9 samples in all
 STEPS = 3

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.norms import NormFactory, create_norm_layer
-from trainers.norms.batch_renorm import BatchRenorm, renorm_limits
-from trainers.norms.ghost_bn import GhostBatchNorm
-from trainers.norms.noisy_bn import NoisyBatchNorm, nonstationary_noise
-from trainers.norms.weight_std import WSConv2d, prepare_model
+from shiftlab.trainers.norms import NormFactory, create_norm_layer
+from shiftlab.trainers.norms.batch_renorm import BatchRenorm, renorm_limits
+from shiftlab.trainers.norms.ghost_bn import GhostBatchNorm
+from shiftlab.trainers.norms.noisy_bn import NoisyBatchNorm, nonstationary_noise
+from shiftlab.trainers.norms.weight_std import WSConv2d, prepare_model
 
 BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 ZERO_NOISE = dict(n_mu=0.0, n_sigma=1.0, r_mu=0.0, r_sigma=0.0)

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from trainers.pgm import chain
+from shiftlab.trainers.pgm import chain
 
 
 def _problem(B: int, T: int, K: int, seed: int, with_end: bool):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import QUIET, compose_cfg
-from trainers.train import train
+from shiftlab.trainers.train import train
 
 SMALL = ["data.num_sequences=240", "data.length=12", "data.min_length=6", "trainer.max_epochs=2"]
 

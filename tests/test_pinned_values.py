@@ -18,12 +18,12 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
-from callbacks.hessian import epsilon_sharpness
-from trainers.pgm import calibration, chain
-from trainers.pgm.crf import LinearChainCRF, PositionSoftmax
-from trainers.pgm.matching import confusion
-from trainers.summary import evaluate_split
-from trainers.train import train
+from shiftlab.callbacks.hessian import epsilon_sharpness
+from shiftlab.trainers.pgm import calibration, chain
+from shiftlab.trainers.pgm.crf import LinearChainCRF, PositionSoftmax
+from shiftlab.trainers.pgm.matching import confusion
+from shiftlab.trainers.summary import evaluate_split
+from shiftlab.trainers.train import train
 
 
 class Capture(L.Callback):
@@ -239,10 +239,10 @@ def test_crf_run_test_figures_and_confusion_axes_match_plain_loops(crf_run):
 def test_unsupervised_hmm_confusion_rows_are_true_states_after_matching():
     """An HMM whose state ``s`` is true state ``perm[s]``: after Hungarian matching, the reported
     confusion must be the Bayes decoder's ``(true, predicted)`` matrix in the *true* labels."""
-    from trainers.data.hmm_sequences import HMMSequenceDataModule
-    from trainers.pgm.hmm import HMM
-    from trainers.pgm_module import SequenceModule
-    from trainers.batching import MiniBatch
+    from shiftlab.trainers.data.hmm_sequences import HMMSequenceDataModule
+    from shiftlab.trainers.pgm.hmm import HMM
+    from shiftlab.trainers.pgm_module import SequenceModule
+    from shiftlab.trainers.batching import MiniBatch
 
     dm = HMMSequenceDataModule(num_sequences=120, length=8, min_length=4, num_states=3, num_symbols=6,
                                emission_noise=0.4, seed=0)

@@ -1,4 +1,4 @@
-"""trainers.pipeline evaluate: checkpoints load weights-only (finding 8)."""
+"""shiftlab.trainers.pipeline evaluate: checkpoints load weights-only (finding 8)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from trainers import pipeline
+from shiftlab.trainers import pipeline
 
 
 class _RunsCommand:
@@ -22,7 +22,7 @@ class _RunsCommand:
 
 
 def _run_dir(run_cfg, tmp_path: Path, extra: dict | None = None) -> Path:
-    from trainers.build import build_datamodule, build_module
+    from shiftlab.trainers.build import build_datamodule, build_module
 
     cfg = run_cfg("data=digits", "model=mlp")
     run_dir = Path(cfg.paths.output_dir)

@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 
-from trainers.config_checks import ConfigError, check_config
-from trainers.full_batch import accumulate_full_gradient
-from trainers.summary import evaluate_split
-from trainers.train import train
+from shiftlab.trainers.config_checks import ConfigError, check_config
+from shiftlab.trainers.full_batch import accumulate_full_gradient
+from shiftlab.trainers.summary import evaluate_split
+from shiftlab.trainers.train import train
 
 NO_GPU = not torch.cuda.is_available()
 

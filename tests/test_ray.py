@@ -109,7 +109,7 @@ def ray_head(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_two_trial_sweep_on_a_ray_head(ray_head: str, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "trainers.sweep", "hparams_search=digits_mlp", "n_trials=2", "backend=ray",
+    cmd = [sys.executable, "-m", "shiftlab.trainers.sweep", "hparams_search=digits_mlp", "n_trials=2", "backend=ray",
            f"ray.address={ray_head}", "ray.max_concurrent=1", f"sweep.dir={out}", "trainer.max_epochs=3",
            "print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
            "test=false", "sweep.pruner_args={n_startup_trials:1,n_warmup_steps:0}",
@@ -144,7 +144,7 @@ def test_two_trial_sweep_on_a_ray_head(ray_head: str, tmp_path: Path) -> None:
 def test_one_run_data_parallel_over_ray_train_workers(ray_head: str, tmp_path: Path) -> None:
     """Ray Train + Lightning's RayDDPStrategy: 2 workers, each sees half of every epoch."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainers.ray_ddp", f"ray.address={ray_head}", "ray.num_workers=2",
+    cmd = [sys.executable, "-m", "shiftlab.trainers.ray_ddp", f"ray.address={ray_head}", "ray.num_workers=2",
            "trainer.max_epochs=1", "batching.batch_size=64", "print_config=false",
            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.output_dir={out}"]
     env = dict(os.environ, **RAY_ENV, SHIFTLAB_ROOT=str(tmp_path), WANDB_MODE="disabled")
@@ -159,8 +159,8 @@ def test_one_run_data_parallel_over_ray_train_workers(ray_head: str, tmp_path: P
 
 
 def test_ray_ddp_settings_and_config(tmp_path: Path) -> None:
-    from trainers import ray_ddp
-    from trainers.sweep import compose_config
+    from shiftlab.trainers import ray_ddp
+    from shiftlab.trainers.sweep import compose_config
 
     overrides, cfg = ray_ddp.split_overrides(["ray.num_workers=4", "ray.use_gpu=true", "optimizer.lr=0.1"])
     assert overrides == ["optimizer.lr=0.1"] and cfg["num_workers"] == 4 and cfg["use_gpu"] is True

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainers import report
+from shiftlab.trainers import report
 
 
 def _run(root: Path, name: str, *, summary: dict | None = None, trial: dict | None = None,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.checkpoint_io import CheckpointLoadError, RunWriteError, atomic_save, load_checkpoint
-from trainers.run_dir import claim_unique_dir
-from trainers.train import train
+from shiftlab.trainers.checkpoint_io import CheckpointLoadError, RunWriteError, atomic_save, load_checkpoint
+from shiftlab.trainers.run_dir import claim_unique_dir
+from shiftlab.trainers.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["trainer.max_epochs=3", "trainer.deterministic=true", "callbacks=default", "optimizer=momentum",
@@ -81,7 +81,7 @@ def test_sigint_writes_an_interrupted_summary(tmp_path):
 
 def _cli(*args: str, cwd: Path = REPO) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + str(REPO / "tests"), WANDB_MODE="offline")
-    return subprocess.Popen([sys.executable, "-m", "trainers.train", *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "shiftlab.trainers.train", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -120,7 +120,7 @@ def test_blow_up_is_caught_before_nan_and_names_the_real_checkpoint(tmp_path, op
 
 
 def test_divergence_rule_functions():
-    from callbacks.divergence import blew_up
+    from shiftlab.callbacks.divergence import blew_up
 
     assert blew_up(float("nan"), 2.0, 100) and blew_up(float("inf"), None, None)
     assert blew_up(201.0, 2.0, 100) and not blew_up(199.0, 2.0, 100)
@@ -136,7 +136,7 @@ def test_guard_is_configurable(tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_previous_file_and_fails_in_one_line(tmp_path, monkeypatch):
-    import trainers.checkpoint_io as cio
+    import shiftlab.trainers.checkpoint_io as cio
 
     real_save, calls = torch.save, {"n": 0}
 
@@ -162,7 +162,7 @@ def test_failed_checkpoint_write_keeps_previous_file_and_fails_in_one_line(tmp_p
 KILL_SCRIPT = r'''
 import os, sys, time, torch
 sys.path[:0] = [{repo!r}, {tests!r}]
-import trainers.checkpoint_io as cio
+import shiftlab.trainers.checkpoint_io as cio
 real = torch.save
 state = {{"n": 0}}
 def slow_save(obj, f, *a, **k):
@@ -174,7 +174,7 @@ def slow_save(obj, f, *a, **k):
     return real(obj, f, *a, **k)
 cio.torch.save = slow_save
 from conftest import QUIET, compose_cfg
-from trainers.train import train
+from shiftlab.trainers.train import train
 train(compose_cfg(QUIET + {common!r}, {out!r}))
 '''
 
@@ -233,7 +233,7 @@ def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
 
 def test_unique_dirs_across_processes(tmp_path):
     base = str(tmp_path / "runs" / "same-second")
-    code = f"from trainers.run_dir import claim_unique_dir; print(claim_unique_dir({base!r}))"
+    code = f"from shiftlab.trainers.run_dir import claim_unique_dir; print(claim_unique_dir({base!r}))"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(4)]

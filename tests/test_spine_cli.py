@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 
-from trainers.config_checks import ConfigError
-from trainers.train import train
+from shiftlab.trainers.config_checks import ConfigError
+from shiftlab.trainers.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), WANDB_MODE="offline")
-    return subprocess.run([sys.executable, "-m", "trainers.train", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "shiftlab.trainers.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,8 +65,8 @@ def test_multirun_keeps_going_after_a_crashed_job(tmp_path):
 def test_test_metrics_match_scikit_learn():
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    from trainers.batching import MiniBatch
-    from trainers.module import ClassificationModule
+    from shiftlab.trainers.batching import MiniBatch
+    from shiftlab.trainers.module import ClassificationModule
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 5, (400,), generator=g)
@@ -87,7 +87,7 @@ def test_test_metrics_match_scikit_learn():
 
 
 def test_kubeflow_environment_detection():
-    from trainers.build import kubeflow_env_present
+    from shiftlab.trainers.build import kubeflow_env_present
 
     base = {"MASTER_ADDR": "h", "MASTER_PORT": "1", "WORLD_SIZE": "2", "RANK": "0"}
     assert kubeflow_env_present(base)
@@ -106,8 +106,8 @@ def test_sync_batchnorm_switch_errors(run_cfg, overrides, key):
 
 
 def test_batchnorm_sync_switch_builds_the_in_layer_synced_layer(run_cfg):
-    from trainers.norms import NormFactory
-    from trainers.norms._bn_common import StatBatchNorm
+    from shiftlab.trainers.norms import NormFactory
+    from shiftlab.trainers.norms._bn_common import StatBatchNorm
 
     assert isinstance(NormFactory("batchnorm", sync=True)(8, 2), StatBatchNorm)
     assert type(NormFactory("batchnorm")(8, 2)) is torch.nn.BatchNorm2d

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.data import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
-from trainers.data.label_noise import corrupt_labels
+from shiftlab.trainers.data import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule, SyntheticDataModule
+from shiftlab.trainers.data.label_noise import corrupt_labels
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.4, 0.6])
@@ -139,8 +139,8 @@ def _tiny_dm(tmp_path):
 
 
 def test_cifar10_tampered_batch_in_an_existing_folder_is_refused(tmp_path):
-    from trainers.config_checks import ConfigError
-    from trainers.data.cifar10 import CIFAR10IntegrityError
+    from shiftlab.trainers.config_checks import ConfigError
+    from shiftlab.trainers.data.cifar10 import CIFAR10IntegrityError
 
     dm, folder = _tiny_dm(tmp_path)
     dm.setup()  # intact: loads
@@ -158,7 +158,7 @@ def test_cifar10_tampered_batch_in_an_existing_folder_is_refused(tmp_path):
 
 
 def test_cifar10_official_archive_uses_the_published_checksums(tmp_path):
-    from trainers.data.cifar10 import BATCH_MD5, MD5, CIFAR10IntegrityError, expected_checksums
+    from shiftlab.trainers.data.cifar10 import BATCH_MD5, MD5, CIFAR10IntegrityError, expected_checksums
 
     assert expected_checksums(tmp_path, MD5) == BATCH_MD5  # no archive needed for the official one
     _, folder = _tiny_dm(tmp_path)
@@ -170,7 +170,7 @@ def test_cifar10_official_archive_uses_the_published_checksums(tmp_path):
 
 
 def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path):
-    from trainers.data.cifar10 import CIFAR10IntegrityError, load_batch
+    from shiftlab.trainers.data.cifar10 import CIFAR10IntegrityError, load_batch
 
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"data": _RunsCommand(f"touch {marker}"), "labels": [0]})
@@ -181,7 +181,7 @@ def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path):
     # archive): refused by the unpickler, nothing runs
     dm, folder = _tiny_dm(tmp_path)
     (folder / "test_batch").write_bytes(payload)
-    from trainers.data import cifar10
+    from shiftlab.trainers.data import cifar10
 
     sums = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in cifar10.BATCH_MD5}
     with pytest.raises(CIFAR10IntegrityError, match="test_batch is not a CIFAR-10 batch: global posix.system"):
@@ -199,7 +199,7 @@ def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path):
     ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "x": complex(1, 2)}, "global builtins.complex"),
 ])
 def test_cifar10_unpickler_accepts_only_the_official_format(entry, needle):
-    from trainers.data.cifar10 import CIFAR10IntegrityError, load_batch
+    from shiftlab.trainers.data.cifar10 import CIFAR10IntegrityError, load_batch
 
     with pytest.raises(CIFAR10IntegrityError) as err:
         load_batch(pickle.dumps(entry, protocol=4), "b")
@@ -226,7 +226,7 @@ def _python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
 
 
 def test_cifar10_python2_batch_format_loads():
-    from trainers.data.cifar10 import load_batch
+    from shiftlab.trainers.data.cifar10 import load_batch
 
     x = np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)
     raw = _python2_batch(x, [3, 7, 0])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from test_spine_data import write_tiny_cifar
 
-from trainers.train import train
+from shiftlab.trainers.train import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.build import build_datamodule, build_module
-from trainers.full_batch import accumulate_full_gradient, grad_norm_penalty_fd
+from shiftlab.trainers.build import build_datamodule, build_module
+from shiftlab.trainers.full_batch import accumulate_full_gradient, grad_norm_penalty_fd
 
 
 def _one_full_batch_epoch(run_cfg, chunk: int):

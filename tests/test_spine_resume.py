@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.train import train
+from shiftlab.trainers.train import train
 
 COMMON = ["trainer.max_epochs=4", "trainer.deterministic=true", "callbacks=default", "optimizer=momentum",
           "data.label_noise=0.2"]

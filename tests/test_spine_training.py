@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from trainers.train import train
+from shiftlab.trainers.train import train
 
 
 def test_default_run_writes_the_run_directory(run_cfg, tmp_path):

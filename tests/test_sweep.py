@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.optuna_pruning import OptunaPruning, OptunaReporter, active_reporter, current_reporter
-from trainers import sweep as sw
+from shiftlab.callbacks.optuna_pruning import OptunaPruning, OptunaReporter, active_reporter, current_reporter
+from shiftlab.trainers import sweep as sw
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_study_with_a_pruned_trial_end_to_end(tmp_path: Path, capsys) -> None:
 
 
 def _fake_train(cfg):
-    """A stand-in for trainers.train.train: val/acc peaks at lr=0.01, written like the spine does."""
+    """A stand-in for shiftlab.trainers.train.train: val/acc peaks at lr=0.01, written like the spine does."""
     lr = float(cfg.optimizer.lr)
     out = Path(cfg.paths.output_dir)
     summary = {"status": "completed", "val/acc": 1.0 - abs(math.log10(lr) + 2.0) / 10, "stop_reason": "done"}
@@ -394,7 +394,7 @@ def _states(storage: str, name: str) -> dict[int, str]:
 
 def test_trial_records_follow_the_study(tmp_path: Path) -> None:
     """study.db wins over trial.json: a kill can land between a trial's last write and Optuna's tell."""
-    from trainers.report import make_report
+    from shiftlab.trainers.report import make_report
 
     settings = sw.SweepSettings.from_cfg(_cfg(dir=str(tmp_path), storage=f"sqlite:///{tmp_path}/study.db"))
     study = sw._create_study(settings)
@@ -434,7 +434,7 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
             "trainer.enable_model_summary=false", "test=false", "report=true"]
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainers.sweep", *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "shiftlab.trainers.sweep", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "trials" / "0001" / "trial.json"
     deadline = time.monotonic() + 120
@@ -507,8 +507,8 @@ def test_cli_exit_code_after_preemption(tmp_path: Path, monkeypatch, capsys) -> 
     def preempted(cfg: DictConfig) -> dict:
         return {"status": "preempted", "stop_reason": "preempted"}
 
-    import trainers.train
+    import shiftlab.trainers.train
 
-    monkeypatch.setattr(trainers.train, "train", preempted)
+    monkeypatch.setattr(shiftlab.trainers.train, "train", preempted)
     assert sw.main(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"]) == 143
     assert "trial 0 preempted" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 USER_MODULE = '''
 import lightning as L
 from torch import nn
-from trainers.norms import register_norm
+from shiftlab.trainers.norms import register_norm
 
 
 class ScaledBatchNorm(nn.BatchNorm1d):
@@ -41,7 +41,7 @@ def _user_project(root: Path) -> Path:
     (root / "my_configs" / "callbacks").mkdir(parents=True)
     (root / "my_ext.py").write_text(USER_MODULE)
     (root / "my_configs" / "norm" / "scaled.yaml").write_text(
-        "_target_: trainers.norms.NormFactory\nname: scaled_bn\n")
+        "_target_: shiftlab.trainers.norms.NormFactory\nname: scaled_bn\n")
     (root / "my_configs" / "callbacks" / "record.yaml").write_text(
         "record:\n  _target_: my_ext.RecordModules\n  path: modules.txt\n")
     return root

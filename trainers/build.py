@@ -8,9 +8,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from trainers.batching import FullBatch, MiniBatch
-from trainers.config_checks import ConfigError, show
-from trainers.data.base import TensorDataModule
+from shiftlab.trainers.batching import FullBatch, MiniBatch
+from shiftlab.trainers.config_checks import ConfigError, show
+from shiftlab.trainers.data.base import TensorDataModule
 
 
 def _instantiate(node: DictConfig, key: str, **kwargs):
@@ -90,7 +90,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not cfg.trainer.get("enable_model_summary", True):
         callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
-    from trainers.checkpoint_io import AtomicCheckpointIO
+    from shiftlab.trainers.checkpoint_io import AtomicCheckpointIO
 
     # Plugins from the config (e.g. Ray's environment) are kept; the atomic checkpoint IO is added.
     configured = cfg.trainer.get("plugins") or []

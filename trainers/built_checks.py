@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainers.checkpoint_io import CheckpointLoadError, load_checkpoint
-from trainers.config_checks import ConfigError, show
+from shiftlab.trainers.checkpoint_io import CheckpointLoadError, load_checkpoint
+from shiftlab.trainers.config_checks import ConfigError, show
 
 
 def check_ckpt_path(path: str | None, module: nn.Module) -> None:
@@ -96,7 +96,7 @@ def check_model_runs(cfg: DictConfig, model: nn.Module, x: torch.Tensor | None) 
 
 def check_probe_layers(cfg: DictConfig, model: nn.Module, x: torch.Tensor | None) -> None:
     """``callbacks.<probe>.layers`` against the layers the model has."""
-    from callbacks.covariate_shift import norm_layers, weight_layers
+    from shiftlab.callbacks.covariate_shift import norm_layers, weight_layers
 
     for name, node in (cfg.get("callbacks") or {}).items():
         if not isinstance(node, DictConfig) or node.get("layers") is None:

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from omegaconf import DictConfig, open_dict
 
-from trainers.config_checks import ConfigError
+from shiftlab.trainers.config_checks import ConfigError
 
 # A sweep expands into at most this many jobs composed one by one; bigger sweeps are checked one
 # swept value at a time (the other overrides at their first value).
@@ -160,7 +160,7 @@ def _explain(e: Exception, name: str, overrides: list[str]) -> ConfigError:
 
 def _target_params(node: DictConfig) -> set[str] | None:
     """Argument names of ``node._target_`` (its class and the bases it forwards ``**kwargs`` to)."""
-    from trainers.config_targets import _locate, _params
+    from shiftlab.trainers.config_targets import _locate, _params
 
     fn = _locate(str(node["_target_"]))
     return _params(fn)[0] if fn is not None else None
@@ -262,8 +262,8 @@ def preflight(argv: Sequence[str], config_dir: str, config_name: str = "train") 
                     raise ConfigError(f"{e} (in the sweep's job: {' '.join(job)})") from None
             return
         cfg = compose_checked(name, overrides)
-    from trainers.config_checks import check_config
-    from trainers.extensions import load_extensions
+    from shiftlab.trainers.config_checks import check_config
+    from shiftlab.trainers.extensions import load_extensions
 
     with open_dict(cfg):
         cfg.pop("hydra", None)

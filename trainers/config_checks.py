@@ -220,7 +220,7 @@ def _fractions(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig, machine: bool = True) -> None:
     """Raise :class:`ConfigError` for the first out-of-range value (then the checks of
-    :mod:`trainers.config_targets`, which import what the config names).
+    :mod:`shiftlab.trainers.config_targets`, which import what the config names).
 
     ``machine=False`` skips what depends on this machine (a visible GPU, CIFAR-10 on disk or
     reachable): for checking a config meant for another machine.
@@ -250,7 +250,7 @@ def check_config(cfg: DictConfig, machine: bool = True) -> None:
             OmegaConf.select(cfg, "trainer.accelerator", default="auto") == "cpu":
         raise ConfigError("trainer.sync_batchnorm=true is not allowed on CPU (torch's SyncBatchNorm refuses "
                           "CPU tensors); allowed: false, with norm.sync=true for shiftlab's in-layer sync")
-    from trainers.config_targets import check_machine, check_targets
+    from shiftlab.trainers.config_targets import check_machine, check_targets
 
     check_targets(cfg)
     if machine:

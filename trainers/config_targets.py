@@ -1,6 +1,6 @@
 """Checks of the composed config that import what it names (still nothing is trained or loaded).
 
-Why separate from the range table in :mod:`trainers.config_checks`: these look at the classes and
+Why separate from the range table in :mod:`shiftlab.trainers.config_checks`: these look at the classes and
 functions behind ``_target_`` (their arguments), build the optimizer and scheduler on a dummy
 parameter, and compare metric names with what the module logs: each needs imports the plain
 range table does not.
@@ -19,14 +19,15 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainers.config_checks import ConfigError, show
+from shiftlab.trainers.config_checks import ConfigError, show
 
 # Supported trainer.precision values and where they run; anything else is refused.
 PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed")
 # Callbacks that read the data module's float32 tensors straight into the model: under
 # precision=64-true (a float64 model) they would fail at their first probe.
-FLOAT32_PROBE_MODULES = ("callbacks.memorization", "callbacks.gradient_noise", "callbacks.batch_regime_probes",
-                         "callbacks.covariate_shift_callbacks", "callbacks.sharpness_monitor")
+FLOAT32_PROBE_MODULES = ("shiftlab.callbacks.memorization", "shiftlab.callbacks.gradient_noise",
+                         "shiftlab.callbacks.batch_regime_probes",
+                         "shiftlab.callbacks.covariate_shift_callbacks", "shiftlab.callbacks.sharpness_monitor")
 # summary.json keys every run writes (trainers/summary.py build_summary), besides the module's own.
 SUMMARY_CORE = ("epochs_run", "global_step", "wall_time_s", "train/loss_epoch_mean", "train/acc_epoch_mean",
                 "val/loss", "val/acc")
@@ -69,13 +70,13 @@ def _registry_fn(target: str, node: DictConfig) -> tuple[Callable | None, str | 
     """Resolve shiftlab's name registries (optimizer, scheduler, norm) to the registered builder;
     the second item is the one-line error when the name is unknown."""
     name = node.get("name")
-    if target == "trainers.optim.create_optimizer":
-        from trainers.optim import OPTIMIZERS as reg
-    elif target == "trainers.optim.create_scheduler":
-        from trainers.optim import SCHEDULERS as reg
-    elif target == "trainers.norms.NormFactory":
-        from trainers.norms import NORMS as reg
-        from trainers.norms import norm_names
+    if target == "shiftlab.trainers.optim.create_optimizer":
+        from shiftlab.trainers.optim import OPTIMIZERS as reg
+    elif target == "shiftlab.trainers.optim.create_scheduler":
+        from shiftlab.trainers.optim import SCHEDULERS as reg
+    elif target == "shiftlab.trainers.norms.NormFactory":
+        from shiftlab.trainers.norms import NORMS as reg
+        from shiftlab.trainers.norms import norm_names
 
         norm_names()
     else:
@@ -93,7 +94,7 @@ def check_target_arguments(cfg: DictConfig) -> None:
                                             if isinstance(cfg.get(g), DictConfig) and "_target_" in cfg[g]]
     if isinstance(cfg.get("divergence"), DictConfig):  # DivergenceGuard(**cfg.divergence) in train()
         node = OmegaConf.to_container(cfg.divergence, resolve=False)
-        nodes.append(("divergence", OmegaConf.create({**node, "_target_": "callbacks.divergence.DivergenceGuard"})))
+        nodes.append(("divergence", OmegaConf.create({**node, "_target_": "shiftlab.callbacks.divergence.DivergenceGuard"})))
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
             if isinstance(node, DictConfig) and "_target_" in node:
@@ -240,9 +241,9 @@ def _reachable(host: str, port: int) -> str | None:
 
 def check_cifar10_available(cfg: DictConfig) -> None:
     """CIFAR-10 must be on disk, or its URL reachable, before the run starts downloading."""
-    if OmegaConf.select(cfg, "data._target_", default="") != "trainers.data.CIFAR10DataModule":
+    if OmegaConf.select(cfg, "data._target_", default="") != "shiftlab.trainers.data.CIFAR10DataModule":
         return
-    from trainers.data.cifar10 import ARCHIVE, FOLDER, TEST_FILES
+    from shiftlab.trainers.data.cifar10 import ARCHIVE, FOLDER, TEST_FILES
 
     root = Path(str(OmegaConf.select(cfg, "data.root")))
     if (root / FOLDER / TEST_FILES[0]).exists() or (root / ARCHIVE).exists():
@@ -266,10 +267,10 @@ def check_cifar10_available(cfg: DictConfig) -> None:
 
 def check_named_choices(cfg: DictConfig) -> None:
     """Names the built objects look up: synthetic data kinds, activations."""
-    from trainers.data.synthetic import KINDS
-    from trainers.models import ACTIVATIONS
+    from shiftlab.trainers.data.synthetic import KINDS
+    from shiftlab.trainers.models import ACTIVATIONS
 
-    if OmegaConf.select(cfg, "data._target_", default="") == "trainers.data.SyntheticDataModule":
+    if OmegaConf.select(cfg, "data._target_", default="") == "shiftlab.trainers.data.SyntheticDataModule":
         kind = OmegaConf.select(cfg, "data.kind", default="clusters")
         if kind not in KINDS:
             raise ConfigError(f"data.kind={show(kind)} is not allowed; allowed: {', '.join(KINDS)}")

@@ -15,7 +15,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from trainers.checkpoint_io import atomic_write_text
+from shiftlab.trainers.checkpoint_io import atomic_write_text
 
 
 class AtomicExperimentWriter(ExperimentWriter):

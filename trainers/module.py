@@ -13,8 +13,8 @@ from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
-from trainers.batching import FullBatch, MiniBatch
-from trainers.full_batch import accumulate_full_gradient, all_reduce_gradients, grad_norm_penalty_fd
+from shiftlab.trainers.batching import FullBatch, MiniBatch
+from shiftlab.trainers.full_batch import accumulate_full_gradient, all_reduce_gradients, grad_norm_penalty_fd
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -201,7 +201,7 @@ class ClassificationModule(L.LightningModule):
     def final_train_metrics(self, split) -> dict[str, float]:
         """Loss and accuracy of the final model (eval mode) on the whole training split, against the
         given labels and, when label noise corrupted some, the true ones (for ``summary.json``)."""
-        from trainers.summary import evaluate_split
+        from shiftlab.trainers.summary import evaluate_split
 
         final = evaluate_split(self.model, split.x, split.y, self.device)
         out = {"train/loss": final["loss"], "train/acc": final["acc"]}

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from trainers.registry import Registry
+from shiftlab.trainers.registry import Registry
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", key="optimizer.name")
 SCHEDULERS: Registry[LRScheduler] = Registry("scheduler", key="scheduler.name")

@@ -1,7 +1,7 @@
 """LightningModule for chain models over symbol sequences (``module=sequence``; set by the
 ``model=hmm|crf|position_softmax`` configs' experiments).
 
-Why not :class:`~trainers.module.ClassificationModule` as is: the loss of a structured model is
+Why not :class:`~shiftlab.trainers.module.ClassificationModule` as is: the loss of a structured model is
 not a function of per-position logits (the HMM's is ``-log p(x)``, the CRF's ``-log p(y | x)``,
 both through the forward algorithm), padding has to be masked, and an unsupervised model's
 accuracy is only defined after matching its states to the true ones. Everything else — the
@@ -12,7 +12,7 @@ Every model is trained on the per-token negative log-likelihood ``-sum_b log p_b
 so mini-batch and full-batch runs minimize the same objective. A :class:`ChainReport` callback
 (added through ``configure_callbacks``) puts the train-split figures and the Bayes ceilings in
 ``summary.json``; the test epoch scores the whole test split against the true model
-(:func:`trainers.pgm.metrics.evaluate`) and draws the reliability diagram.
+(:func:`shiftlab.trainers.pgm.metrics.evaluate`) and draws the reliability diagram.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from trainers.batching import FullBatch, MiniBatch
-from trainers.full_batch import all_reduce_gradients
-from trainers.module import ClassificationModule
-from trainers.pgm import calibration, metrics
-from trainers.pgm.matching import confusion, permutation_from_confusion
-from trainers.pgm.metrics import ChainModel
+from shiftlab.trainers.batching import FullBatch, MiniBatch
+from shiftlab.trainers.full_batch import all_reduce_gradients
+from shiftlab.trainers.module import ClassificationModule
+from shiftlab.trainers.pgm import calibration, metrics
+from shiftlab.trainers.pgm.matching import confusion, permutation_from_confusion
+from shiftlab.trainers.pgm.metrics import ChainModel
 
 
 class MatchedAccuracy(Metric):
@@ -61,7 +61,7 @@ class MatchedAccuracy(Metric):
 
 
 class SequenceModule(ClassificationModule):
-    """Trains a chain model (:class:`~trainers.pgm.metrics.ChainModel`) on ``(x, y)`` batches of
+    """Trains a chain model (:class:`~shiftlab.trainers.pgm.metrics.ChainModel`) on ``(x, y)`` batches of
     (B, T) symbols and hidden states, ``PAD`` after each length.
 
     Args (besides :class:`ClassificationModule`'s):

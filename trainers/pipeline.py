@@ -1,9 +1,9 @@
 """Pipeline steps around ``shiftlab-train`` for schedulers (the Airflow DAG in deploy/airflow).
 
-``python -m trainers.pipeline prepare --out DIR [overrides...]``
+``python -m shiftlab.trainers.pipeline prepare --out DIR [overrides...]``
     Compose the train config, download / generate and split the data once (``prepare_data`` +
     ``setup``), write ``DIR/data.json``. Later steps on the same volume reuse the data.
-``python -m trainers.pipeline evaluate RUN_DIR [--checkpoint best] [--min-test-acc X]``
+``python -m shiftlab.trainers.pipeline evaluate RUN_DIR [--checkpoint best] [--min-test-acc X]``
     Reload a finished run from its ``.hydra/config.yaml`` and checkpoint, score the test and
     validation splits without a Trainer, write ``RUN_DIR/eval.json``; exit 1 below the gate.
 
@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 
 def prepare(overrides: Sequence[str], out: Path) -> dict[str, Any]:
-    from trainers.build import build_datamodule
-    from trainers.sweep import compose_config
+    from shiftlab.trainers.build import build_datamodule
+    from shiftlab.trainers.sweep import compose_config
 
     cfg = compose_config(list(overrides))
     dm = build_datamodule(cfg)
@@ -42,9 +42,9 @@ def evaluate(run_dir: Path, checkpoint: str = "best") -> dict[str, Any]:
     run code in the evaluating pod."""
     import torch
 
-    from trainers.build import build_datamodule, build_module
-    from trainers.checkpoint_io import load_checkpoint
-    from trainers.summary import evaluate_split
+    from shiftlab.trainers.build import build_datamodule, build_module
+    from shiftlab.trainers.checkpoint_io import load_checkpoint
+    from shiftlab.trainers.summary import evaluate_split
 
     cfg_path = run_dir / ".hydra" / "config.yaml"
     ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
@@ -74,7 +74,7 @@ def evaluate(run_dir: Path, checkpoint: str = "best") -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainers.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shiftlab.trainers.pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare", help="download/generate and split the data")
     p.add_argument("--out", type=Path, required=True)
@@ -84,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
     e.add_argument("--min-test-acc", type=float, default=0.0)
     args = parser.parse_args(argv)
-    from trainers.checkpoint_io import CheckpointLoadError
-    from trainers.data.cifar10 import CIFAR10IntegrityError
+    from shiftlab.trainers.checkpoint_io import CheckpointLoadError
+    from shiftlab.trainers.data.cifar10 import CIFAR10IntegrityError
 
     try:
         if args.step == "prepare":

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 def save_png(fig, path: Path) -> None:
     """Write ``fig`` as PNG atomically (a kill mid-write leaves the previous image) and close it."""
-    from trainers.checkpoint_io import atomic_open
+    from shiftlab.trainers.checkpoint_io import atomic_open
 
     try:
         with atomic_open(path, "wb") as f:

@@ -1,14 +1,14 @@
-"""``python -m trainers.ray_ddp``: one run, data-parallel over the workers of a Ray cluster.
+"""``python -m shiftlab.trainers.ray_ddp``: one run, data-parallel over the workers of a Ray cluster.
 
 The multi-node alternative to torchrun / a PyTorchJob when a Ray cluster is what you have: Ray
 Train's ``TorchTrainer`` starts ``ray.num_workers`` processes (one per GPU with
 ``ray.use_gpu=true``) wherever the cluster has room, sets up the process group, and each worker
-runs the unchanged :func:`trainers.train.train` with Lightning's Ray path swapped in through the
+runs the unchanged :func:`shiftlab.trainers.train.train` with Lightning's Ray path swapped in through the
 config: ``trainer.strategy`` = ``ray.train.lightning.RayDDPStrategy``, ``trainer.plugins`` =
 ``[RayLightningEnvironment]`` (Ray supplies ranks and world size). The run directory must be on
 storage every worker sees (rank 0 writes ``summary.json``, checkpoints and plots).
 
-    python -m trainers.ray_ddp experiment=<name> ray.address=auto ray.num_workers=4 ray.use_gpu=true
+    python -m shiftlab.trainers.ray_ddp experiment=<name> ray.address=auto ray.num_workers=4 ray.use_gpu=true
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def ray_config(cfg: DictConfig, use_gpu: bool, run_dir: Path) -> DictConfig:
 
 def _worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from trainers.train import train
+    from shiftlab.trainers.train import train
 
     train(OmegaConf.create(config["cfg"]))
 
@@ -67,7 +67,7 @@ def run(overrides: Sequence[str], ray_cfg: dict[str, Any], run_dir: Path) -> dic
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainers.sweep import compose_config
+    from shiftlab.trainers.sweep import compose_config
 
     cfg = ray_config(compose_config(list(overrides)), bool(ray_cfg["use_gpu"]), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.nn import functional as F
 
-from trainers.plots import plot_confusion_matrix, plot_learning_curves
+from shiftlab.trainers.plots import plot_confusion_matrix, plot_learning_curves
 
 
 def stop_reason(trainer: L.Trainer, status: str, error: str | None) -> str:
@@ -36,7 +36,7 @@ def evaluate_split(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dev
     """Loss and accuracy of ``model`` (eval mode) on a whole split, in the model's own dtype
     (float64 under ``precision=64-true``; mixed precision models keep float32 weights and are
     evaluated in float32, outside autocast)."""
-    from trainers.full_batch import as_model_input
+    from shiftlab.trainers.full_batch import as_model_input
 
     was_training = model.training
     model.eval()
@@ -87,7 +87,7 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, dm, history: li
 
 def write_summary(out: Path, summary: dict) -> None:
     """``summary.json``, replaced atomically (a failed write keeps the previous file)."""
-    from trainers.checkpoint_io import atomic_write_text
+    from shiftlab.trainers.checkpoint_io import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
 

@@ -4,8 +4,8 @@ Why not hydra-optuna-sweeper: its last release (1.3.0) pins ``optuna<3`` and its
 breaks under SQLAlchemy 2, so it cannot give a maintained Optuna, a resumable study, or a pruner
 wired into training. This module is the glue instead: it composes the *same* Hydra config as
 ``shiftlab-train`` for every trial (Hydra's compose API, overrides = the command line + the
-trial's parameters), calls :func:`trainers.train.train`, and lets the
-:class:`callbacks.optuna_pruning.OptunaPruning` callback report the monitored metric each epoch.
+trial's parameters), calls :func:`shiftlab.trainers.train.train`, and lets the
+:class:`shiftlab.callbacks.optuna_pruning.OptunaPruning` callback report the monitored metric each epoch.
 
 Backends:
 
@@ -63,7 +63,7 @@ PRUNERS = {
 }
 # pruner -> Ray Tune scheduler (Tune's OptunaSearch runs Optuna with a no-op pruner)
 RAY_SCHEDULERS = ("none", "median", "successive_halving", "hyperband")
-PRUNING_CALLBACK = "callbacks.optuna_pruning.OptunaPruning"
+PRUNING_CALLBACK = "shiftlab.callbacks.optuna_pruning.OptunaPruning"
 
 
 class SweepError(ValueError):
@@ -407,7 +407,7 @@ def run_trial(overrides: Sequence[str], params: Mapping[str, Any], run_dir: Path
     Returns the trial record also written to ``<run_dir>/trial.json``: ``state`` is ``complete``,
     ``pruned`` or ``failed``, ``reason`` says why it ended, ``value`` is the metric.
     """
-    from callbacks.optuna_pruning import active_reporter
+    from shiftlab.callbacks.optuna_pruning import active_reporter
 
     record: dict[str, Any] = {**(meta or {}), "params": dict(params), "metric": metric, "state": "running",
                               "value": None, "reason": None, "run_dir": str(run_dir)}
@@ -419,7 +419,7 @@ def run_trial(overrides: Sequence[str], params: Mapping[str, Any], run_dir: Path
         cfg = trial_config(overrides, params, run_dir, metric)
         _write_run_config(cfg, list(overrides) + param_overrides, run_dir)
         if train_fn is None:
-            from trainers.train import train as train_fn
+            from shiftlab.trainers.train import train as train_fn
         with active_reporter(reporter):
             summary = train_fn(cfg)
         value = _metric(summary, metric)
@@ -481,7 +481,7 @@ def run_local(settings: SweepSettings, overrides: Sequence[str],
     """
     import optuna
 
-    from callbacks.optuna_pruning import OptunaReporter
+    from shiftlab.callbacks.optuna_pruning import OptunaReporter
 
     space = parse_search_space(settings.params)
     study = _create_study(settings)
@@ -675,7 +675,7 @@ def _ray_trial(config: dict, overrides: list[str], sweep_dir: str, metric: str, 
     """Tune function trainable: one trial on a Ray worker."""
     from ray import tune
 
-    from callbacks.optuna_pruning import RayTuneReporter
+    from shiftlab.callbacks.optuna_pruning import RayTuneReporter
 
     trial_id = tune.get_context().get_trial_id()
     reporter = RayTuneReporter(key="objective", scheduler_name=scheduler_name)
@@ -811,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = compose_config(overrides)
         settings = SweepSettings.from_cfg(cfg)
         parse_search_space(settings.params)
-        from trainers.config_checks import ConfigError, check_config
+        from shiftlab.trainers.config_checks import ConfigError, check_config
 
         try:
             check_config(cfg)
@@ -828,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shiftlab-sweep: error: {e}", file=sys.stderr)
         return 2
     except SweepInterrupted as e:
-        from callbacks.run_contract import EXIT_CODES
+        from shiftlab.callbacks.run_contract import EXIT_CODES
 
         print(f"shiftlab-sweep: {e} -> {settings.dir}", file=sys.stderr)
         return EXIT_CODES[e.status]
@@ -844,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if best:
         print(f"best: {best.get('run_dir')} {settings.metric}={best['value']:.4g} params={best['params']}")
     if settings.report:
-        from trainers.report import make_report
+        from shiftlab.trainers.report import make_report
 
         out = make_report(settings.dir)
         print(f"report: {out['markdown']}")

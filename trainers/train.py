@@ -1,4 +1,4 @@
-"""Hydra entry point: ``shiftlab-train`` / ``python -m trainers.train``.
+"""Hydra entry point: ``shiftlab-train`` / ``python -m shiftlab.trainers.train``.
 
 One call trains one configuration into its run directory and returns the configured
 ``optimized_metric`` so Hydra sweepers can use it.
@@ -19,17 +19,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from callbacks.divergence import DivergenceError, DivergenceGuard
-from callbacks.run_contract import EXIT_CODES, RunContract, RunInterrupted
-from callbacks.run_history import EpochHistory
-from trainers.built_checks import check_built
-from trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
-from trainers.checkpoint_io import RunWriteError
-from trainers.config_checks import ConfigError, check_config
-from trainers.console import print_config_tree
-from trainers.extensions import ExtensionError, load_extensions
-from trainers.run_dir import register_resolvers
-from trainers.summary import build_summary, write_outputs, write_summary
+from shiftlab.callbacks.divergence import DivergenceError, DivergenceGuard
+from shiftlab.callbacks.run_contract import EXIT_CODES, RunContract, RunInterrupted
+from shiftlab.callbacks.run_history import EpochHistory
+from shiftlab.trainers.built_checks import check_built
+from shiftlab.trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
+from shiftlab.trainers.checkpoint_io import RunWriteError
+from shiftlab.trainers.config_checks import ConfigError, check_config
+from shiftlab.trainers.console import print_config_tree
+from shiftlab.trainers.extensions import ExtensionError, load_extensions
+from shiftlab.trainers.run_dir import register_resolvers
+from shiftlab.trainers.summary import build_summary, write_outputs, write_summary
 
 log = logging.getLogger("shiftlab")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -63,7 +63,7 @@ def _fit(trainer: L.Trainer, contract: RunContract, fit: Any) -> tuple[str, str 
 
 
 def _epoch_checkpoint(trainer: L.Trainer) -> Path | None:
-    from callbacks.run_contract import _newest_epoch_checkpoint
+    from shiftlab.callbacks.run_contract import _newest_epoch_checkpoint
 
     return _newest_epoch_checkpoint(trainer)
 
@@ -205,7 +205,7 @@ def main() -> None:
     # Compose and check the command line first: Hydra reports composition mistakes itself (several
     # lines, exit 1) before `_hydra_main` runs, and value errors would come after the run directory
     # is made.
-    from trainers.cli_checks import preflight
+    from shiftlab.trainers.cli_checks import preflight
 
     try:
         preflight(sys.argv[1:], CONFIG_DIR)

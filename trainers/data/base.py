@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainers.data.label_noise import corrupt_labels
+from shiftlab.trainers.data.label_noise import corrupt_labels
 
 
 @dataclass

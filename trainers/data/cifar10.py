@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.config_checks import ConfigError
-from trainers.data.base import TensorDataModule
+from shiftlab.trainers.config_checks import ConfigError
+from shiftlab.trainers.data.base import TensorDataModule
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.data.base import TensorDataModule
+from shiftlab.trainers.data.base import TensorDataModule
 
 
 class DigitsDataModule(TensorDataModule):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from trainers.data.base import TensorDataModule, TensorSplit
-from trainers.data.label_noise import corrupt_labels
-from trainers.pgm.hmm import HMMParams, make_hmm
+from shiftlab.trainers.data.base import TensorDataModule, TensorSplit
+from shiftlab.trainers.data.label_noise import corrupt_labels
+from shiftlab.trainers.pgm.hmm import HMMParams, make_hmm
 
 
 def sample_hmm_dataset(num_sequences: int, length: int, min_length: int | None, num_states: int,

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from trainers.data.base import TensorDataModule
+from shiftlab.trainers.data.base import TensorDataModule
 
 
 @functools.lru_cache(maxsize=4)

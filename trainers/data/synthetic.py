@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.data.base import TensorDataModule
+from shiftlab.trainers.data.base import TensorDataModule
 
 KINDS = ("clusters", "teacher")
 

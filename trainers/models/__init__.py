@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.registry import Registry
+from shiftlab.trainers.registry import Registry
 
 ACTIVATIONS: Registry[nn.Module] = Registry("activation", key="model.activation")
 ACTIVATIONS.register("relu")(nn.ReLU)

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from trainers.models import default_norm, make_activation
+from shiftlab.trainers.models import default_norm, make_activation
 
 
 class CNN(nn.Module):

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from trainers.models import default_norm, make_activation
+from shiftlab.trainers.models import default_norm, make_activation
 
 
 class MLP(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.models import default_norm
+from shiftlab.trainers.models import default_norm
 
 
 class BasicBlock(nn.Module):

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from trainers.models import default_norm, make_activation
+from shiftlab.trainers.models import default_norm, make_activation
 
 PRESETS: dict[str, list] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],

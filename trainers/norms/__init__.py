@@ -5,7 +5,7 @@ Adding a variant is one file in this package plus one yaml in ``configs/norm/``:
 .. code-block:: python
 
     # trainers/norms/my_norm.py
-    from trainers.norms import register_norm
+    from shiftlab.trainers.norms import register_norm
 
     @register_norm("my_norm")
     def build(num_features: int, dims: int, **kwargs) -> nn.Module: ...
@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from trainers.registry import Registry
+from shiftlab.trainers.registry import Registry
 
 NORMS: Registry[nn.Module] = Registry("norm")
 register_norm = NORMS.register

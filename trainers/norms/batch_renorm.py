@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.norms import register_norm
-from trainers.norms._bn_common import StatBatchNorm, channel_view
+from shiftlab.trainers.norms import register_norm
+from shiftlab.trainers.norms._bn_common import StatBatchNorm, channel_view
 
 
 def renorm_limits(step: int, r_max: float, d_max: float, warmup_steps: int,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.norms import register_norm
-from trainers.norms._bn_common import StatBatchNorm
+from shiftlab.trainers.norms import register_norm
+from shiftlab.trainers.norms._bn_common import StatBatchNorm
 
 _BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 

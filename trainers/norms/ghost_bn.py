@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.norms import register_norm
-from trainers.norms._bn_common import StatBatchNorm
+from shiftlab.trainers.norms import register_norm
+from shiftlab.trainers.norms._bn_common import StatBatchNorm
 
 
 def chunk_ids(n: int, virtual_batch_size: int, spatial: int, device) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.norms import register_norm
+from shiftlab.trainers.norms import register_norm
 
 
 def resolve_groups(num_features: int, num_groups: int, strict: bool) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from trainers.norms import register_norm
+from shiftlab.trainers.norms import register_norm
 
 MODES = ("all", "channels")
 

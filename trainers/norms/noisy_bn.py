@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.norms import register_norm
-from trainers.norms._bn_common import StatBatchNorm, channel_view
+from shiftlab.trainers.norms import register_norm
+from shiftlab.trainers.norms._bn_common import StatBatchNorm, channel_view
 
 POSITIONS = ("after_affine", "before_affine")
 

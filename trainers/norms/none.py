@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.norms import register_norm
+from shiftlab.trainers.norms import register_norm
 
 
 @register_norm("none")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.norms import register_norm
+from shiftlab.trainers.norms import register_norm
 
 
 @register_norm("triton_bn")
 def build(num_features: int, dims: int, eps: float = 1e-5, momentum: float | None = 0.1,
           affine: bool = True, track_running_stats: bool = True, sync: bool = False) -> nn.Module:
-    from kernels import TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNorm3d
+    from shiftlab.kernels import TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNorm3d
 
     classes = {0: TritonBatchNorm1d, 1: TritonBatchNorm1d, 2: TritonBatchNorm2d, 3: TritonBatchNorm3d}
     if dims not in classes:

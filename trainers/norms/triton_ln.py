@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.norms import register_norm
+from shiftlab.trainers.norms import register_norm
 
 MODES = ("all", "channels")
 
@@ -25,7 +25,7 @@ class _SampleLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        from kernels import layer_norm
+        from shiftlab.kernels import layer_norm
 
         y = layer_norm(x, tuple(x.shape[1:]), None, None, self.eps)
         if self.weight is None:
@@ -37,7 +37,7 @@ class _SampleLayerNorm(nn.Module):
 @register_norm("triton_ln")
 def build(num_features: int, dims: int, eps: float = 1e-5, affine: bool = True,
           over: str = "channels") -> nn.Module:
-    from kernels import TritonChannelLayerNorm
+    from shiftlab.kernels import TritonChannelLayerNorm
 
     if over not in MODES:
         raise ValueError(f"norm.over={over!r} is invalid; allowed: {', '.join(MODES)}")

@@ -8,7 +8,7 @@ landscape and makes batch-independent GroupNorm competitive with BatchNorm at sm
 * the normalization layer a model asks for is ``nn.GroupNorm`` (``num_groups``, resolved as in
   ``norm=groupnorm``);
 * :func:`prepare_model` swaps every ``nn.Conv1d/2d/3d`` of a built model for a weight-standardized
-  subclass (same parameters and state_dict keys). ``trainers.build.build_model`` calls a norm
+  subclass (same parameters and state_dict keys). ``shiftlab.trainers.build.build_model`` calls a norm
   module's ``prepare_model(model)`` when it defines one. Linear layers are left alone (WS is
   defined for convolutions), so on an MLP this variant is plain GroupNorm.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.norms import register_norm
-from trainers.norms.groupnorm import resolve_groups
+from shiftlab.trainers.norms import register_norm
+from shiftlab.trainers.norms.groupnorm import resolve_groups
 
 
 def standardize_weight(w: Tensor, eps: float) -> Tensor:

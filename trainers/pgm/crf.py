@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainers.models import default_norm, make_activation
-from trainers.pgm import chain
-from trainers.pgm.hmm import require_sequence_module
+from shiftlab.trainers.models import default_norm, make_activation
+from shiftlab.trainers.pgm import chain
+from shiftlab.trainers.pgm.hmm import require_sequence_module
 
 
 class SequenceEncoder(nn.Module):

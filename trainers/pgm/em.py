@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from trainers.pgm import chain
-from trainers.pgm.hmm import HMMParams, hmm_unary
+from shiftlab.trainers.pgm import chain
+from shiftlab.trainers.pgm.hmm import HMMParams, hmm_unary
 
 
 @dataclass

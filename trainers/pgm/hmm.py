@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainers.pgm import chain
+from shiftlab.trainers.pgm import chain
 
 
 @dataclass
@@ -168,7 +168,7 @@ class HMM(nn.Module):
 
 def require_sequence_module(model: nn.Module) -> None:
     """Training a chain model through a per-position classifier loss would silently optimize the
-    wrong objective; :class:`trainers.pgm_module.SequenceModule` marks the models it wraps."""
+    wrong objective; :class:`shiftlab.trainers.pgm_module.SequenceModule` marks the models it wraps."""
     if model.training and not getattr(model, "wrapped_by_sequence_module", False):
         raise RuntimeError(f"{type(model).__name__} must be trained with module=sequence "
                            "(e.g. experiment=pgm_hmm|pgm_crf|pgm_softmax, or add module=sequence)")

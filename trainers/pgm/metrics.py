@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from trainers.pgm import calibration
-from trainers.pgm.hmm import HMMParams, true_model_scores
-from trainers.pgm.matching import apply_permutation, best_permutation, permute_marginals
+from shiftlab.trainers.pgm import calibration
+from shiftlab.trainers.pgm.hmm import HMMParams, true_model_scores
+from shiftlab.trainers.pgm.matching import apply_permutation, best_permutation, permute_marginals
 
 
 class ChainModel(Protocol):
