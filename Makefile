@@ -10,7 +10,7 @@ EXTRAS ?= dev,sweep,deploy
 AIRFLOW_VENV  := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: run test test-fast install airflow clean bench mutation mutation-all
+.PHONY: run test test-fast install airflow clean bench mutation mutation-all mutation-tree
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,13 +55,22 @@ $(MUTATION_STAMP): $(STAMP)
 	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS),mutation]"
 	@touch $(MUTATION_STAMP)
 
-mutation: $(MUTATION_STAMP)
-	OMP_NUM_THREADS=1 nice -n 15 $(PY) -m mutmut run --max-children 2 $$(grep -v '^#' tests/mutation_subset.txt)
-	$(PY) -m mutmut results
+# mutmut names mutants after their file path, and the tests import `shiftlab.*`: it runs in a
+# staging tree where the folders sit at src/shiftlab/ (the installed layout), so both agree.
+MUTATION_DIR := build/mutation
+mutation-tree:
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)/src/shiftlab
+	cp -r trainers callbacks kernels experiments configs $(MUTATION_DIR)/src/shiftlab/
+	cp -r tests configs pyproject.toml $(MUTATION_DIR)/
 
-mutation-all: $(MUTATION_STAMP)
-	OMP_NUM_THREADS=1 nice -n 15 $(PY) -m mutmut run --max-children 2
-	$(PY) -m mutmut results
+mutation: $(MUTATION_STAMP) mutation-tree
+	cd $(MUTATION_DIR) && OMP_NUM_THREADS=1 nice -n 15 $(abspath $(PY)) -m mutmut run --max-children 2 \
+		$$(grep -v '^#' tests/mutation_subset.txt)
+	cd $(MUTATION_DIR) && $(abspath $(PY)) -m mutmut results
+
+mutation-all: $(MUTATION_STAMP) mutation-tree
+	cd $(MUTATION_DIR) && OMP_NUM_THREADS=1 nice -n 15 $(abspath $(PY)) -m mutmut run --max-children 2
+	cd $(MUTATION_DIR) && $(abspath $(PY)) -m mutmut results
 
 clean:
-	rm -rf $(VENV) $(AIRFLOW_VENV) outputs multirun .pytest_cache mutants
+	rm -rf $(VENV) $(AIRFLOW_VENV) outputs multirun .pytest_cache mutants build

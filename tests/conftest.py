@@ -18,20 +18,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-
-if os.environ.get("MUTANT_UNDER_TEST") or REPO.name == "mutants":
-    # mutmut (`make mutation`) runs the tests inside mutants/, a mutated copy of the sources; the
-    # installed `shiftlab` points at the originals, so a namespace shim puts the copy first.
-    import sys
-    import tempfile
-
-    _shim = Path(tempfile.mkdtemp(prefix="shiftlab-mutants-")) / "shiftlab"
-    _shim.mkdir()
-    for _d in ("trainers", "callbacks", "kernels", "experiments", "configs"):
-        if (REPO / _d).is_dir():
-            (_shim / _d).symlink_to(REPO / _d)
-    sys.path.insert(0, str(_shim.parent))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_shim.parent), os.environ.get("PYTHONPATH")]))
 CONFIG_DIR = str(REPO / "configs")
 
 
