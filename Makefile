@@ -5,22 +5,29 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# `make run` installs the core dependencies only; the tests add these extras
 EXTRAS ?= dev,sweep,deploy
+TEST_STAMP := $(VENV)/.installed-test
 # Airflow pins SQLAlchemy and friends against ours: it lives in its own virtualenv.
 AIRFLOW_VENV  := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: run test test-fast install airflow clean bench mutation mutation-all mutation-tree
+.PHONY: run test test-fast install install-test airflow clean bench mutation mutation-all mutation-tree
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet -c constraints.txt -e .
 	@touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $(TEST_STAMP)
+
 install: $(STAMP)
+install-test: $(TEST_STAMP)
 
 $(AIRFLOW_STAMP): deploy/airflow/requirements.txt deploy/airflow/constraints.txt
 	$(PYTHON) -m venv $(AIRFLOW_VENV)
@@ -35,11 +42,11 @@ run: install
 
 # One OpenMP thread per process: the tests' models are small, and on a shared 2-core machine
 # two spinning threads per process make each step far slower.
-test: install airflow
+test: install-test airflow
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: everything not marked slow (make test stays the full suite, as CI runs it).
-test-fast: install airflow
+test-fast: install-test airflow
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
@@ -51,7 +58,7 @@ bench: install
 # `make mutation` runs the documented subset (tests/mutation_subset.txt), `make mutation-all` every
 # mutant of the listed modules. Niced: the machine is shared.
 MUTATION_STAMP := $(VENV)/.mutation-installed
-$(MUTATION_STAMP): $(STAMP)
+$(MUTATION_STAMP): $(TEST_STAMP)
 	$(PIP) install --quiet -c constraints.txt -e ".[$(EXTRAS),mutation]"
 	@touch $(MUTATION_STAMP)
 
