@@ -8,10 +8,11 @@ gradient norm's finiteness before the optimizer applies it.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
+
+from shiftlab.trainers.checkpoint_io import epoch_checkpoint
 
 
 class DivergenceError(RuntimeError):
@@ -41,15 +42,10 @@ def grad_norm(parameters) -> torch.Tensor:
 
 def kept_checkpoint(trainer: L.Trainer) -> str:
     """Which checkpoint really exists to restart from, said in words."""
-    for cb in trainer.checkpoint_callbacks:
-        dirpath = getattr(cb, "dirpath", None)
-        if not dirpath:
-            continue
-        for name in ("last.ckpt", "best.ckpt"):
-            path = Path(dirpath) / name
-            if path.is_file():
-                return f"{path} kept (end of the last finished epoch)" if name == "last.ckpt" else f"{path} kept"
-    return "no checkpoint was written (it diverged before the first epoch ended)"
+    path = epoch_checkpoint(trainer, ("last.ckpt", "best.ckpt"))
+    if path is None:
+        return "no checkpoint was written (it diverged before the first epoch ended)"
+    return f"{path} kept (end of the last finished epoch)" if path.name == "last.ckpt" else f"{path} kept"
 
 
 class DivergenceGuard(L.Callback):

@@ -19,6 +19,8 @@ import lightning as L
 import torch
 from torchmetrics import Metric
 
+from shiftlab.trainers.checkpoint_io import epoch_checkpoint
+
 STATUS_BY_SIGNAL = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted"}
 EXIT_CODES = {"interrupted": 130, "preempted": 143}
 
@@ -82,7 +84,7 @@ class RunContract(L.Callback):
             finally:
                 self._mid_epoch_save = False
         else:
-            ckpt = _newest_epoch_checkpoint(trainer)
+            ckpt = epoch_checkpoint(trainer)
         raise RunInterrupted(status, ckpt, trainer.current_epoch, trainer.global_step)
 
     def _agreed(self, trainer: L.Trainer) -> bool:
@@ -162,14 +164,3 @@ def _train_metrics(pl_module: L.LightningModule) -> list[tuple[str, Metric]]:
     """The module's running training metrics: torchmetrics children whose name starts with ``train``."""
     return [(n, m) for n, m in pl_module.named_modules() if isinstance(m, Metric) and n.startswith("train")]
 
-
-def _newest_epoch_checkpoint(trainer: L.Trainer) -> Path | None:
-    for cb in trainer.checkpoint_callbacks:
-        last = getattr(cb, "last_model_path", "") or ""
-        if last and Path(last).is_file():
-            return Path(last)
-    for cb in trainer.checkpoint_callbacks:
-        dirpath = getattr(cb, "dirpath", None)
-        if dirpath and (Path(dirpath) / "last.ckpt").is_file():
-            return Path(dirpath) / "last.ckpt"
-    return None

@@ -41,6 +41,14 @@ def _softmax64(logits: torch.Tensor) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
+def _train_and_capture(cfg, out):
+    """Train ``cfg``; the returned summary, the saved summary.json, the final model (eval) and data."""
+    cap = Capture()
+    summary = train(cfg, extra_callbacks=[cap])
+    saved = json.loads((out / "summary.json").read_text())
+    return summary, saved, cap.module.model.eval(), cap.dm
+
+
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory):
     from conftest import QUIET, compose_cfg
@@ -49,10 +57,7 @@ def classifier_run(tmp_path_factory):
     cfg = compose_cfg(QUIET + ["data=synthetic", "data.num_samples=700", "data.separation=0.6",
                                "data.label_noise=0.3", "model=mlp", "model.hidden=[16]", "norm=none",
                                "trainer.max_epochs=2", "batching.batch_size=64"], out)
-    cap = Capture()
-    summary = train(cfg, extra_callbacks=[cap])
-    saved = json.loads((out / "summary.json").read_text())
-    return summary, saved, cap.module.model.eval(), cap.dm
+    return _train_and_capture(cfg, out)
 
 
 def test_classifier_train_val_figures_match_an_independent_loss(classifier_run):
@@ -201,10 +206,7 @@ def crf_run(tmp_path_factory):
     cfg = compose_cfg(QUIET + ["experiment=pgm_crf", "data.num_sequences=150", "data.length=8",
                                "data.min_length=4", "trainer.max_epochs=2", "model.hidden=16",
                                "model.embed_dim=8", "data.label_noise=0.2"], out)
-    cap = Capture()
-    summary = train(cfg, extra_callbacks=[cap])
-    saved = json.loads((out / "summary.json").read_text())
-    return summary, saved, cap.module.model.eval(), cap.dm
+    return _train_and_capture(cfg, out)
 
 
 def test_crf_run_train_figures_match_plain_loops(crf_run):

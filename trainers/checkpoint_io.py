@@ -172,3 +172,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def epoch_checkpoint(trainer, names: tuple[str, ...] = ("last.ckpt",)) -> Path | None:
+    """The first of ``names`` that really exists in the trainer's checkpoint directories (default:
+    ``last.ckpt``, the end of the last finished epoch), else None."""
+    dirs = [Path(d) for d in (getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks) if d]
+    for name in names:
+        for d in dirs:
+            if (d / name).is_file():
+                return d / name
+    return None

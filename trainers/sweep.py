@@ -390,10 +390,9 @@ def _write_run_config(cfg: DictConfig, overrides: Sequence[str], run_dir: Path) 
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    from shiftlab.trainers.checkpoint_io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from shiftlab.callbacks.run_contract import EXIT_CODES, RunContract, RunInterrup
 from shiftlab.callbacks.run_history import EpochHistory
 from shiftlab.trainers.built_checks import check_built
 from shiftlab.trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
-from shiftlab.trainers.checkpoint_io import RunWriteError
+from shiftlab.trainers.checkpoint_io import RunWriteError, epoch_checkpoint
 from shiftlab.trainers.config_checks import ConfigError, check_config
 from shiftlab.trainers.console import print_config_tree
 from shiftlab.trainers.extensions import ExtensionError, load_extensions
@@ -51,21 +51,15 @@ def _fit(trainer: L.Trainer, contract: RunContract, fit: Any) -> tuple[str, str 
     except (SIGTERMException, KeyboardInterrupt, SystemExit) as e:
         # Lightning's own paths: SIGTERM seen inside validation, or a second Ctrl-C (exit 1).
         status = "preempted" if isinstance(e, SIGTERMException) else (contract.received or "interrupted")
-        ckpt = _epoch_checkpoint(trainer)
+        ckpt = epoch_checkpoint(trainer)
         where = f"resume with ckpt_path={ckpt}" if ckpt else "no checkpoint was written"
         return status, f"{status} at epoch {trainer.current_epoch}, step {trainer.global_step}; {where}", ckpt
     if contract.received:  # the signal came after the last step: the run is complete on disk
-        ckpt = _epoch_checkpoint(trainer)
+        ckpt = epoch_checkpoint(trainer)
         return contract.received, f"{contract.received} after the last epoch; checkpoints are complete", ckpt
     if trainer.interrupted:
-        return "interrupted", None, _epoch_checkpoint(trainer)
+        return "interrupted", None, epoch_checkpoint(trainer)
     return "completed", None, None
-
-
-def _epoch_checkpoint(trainer: L.Trainer) -> Path | None:
-    from shiftlab.callbacks.run_contract import _newest_epoch_checkpoint
-
-    return _newest_epoch_checkpoint(trainer)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
