@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from shiftlab.callbacks.hessian import _HVP, _hutchinson, _power_iteration, epsilon_sharpness
+from shiftlab.callbacks.reporting import Reporter
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,
     eval_mode,
@@ -74,7 +75,7 @@ def sharpness_on_subset(
     return out
 
 
-class SharpnessProbe(Callback):
+class SharpnessProbe(Callback, Reporter):
     """Log Hessian sharpness of the training loss on a fixed training subset every few epochs.
 
     Args:
@@ -136,7 +137,6 @@ class SharpnessProbe(Callback):
         self.skipped = 0
         self._fit_start: float | None = None
         self._last_cost: float | None = None
-        self.stop_reason: str | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._fit_start = time.perf_counter() - self.seconds

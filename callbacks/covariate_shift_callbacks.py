@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
+from shiftlab.callbacks.reporting import Reporter
 from shiftlab.callbacks.covariate_shift import activation_drift, gradient_ics, landscape_smoothness
 from shiftlab.callbacks.probe_utils import check_positive_int, fixed_subset, probe_model
 
@@ -32,7 +33,7 @@ def _default_loss(pl_module) -> Callable:
     return getattr(pl_module, "loss_fn", None) or F.cross_entropy
 
 
-class _StepProbe(L.Callback):
+class _StepProbe(L.Callback, Reporter):
     """Shared scheduling, logging, history, plotting and (de)serialization."""
 
     probe_name = "probe"
@@ -44,7 +45,6 @@ class _StepProbe(L.Callback):
         self.plot = plot
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0
-        self.stop_reason: str | None = None
 
     # --- scheduling -----------------------------------------------------------------------------
     def due(self, trainer) -> bool:

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from shiftlab.trainers.checkpoint_io import epoch_checkpoint
+from shiftlab.callbacks.reporting import Reporter
 
 
 class DivergenceError(RuntimeError):
@@ -48,7 +49,7 @@ def kept_checkpoint(trainer: L.Trainer) -> str:
     return f"{path} kept (end of the last finished epoch)" if path.name == "last.ckpt" else f"{path} kept"
 
 
-class DivergenceGuard(L.Callback):
+class DivergenceGuard(L.Callback, Reporter):
     """Ends a run whose training diverges, before it can overwrite a good checkpoint.
 
     Raising (rather than setting ``trainer.should_stop``) ends the run before the epoch's

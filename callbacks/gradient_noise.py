@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from shiftlab.callbacks.reporting import Reporter
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,
     eval_mode,
@@ -165,7 +166,7 @@ def gradient_noise_scale(
     )
 
 
-class GradientNoiseScale(Callback):
+class GradientNoiseScale(Callback, Reporter):
     """Log ``noise/b_simple``, ``noise/tr_sigma`` and ``noise/grad_sq`` every few epochs.
 
     Args:
@@ -201,7 +202,6 @@ class GradientNoiseScale(Callback):
         self.labels = labels
         self.seed = seed
         self.last: dict[str, float] = {}
-        self.stop_reason: str | None = None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not is_probe_epoch(trainer, self.every_n_epochs):

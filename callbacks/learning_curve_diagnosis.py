@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from shiftlab.callbacks.reporting import Reporter
 
 __all__ = ["Diagnosis", "diagnose", "LearningCurveDiagnosis", "plot_diagnosis"]
 
@@ -139,7 +140,7 @@ def plot_diagnosis(history: dict[str, list[float]], diag: Diagnosis, path: Path,
     return path
 
 
-class LearningCurveDiagnosis(Callback):
+class LearningCurveDiagnosis(Callback, Reporter):
     """Collects per-epoch train/val loss, adds ``diagnosis`` to ``summary.json`` and writes
     ``plots/learning_curve_diagnosis.png`` at the end of fitting.
 
@@ -160,7 +161,6 @@ class LearningCurveDiagnosis(Callback):
         self.history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": [],
                                                 "train_acc": []}
         self.diagnosis: Diagnosis | None = None
-        self.stop_reason: str | None = None  # never stops training; here for the contract
         self._val: float | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

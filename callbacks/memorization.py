@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from shiftlab.callbacks.reporting import Reporter
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,
     eval_mode,
@@ -86,7 +87,7 @@ def predict_logits(model: nn.Module, x: Tensor, chunk_size: int = 1024) -> Tenso
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-class MemorizationMonitor(Callback):
+class MemorizationMonitor(Callback, Reporter):
     """Log the clean / corrupted split of training accuracy and loss (see the module docstring).
 
     Args:
@@ -115,7 +116,6 @@ class MemorizationMonitor(Callback):
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.seed = seed
         self.history: list[dict[str, float]] = []
-        self.stop_reason: str | None = None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not is_probe_epoch(trainer, self.every_n_epochs):

@@ -29,6 +29,7 @@ import math
 from typing import Any, Iterator, Protocol
 
 import lightning as L
+from shiftlab.callbacks.reporting import Reporter
 
 log = logging.getLogger("shiftlab")
 
@@ -113,7 +114,7 @@ def current_reporter() -> TrialReporter | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
-class OptunaPruning(L.Callback):
+class OptunaPruning(L.Callback, Reporter):
     """Report ``monitor`` after every validation epoch to the active sweep trial; stop if pruned.
 
     Args:

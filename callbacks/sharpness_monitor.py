@@ -21,11 +21,12 @@ from torch.nn import functional as F
 
 from shiftlab.callbacks.early_stopping import StoppingRule, make_rule
 from shiftlab.callbacks.hessian import hutchinson_trace, top_hessian_eigenvalue
+from shiftlab.callbacks.reporting import Reporter
 
 __all__ = ["SharpnessMonitor"]
 
 
-class SharpnessMonitor(Callback):
+class SharpnessMonitor(Callback, Reporter):
     """Log ``sharpness/top_eigenvalue`` and ``sharpness/trace`` every ``every_n_epochs`` epochs.
 
     Args:

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from shiftlab.callbacks.early_stopping import StoppingRule, make_rule
+from shiftlab.callbacks.reporting import Reporter
 
 __all__ = ["RuleEarlyStopping", "CurvatureEarlyStopping", "PatienceStopping", "GLStopping",
            "PQStopping", "UPStopping"]
@@ -32,7 +33,7 @@ def _to_float(v: Any) -> float | None:
     return float(v.detach().cpu()) if isinstance(v, torch.Tensor) else float(v)
 
 
-class RuleEarlyStopping(Callback):
+class RuleEarlyStopping(Callback, Reporter):
     """Stop training when a stopping rule fires.
 
     Args:

@@ -17,19 +17,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(REPO / "configs")
 QUIET = ["print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "logger=csv"]
 
 
 def compose(overrides: Sequence[str], out_dir: Path):
-    from hydra import compose as _compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from shiftlab.trainers.compose import compose as _compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return _compose(config_name="train", overrides=QUIET + list(overrides) + [f"paths.output_dir={out_dir}"])
+    return _compose(QUIET + list(overrides) + [f"paths.output_dir={out_dir}"])
 
 
 def run(overrides: Sequence[str], out_dir: Path, reuse: bool = False) -> dict[str, Any]:

@@ -26,12 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from shiftlab.trainers.compose import compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides + ["paths.output_dir=/tmp/shiftlab_bench"])
+    return compose(overrides + ["paths.output_dir=/tmp/shiftlab_bench"])
 
 
 class EpochTimer:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
 
 from shiftlab.trainers.build import build_datamodule, build_module
-from shiftlab.trainers.train import CONFIG_DIR, train
+from shiftlab.trainers.compose import compose
+from shiftlab.trainers.train import train
 
 SETUPS = {
     "digits_mlp": ["data=digits", "model=mlp", "norm=batchnorm", "optimizer=adam", "batching.batch_size=64"],
@@ -48,8 +48,7 @@ def compose_cfg(setup: str, epochs: int, out: Path):
     overrides = SETUPS[setup] + [f"trainer.max_epochs={epochs}", "print_config=false", "callbacks=none",
                                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                                  "trainer.accelerator=cpu", "trainer.enable_checkpointing=false", "test=false", "logger=csv", f"paths.output_dir={out}"]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
 def shiftlab_epochs(cfg) -> list[float]:

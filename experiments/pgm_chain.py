@@ -26,7 +26,6 @@ from shiftlab.trainers.build import build_datamodule, build_module
 from shiftlab.trainers.pgm import em, metrics
 from shiftlab.trainers.pgm.hmm import HMM, true_model_scores
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 # (label, overrides) of the gradient-descent variants in part (a). Learning rates from a short
 # sweep on seed 0 (mini Adam {0.02, 0.05, 0.15}, mini SGD {1, 3, 10}, full Adam {0.05, 0.15},
@@ -40,13 +39,9 @@ GD_VARIANTS = {
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from shiftlab.trainers.compose import compose as _compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hcompose(config_name="train", overrides=overrides)
+    return _compose(overrides)
 
 
 QUIET = ["print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

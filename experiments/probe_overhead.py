@@ -17,7 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from shiftlab.experiments._repro import CONFIG_DIR, machine, run, setup_threads
+from shiftlab.trainers.compose import CONFIG_DIR
+from shiftlab.experiments._repro import machine, run, setup_threads
 
 PROBES = ("activation_drift", "gradient_ics", "landscape")
 

@@ -17,19 +17,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # when the machine is shared).
 torch.set_num_threads(1)
 
+from shiftlab.trainers.compose import CONFIG_DIR as _CONFIG_DIR
+from shiftlab.trainers.compose import compose
+
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(REPO / "configs")
+CONFIG_DIR = str(_CONFIG_DIR)
 
 
 def compose_cfg(overrides: list[str], out: Path | None = None):
     """The composed ``train`` config, as Hydra would build it for ``shiftlab-train overrides``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
     extra = [f"paths.output_dir={out}"] if out is not None else []
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides) + extra)
+    return compose(list(overrides) + extra)
 
 
 QUIET = ["print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from shiftlab.trainers.built_checks import check_built
-from shiftlab.trainers.cli_checks import _hydra, compose_checked
+from shiftlab.trainers.cli_checks import compose_checked
+from shiftlab.trainers.compose import CONFIG_DIR as _CONFIG_DIR
+from shiftlab.trainers.compose import hydra_context as _hydra
 from shiftlab.trainers.config_checks import ConfigError, check_config
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(REPO / "configs")
+CONFIG_DIR = str(_CONFIG_DIR)
 QUIET = ["print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "callbacks=none", "trainer.accelerator=cpu"]
 NO_GPU = not torch.cuda.is_available()

@@ -47,15 +47,9 @@ def test_main_writes_csv_and_png(tmp_path):
 
 
 def test_experiment_config_sweeps_train_fraction_and_seed():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from shiftlab.trainers.compose import compose
 
-    from tests.conftest import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["experiment=learning_curve"],
-                      return_hydra_config=True)
+    cfg = compose(["experiment=learning_curve"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert "data.train_fraction" in params and "seed" in params
     assert cfg.task_name == "learning_curve" and cfg.test is False

@@ -8,15 +8,15 @@ values and the nearest known key.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import itertools
 import math
 import re
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig, open_dict
 
+from shiftlab.trainers.compose import hydra_context
 from shiftlab.trainers.config_checks import ConfigError
 
 # A sweep expands into at most this many jobs composed one by one; bigger sweeps are checked one
@@ -24,19 +24,6 @@ from shiftlab.trainers.config_checks import ConfigError
 MAX_SWEEP_JOBS = 16
 # difflib ratio above which a new key added with `+` counts as a typo of an existing one.
 TYPO_CUTOFF = 0.8
-
-
-@contextlib.contextmanager
-def _hydra(config_dir: str) -> Iterator[None]:
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            yield
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _split(line: str) -> tuple[str, str]:
@@ -249,7 +236,7 @@ def preflight(argv: Sequence[str], config_dir: str, config_name: str = "train") 
     overrides = list(args.overrides)
     if args.multirun and any(o.split("=", 1)[0] in ("hydra/sweeper", "+hydra/sweeper") for o in overrides):
         return  # another sweeper expands the overrides its own way
-    with _hydra(config_dir):
+    with hydra_context(config_dir):
         if args.multirun:
             try:
                 jobs = sweep_jobs(overrides)

@@ -31,6 +31,7 @@ from shiftlab.trainers.module import ClassificationModule
 from shiftlab.trainers.pgm import calibration, metrics
 from shiftlab.trainers.pgm.matching import confusion, permutation_from_confusion
 from shiftlab.trainers.pgm.metrics import ChainModel
+from shiftlab.callbacks.reporting import Reporter
 
 
 class MatchedAccuracy(Metric):
@@ -218,7 +219,7 @@ class SequenceModule(ClassificationModule):
         return [self._report]
 
 
-class ChainReport(L.Callback):
+class ChainReport(L.Callback, Reporter):
     """Adds the chain-model figures the generic summary cannot compute to ``summary.json``:
     train-split per-token log-likelihood and accuracy (vs the given and, with label noise, the
     true labels), and the true model's values on the validation split (the ceilings)."""

@@ -10,17 +10,17 @@ import lightning as L
 import torch
 from torch.nn import functional as F
 
+from shiftlab.callbacks import reporting
 from shiftlab.trainers.plots import plot_confusion_matrix, plot_learning_curves
 
 
 def stop_reason(trainer: L.Trainer, status: str, error: str | None) -> str:
-    """The first non-empty ``stop_reason`` a callback set, else why the loop ended."""
+    """The error, else the first stop reason a reporting callback set, else why the loop ended."""
     if error:
         return error
-    for cb in trainer.callbacks:
-        reason = getattr(cb, "stop_reason", None)
-        if reason:
-            return str(reason)
+    reason = reporting.stop_reason(trainer.callbacks)
+    if reason:
+        return reason
     if trainer.interrupted:
         return "interrupted"
     if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
@@ -76,10 +76,7 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, dm, history: li
     if test_metrics:
         summary.update({f"test/{k}": v for k, v in test_metrics.items() if k != "confusion_matrix"})
         summary["test/confusion_matrix"] = test_metrics.get("confusion_matrix")
-    for cb in trainer.callbacks:
-        items = getattr(cb, "summary_items", None)
-        if callable(items):
-            summary.update(items())
+    summary.update(reporting.summary_items(trainer.callbacks))
     if hasattr(dm, "describe") and dm.train_set is not None:
         summary["data"] = dm.describe()
     return {k: _finite(v) for k, v in summary.items()}

@@ -33,9 +33,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from shiftlab.trainers.compose import CONFIG_DIR, compose
+
 log = logging.getLogger("shiftlab.sweep")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BACKENDS = ("local", "ray")
 SWEEP_KEYS = ("study_name", "dir", "n_trials", "timeout_s", "direction", "storage", "sampler", "sampler_args",
               "pruner", "pruner_args", "enqueue", "backend", "ray", "report", "params",
@@ -359,12 +360,7 @@ def format_override(key: str, value: Any) -> str:
 
 def compose_config(overrides: Sequence[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     """The train config exactly as ``shiftlab-train <overrides>`` would compose it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="sweep"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose(overrides, config_dir=config_dir, job_name="sweep")
 
 
 def trial_config(overrides: Sequence[str], params: Mapping[str, Any], run_dir: Path, metric: str) -> DictConfig:

@@ -22,9 +22,11 @@ from omegaconf import DictConfig
 from shiftlab.callbacks.divergence import DivergenceError, DivergenceGuard
 from shiftlab.callbacks.run_contract import EXIT_CODES, RunContract, RunInterrupted
 from shiftlab.callbacks.run_history import EpochHistory
+from shiftlab.callbacks import reporting
 from shiftlab.trainers.built_checks import check_built
 from shiftlab.trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
 from shiftlab.trainers.checkpoint_io import RunWriteError, epoch_checkpoint
+from shiftlab.trainers.compose import CONFIG_DIR
 from shiftlab.trainers.config_checks import ConfigError, check_config
 from shiftlab.trainers.console import print_config_tree
 from shiftlab.trainers.extensions import ExtensionError, load_extensions
@@ -32,7 +34,6 @@ from shiftlab.trainers.run_dir import register_resolvers
 from shiftlab.trainers.summary import build_summary, write_outputs, write_summary
 
 log = logging.getLogger("shiftlab")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 register_resolvers()
 
 
@@ -117,7 +118,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                             "resume_from": str(resume) if resume else None})
         summary["run_dir"] = str(out)
         if trainer.is_global_zero:
-            note = next((str(cb.plot_note) for cb in trainer.callbacks if getattr(cb, "plot_note", None)), None)
+            note = "; ".join(reporting.plot_notes(trainer.callbacks)) or None
             try:
                 write_outputs(out, summary, history_cb.history,
                               title=f"{cfg.get('task_name', 'train')}: {out.name}", note=note)
@@ -155,7 +156,7 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     multirun = _is_multirun()
     try:
@@ -202,7 +203,7 @@ def main() -> None:
     from shiftlab.trainers.cli_checks import preflight
 
     try:
-        preflight(sys.argv[1:], CONFIG_DIR)
+        preflight(sys.argv[1:], str(CONFIG_DIR))
     except (ConfigError, ExtensionError) as e:
         print(f"shiftlab: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
