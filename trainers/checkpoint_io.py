@@ -183,3 +183,25 @@ def epoch_checkpoint(trainer, names: tuple[str, ...] = ("last.ckpt",)) -> Path |
             if (d / name).is_file():
                 return d / name
     return None
+
+
+def test_weights(trainer, which: str) -> tuple[Path | None, str]:
+    """The checkpoint the test split is evaluated on, and a description of it for ``summary.json``.
+
+    ``which`` is ``best`` (the monitored ModelCheckpoint's best file, as Lightning's ``ckpt_path="best"``) or
+    ``last`` (``last.ckpt``). Without such a file (no checkpoint callbacks) the final weights in memory are used,
+    and the description says so.
+    """
+    if which == "best":
+        best = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)
+                and getattr(cb, "best_model_path", "") and Path(cb.best_model_path).is_file()]
+        if best:
+            cb = best[0]
+            score = cb.best_model_score
+            shown = f", {cb.monitor}={float(score):.4f}" if score is not None else ""
+            return Path(cb.best_model_path), f"best: {Path(cb.best_model_path).name}{shown}"
+    elif which == "last":
+        last = epoch_checkpoint(trainer)
+        if last is not None:
+            return last, f"last: {last.name} (end of the last finished epoch)"
+    return None, f"final: the weights in memory when training ended (no {which} checkpoint was written)"

@@ -37,6 +37,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
     """The config ``shiftlab-train <overrides>`` would compose (without running it)."""
     from hydra import compose as hydra_compose
 
+    from shiftlab.trainers.run_dir import register_resolvers
+
+    register_resolvers()
     with hydra_context(config_dir, job_name):
         return hydra_compose(config_name=config_name, overrides=list(overrides),
                              return_hydra_config=return_hydra_config)

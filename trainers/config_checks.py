@@ -173,6 +173,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "batching.kind": ("mini", "full"),
     "cluster_env": ("auto", "kubeflow", "none"),
+    "test_ckpt": ("best", "last"),
     "optimized_metric_mode": ("min", "max"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "optimizer.line_search_fn": ("strong_wolfe",),

@@ -36,3 +36,5 @@ def claim_unique_dir(base: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("shiftlab_unique_dir"):
         OmegaConf.register_new_resolver("shiftlab_unique_dir", lambda base: claim_unique_dir(str(base)))
+    if not OmegaConf.has_resolver("shiftlab_basename"):  # a run's name in the loggers: its directory's name
+        OmegaConf.register_new_resolver("shiftlab_basename", lambda path: Path(str(path)).name)

@@ -58,7 +58,8 @@ def _finite(v: Any) -> Any:
 
 
 def build_summary(trainer: L.Trainer, module: L.LightningModule, dm, history: list[dict], status: str,
-                  error: str | None, wall_time: float, test_metrics: dict | None) -> dict[str, Any]:
+                  error: str | None, wall_time: float, test_metrics: dict | None,
+                  train_metrics: dict | None = None) -> dict[str, Any]:
     last = history[-1] if history else {}
     summary: dict[str, Any] = {
         "status": status,
@@ -71,8 +72,8 @@ def build_summary(trainer: L.Trainer, module: L.LightningModule, dm, history: li
         "val/loss": last.get("val/loss"),
         "val/acc": last.get("val/acc"),
     }
-    if status == "completed" and dm.train_set is not None and hasattr(module, "final_train_metrics"):
-        summary.update(module.final_train_metrics(dm.train_set))
+    if status == "completed" and train_metrics:
+        summary.update(train_metrics)
     if test_metrics:
         summary.update({f"test/{k}": v for k, v in test_metrics.items() if k != "confusion_matrix"})
         summary["test/confusion_matrix"] = test_metrics.get("confusion_matrix")

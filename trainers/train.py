@@ -25,12 +25,13 @@ from shiftlab.callbacks.run_history import EpochHistory
 from shiftlab.callbacks import reporting
 from shiftlab.trainers.built_checks import check_built
 from shiftlab.trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
-from shiftlab.trainers.checkpoint_io import RunWriteError, epoch_checkpoint
+from shiftlab.trainers.checkpoint_io import RunWriteError, epoch_checkpoint, test_weights
 from shiftlab.trainers.compose import CONFIG_DIR
 from shiftlab.trainers.config_checks import ConfigError, check_config
-from shiftlab.trainers.console import print_config_tree
+from shiftlab.trainers.console import print_config, quiet_known_noise
 from shiftlab.trainers.extensions import ExtensionError, load_extensions
 from shiftlab.trainers.run_dir import register_resolvers
+from shiftlab.trainers.run_loggers import log_config, log_final, log_plots
 from shiftlab.trainers.summary import build_summary, write_outputs, write_summary
 
 log = logging.getLogger("shiftlab")
@@ -87,23 +88,25 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         guard = DivergenceGuard(**(cfg.get("divergence") or {}))
         callbacks = build_callbacks(cfg) + list(extra_callbacks or []) + [history_cb, guard, contract]
         trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
+        log_config(trainer.loggers, cfg)
         if cfg.get("print_config") and trainer.is_global_zero:
-            print_config_tree(cfg)
+            print_config(cfg)
 
         check_built(cfg, dm, module)  # splits, model, probe layers, ckpt_path: before any training
         test_metrics = None
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*LitLogger.*")
-            # Mid-epoch resumes are exact: the sampler skips the batches seen (RunContract).
-            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+            quiet_known_noise()
             status, error, resume = _fit(
                 trainer, contract, lambda: trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path")))
             if status != "completed":
                 log.error(error or status)
+            train_metrics = None
+            if status == "completed" and dm.train_set is not None and hasattr(module, "final_train_metrics"):
+                train_metrics = module.final_train_metrics(dm.train_set)  # before test loads other weights
             if status == "completed" and cfg.get("test", True):
-                status, error, resume = _fit(trainer, contract,
-                                             lambda: trainer.test(module, datamodule=dm, verbose=False))
+                test_ckpt, weights = test_weights(trainer, cfg.get("test_ckpt") or "best")
+                status, error, resume = _fit(trainer, contract, lambda: trainer.test(
+                    module, datamodule=dm, verbose=False, ckpt_path=str(test_ckpt) if test_ckpt else None))
                 # Under ddp_spawn the report stays in the workers; the logged scalars come back.
                 test_metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
                                 if k.startswith("test/")}
@@ -111,7 +114,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         wall = time.perf_counter() - start
 
         summary = build_summary(trainer, module, dm, history_cb.history, status, error, wall,
-                                test_metrics if status == "completed" else None)
+                                test_metrics if status == "completed" else None, train_metrics)
+        if test_metrics is not None and status == "completed":
+            summary["test/weights"] = weights
+        if train_metrics:
+            summary["train/weights"] = "final: the weights in memory when training ended"
         summary["resumed_from"] = cfg.get("ckpt_path")
         if status in EXIT_CODES:
             summary.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
@@ -122,6 +129,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             try:
                 write_outputs(out, summary, history_cb.history,
                               title=f"{cfg.get('task_name', 'train')}: {out.name}", note=note)
+                log_plots(trainer.loggers, out / "plots")
+                log_final(trainer.loggers, cfg, summary)
             except RunWriteError as e:
                 summary.update(status="failed", stop_reason=str(e))
                 log.error("%s", e)
