@@ -12,10 +12,13 @@ Heuristics (all thresholds are arguments):
   its minimum; the epoch of that minimum is where validation started to rise;
 * **generalization gap**: smoothed ``val - train`` loss at the end, its relative size
   ``gap / val`` and its trend (least-squares slope per epoch over the last ``trend_window``);
-* **over-fitting**: validation rose, or the relative gap exceeds ``gap_tol`` and is still growing;
-* **under-fitting**: not over-fitting and the training loss is still falling by more than
-  ``improve_tol`` (relative) per epoch at the end, or the final training accuracy (when given)
-  is below ``underfit_acc``;
+* **over-fitting**: the validation loss rose. A gap that grows while the validation loss stays flat
+  (the training loss falls towards zero, typical of a 98%-accuracy run) is memorization without a
+  validation cost: it is named in the line (relative gap above ``gap_tol`` and growing) but is not
+  called over-fitting;
+* **under-fitting**: not over-fitting and both the training and the validation loss are still falling
+  by more than ``improve_tol`` (relative) per epoch at the end (more training would help), or the final
+  training accuracy (when given) is below ``underfit_acc``;
 * **good fit** otherwise.
 """
 from __future__ import annotations
@@ -91,10 +94,11 @@ def diagnose(train_loss: Sequence[float], val_loss: Sequence[float],
     gap, gap_trend = gaps[-1], _slope(gaps[-tw:])
     rel_gap = gap / (abs(va[-1]) or 1.0)
     train_slope = _slope(tr[-tw:]) / (abs(tr[-1]) or 1.0)
+    val_slope = _slope(va[-tw:]) / (abs(va[-1]) or 1.0)
     best = min(range(n), key=lambda i: val_loss[i])
-    if rose or (rel_gap > gap_tol and gap_trend > 0):
+    if rose:
         label = "over-fitting"
-    elif train_slope < -improve_tol or (
+    elif (train_slope < -improve_tol and val_slope < -improve_tol) or (
             underfit_acc is not None and train_acc is not None and train_acc[-1] < underfit_acc):
         label = "under-fitting"
     else:
@@ -106,6 +110,8 @@ def diagnose(train_loss: Sequence[float], val_loss: Sequence[float],
         parts.append(f"validation rose {100 * rise:.0f}% after epoch {i_min}")
     else:
         parts.append(f"validation minimum at epoch {best}, no rise")
+    if not rose and rel_gap > gap_tol and gap_trend > 0:
+        parts.append("the gap grows while validation stays flat (memorization without a validation cost)")
     if label == "under-fitting":
         parts.append(f"train loss still falling {100 * -train_slope:.1f}%/epoch")
     return Diagnosis(label, gap, rel_gap, gap_trend, i_min if rose else None, best, rise,
@@ -116,27 +122,30 @@ def plot_diagnosis(history: dict[str, list[float]], diag: Diagnosis, path: Path,
                    title: str = "") -> Path:
     """Train vs validation loss with the diagnosis line, the validation minimum and the
     epoch where validation started to rise."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from shiftlab.trainers.plots import MARKERS_UP_TO, save_png, style_epoch_axis, wants_log_scale
+
     epochs = history["epoch"]
+    marker = "o" if len(epochs) <= MARKERS_UP_TO else None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, history["train_loss"], "-", marker="o", ms=3, label="train")
-    ax.plot(epochs, history["val_loss"], "--", marker="o", ms=3, label="val")
+    ax.plot(epochs, history["train_loss"], "-", marker=marker, ms=3, label="train")
+    ax.plot(epochs, history["val_loss"], "--", marker=marker, ms=3, label="val")
     ax.axvline(epochs[diag.best_val_epoch], color="gray", lw=0.8, ls=":", label="best val")
     if diag.val_rise_epoch is not None:
         ax.axvline(epochs[diag.val_rise_epoch], color="tab:red", lw=1.0, label="val starts rising")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    if wants_log_scale(list(history["train_loss"]) + list(history["val_loss"])):
+        ax.set_yscale("log")
+    style_epoch_axis(ax, len(epochs))
+    ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title((title + "\n" if title else "") + diag.line, fontsize=8)
+    import textwrap
+
+    ax.set_title((title + "\n" if title else "") + textwrap.fill(diag.line, 90), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

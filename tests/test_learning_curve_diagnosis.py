@@ -53,6 +53,19 @@ def test_low_train_accuracy_is_underfitting_when_asked():
     assert diagnose(train, val, [0.5] * n, underfit_acc=0.8).label == "under-fitting"
 
 
+def test_flat_validation_with_a_growing_gap_is_not_over_fitting():
+    # a 98%-accuracy run: train loss falls towards zero, validation loss stays flat at its minimum level
+    n = 40
+    train = [0.02 + 1.5 * math.exp(-t / 6) for t in range(n)]
+    val = [0.12 + 1.5 * math.exp(-t / 4) + e for t, e in zip(range(n), _noise(3, n, 0.0005))]
+    d = diagnose(train, val, [0.98] * n)
+    assert d.label == "good fit", d
+    assert "validation stays flat" in d.line and d.relative_gap > 0.2
+    # the same gap with a validation loss that rises is over-fitting
+    rising = [v + 0.004 * max(0, t - 20) for t, v in enumerate(val)]
+    assert diagnose(train, rising).label == "over-fitting"
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="equal length"):
         diagnose([1.0, 0.5], [1.0])

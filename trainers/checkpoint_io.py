@@ -189,10 +189,17 @@ def test_weights(trainer, which: str) -> tuple[Path | None, str]:
     """The checkpoint the test split is evaluated on, and a description of it for ``summary.json``.
 
     ``which`` is ``best`` (the monitored ModelCheckpoint's best file, as Lightning's ``ckpt_path="best"``) or
-    ``last`` (``last.ckpt``). Without such a file (no checkpoint callbacks) the final weights in memory are used,
-    and the description says so.
+    ``last`` (``last.ckpt``). With ``best``, weights a stopping callback restored (``restored_epoch`` set) are
+    the best the run knows and stay in memory. Without a checkpoint file (no checkpoint callbacks) the final
+    weights in memory are used, and the description says so. The weights are loaded into the module, not
+    through ``trainer.test(ckpt_path=...)``, which would also restore the callbacks' states of that epoch.
     """
     if which == "best":
+        for cb in trainer.callbacks:  # a stopping callback that restored its best epoch: those weights
+            epoch = getattr(cb, "restored_epoch", None)
+            if epoch is not None:
+                return None, (f"best: weights restored by {type(cb).__name__} (epoch {epoch}, "
+                              f"{getattr(cb, 'monitor', '?')})")
         best = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)
                 and getattr(cb, "best_model_path", "") and Path(cb.best_model_path).is_file()]
         if best:

@@ -25,7 +25,7 @@ from shiftlab.callbacks.run_history import EpochHistory
 from shiftlab.callbacks import reporting
 from shiftlab.trainers.built_checks import check_built
 from shiftlab.trainers.build import build_callbacks, build_datamodule, build_loggers, build_module, build_trainer
-from shiftlab.trainers.checkpoint_io import RunWriteError, epoch_checkpoint, test_weights
+from shiftlab.trainers.checkpoint_io import RunWriteError, epoch_checkpoint, load_weights_only, test_weights
 from shiftlab.trainers.compose import CONFIG_DIR
 from shiftlab.trainers.config_checks import ConfigError, check_config
 from shiftlab.trainers.console import print_config, quiet_known_noise
@@ -105,8 +105,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                 train_metrics = module.final_train_metrics(dm.train_set)  # before test loads other weights
             if status == "completed" and cfg.get("test", True):
                 test_ckpt, weights = test_weights(trainer, cfg.get("test_ckpt") or "best")
-                status, error, resume = _fit(trainer, contract, lambda: trainer.test(
-                    module, datamodule=dm, verbose=False, ckpt_path=str(test_ckpt) if test_ckpt else None))
+                if test_ckpt is not None:
+                    module.load_state_dict(load_weights_only(test_ckpt)["state_dict"])
+                status, error, resume = _fit(trainer, contract,
+                                             lambda: trainer.test(module, datamodule=dm, verbose=False))
                 # Under ddp_spawn the report stays in the workers; the logged scalars come back.
                 test_metrics = {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
                                 if k.startswith("test/")}
