@@ -56,6 +56,48 @@ def run(overrides: Sequence[str], out_dir: Path, reuse: bool = False, csv_logger
     return summary
 
 
+def build(cfg, seed: int | None = None):
+    """(datamodule set up for fit, module) of a composed config, seeded (``seed`` or ``cfg.seed``): the
+    spine's parts for drivers that time or inspect training outside ``train()``."""
+    import lightning as L
+
+    from shiftlab.trainers.build import build_datamodule, build_module
+
+    L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    return dm, build_module(cfg, dm)
+
+
+def fit_bare(module, dm, epochs: int, callbacks: Sequence[Any] = (), accelerator: str = "cpu") -> None:
+    """Training only (no validation, logger, checkpoints or widgets), so timings are of training."""
+    import lightning as L
+
+    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm)
+
+
+def epoch_timer():
+    """A Lightning callback whose ``times`` holds each training epoch's wall time (its hooks included when
+    appended after the other callbacks)."""
+    import lightning as L
+
+    class EpochTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+
+    return EpochTimer()
+
+
 def launch_env() -> dict[str, str]:
     """Environment of a subprocess run: one thread per run (tiny models thrash with more), wandb
     offline, the current directory importable (a checkout run without install)."""
@@ -195,6 +237,12 @@ def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     if n == 0:
         return math.nan, math.nan, 0
     return float(s.mean()), float(s.std(ddof=1)) if n > 1 else 0.0, n
+
+
+def median(values: Iterable[Any]) -> float:
+    """Median of the numbers in ``values``, NaN left out (NaN for none): robust to one outlying probe."""
+    s = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").astype(float).dropna()
+    return float(s.median()) if len(s) else math.nan
 
 
 def aggregate(df: pd.DataFrame, by: str | Sequence[str], values: Sequence[str]) -> pd.DataFrame:
