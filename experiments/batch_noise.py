@@ -18,8 +18,10 @@ Regimes: ``full`` (exact full-batch GD), ``full_clip`` (+ gradient clipping at 0
 so any run can be reproduced alone from its ``.hydra/overrides.yaml``.
 
 ``--quick`` shrinks everything (2 noise levels, 1 seed, 4 regimes, 2-point lr grids, few epochs, 30%
-of the training data) to check the pipeline (3.6 min wall on the loaded 2-core CI-class VM). ``aggregate --out DIR``
-rebuilds the report from finished runs.
+of the training data) to check the pipeline (3.6 min wall on the loaded 2-core CI-class VM); its runs go to
+``outputs/batch_noise_<profile>/quick``, never into the full sweep's folders. ``aggregate --out DIR`` rebuilds the
+report (:mod:`shiftlab.experiments.batch_noise_report`) from finished runs. Launching, reading runs and
+averaging seeds go through :mod:`shiftlab.experiments.harness`.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import pandas as pd
 from shiftlab.experiments.batch_noise import (COLORS, GEIPING_CLIP, REGIME_ORDER, _momentum, choose_lrs,
                                               first_epoch_reaching)
 from shiftlab.experiments.harness import fmt_mean_std as _pm
-from shiftlab.experiments.harness import machine, mean_curve, mean_std as _mean_std, plot_mean_spread, plt, to_float
+from shiftlab.experiments.harness import epoch_axis, machine, mean_curve, mean_std as _mean_std, plot_mean_spread, plt, to_float
 
 _float = to_float
 
@@ -71,7 +71,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
     noisy = [n for n in noises if n > 0]
     if noisy:
         rows = 1  # legend row under the panels
-        fig, axes = plt_.subplots(1, len(noisy), figsize=(max(6.4, 4.2 * len(noisy)), 4.4 + 0.25 * rows),
+        fig, axes = plt_.subplots(1, len(noisy), figsize=(max(6.4, 4.2 * len(noisy)), 4.7 + 0.25 * rows),
                                  squeeze=False)
         for ax, n in zip(axes[0], noisy):
             for reg in regimes:
@@ -83,7 +83,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
                 plot_mean_spread(ax, e, v, sd, label=f"{reg} clean", color=COLORS.get(reg), scale=100,
                                  style="band", ls="--", lw=1, marker=None)
             ax.set_title(f"label noise {n:g}", fontsize=9)
-            ax.set_xlabel("epoch")
+            epoch_axis(ax)
             ax.set_ylabel("training accuracy (%)")
             ax.set_ylim(0, 101)
             ax.grid(alpha=0.3)
@@ -92,7 +92,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
         handles = [Line2D([], [], color=COLORS.get(reg), label=reg) for reg in regimes]
         fig.legend(handles=handles, fontsize=8, ncol=min(6, len(regimes)), loc="lower center")
         fig.suptitle(f"{title}: memorization (Zhang et al. 2017)\nsolid: corrupted samples scored "
-                     "against their given (wrong) label; dashed: clean samples; bands: ± sd over seeds", fontsize=9)
+                     "against their given (wrong) label; dashed: clean samples\nbands: ± sd over seeds", fontsize=9)
         fig.tight_layout(rect=(0, 0.06 + 0.04 * rows, 1, 1))
         fig.savefig(out / "memorization.png", dpi=120)
         plt_.close(fig)
@@ -128,7 +128,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
             e, v, sd = _mean_curve(groups.get((reg, n), []), "noise/b_simple")
             plot_mean_spread(ax, e, v, sd, label=reg, color=COLORS.get(reg), style="band", marker=".")
         ax.set_yscale("log")
-        ax.set_xlabel("epoch")
+        epoch_axis(ax)
         ax.set_ylabel("B_simple = tr(Sigma) / |G|^2")
         ax.set_title(f"label noise {n:g}", fontsize=9)
         ax.grid(alpha=0.3)

@@ -308,6 +308,14 @@ def plot_mean_spread(ax, x: Sequence[float], mean: Sequence[float], std: Sequenc
         ax.errorbar(x, m, yerr=s, marker=kw.pop("marker", "o"), capsize=3, label=label, color=color, **kw)
 
 
+def epoch_axis(ax, label: str = "epoch") -> None:
+    """Integer ticks on an epoch axis (no "1.25 epochs")."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(label)
+
+
 def savefig(fig, path: Path, dpi: int = 120) -> Path:
     """Write ``fig`` as a PNG (tight layout) and close it."""
     fig.tight_layout()

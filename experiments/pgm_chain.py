@@ -184,6 +184,7 @@ def plot_b(rows: list[dict], out: Path) -> Path:
         ys = [_mean([r[ceil] for r in rows if r["emission_noise"] == n]) for n in levels]
         ax.plot(levels, ys, marker="s", ls="--", color="grey", label="Bayes / true model")
         ax.set_xlabel("emission noise")
+        ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
