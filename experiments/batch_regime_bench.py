@@ -18,53 +18,22 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from shiftlab.experiments import harness
 
 
 def _cfg(overrides: list[str]):
-    from shiftlab.trainers.compose import compose
-
-    return compose(overrides + ["paths.output_dir=/tmp/shiftlab_bench"])
-
-
-class EpochTimer:
-    """Lightning callback recording the wall time of each training epoch (hooks included)."""
-
-    def __init__(self) -> None:
-        import lightning as L
-
-        class _T(L.Callback):
-            def __init__(self, outer):
-                self.outer = outer
-
-            def on_train_epoch_start(self, trainer, pl_module):
-                self.outer._t0 = time.perf_counter()
-
-            def on_train_epoch_end(self, trainer, pl_module):
-                # runs after the other callbacks' epoch-end hooks if appended last
-                self.outer.times.append(time.perf_counter() - self.outer._t0)
-
-        self.times: list[float] = []
-        self._t0 = 0.0
-        self.callback = _T(self)
+    return harness.compose(overrides, Path("/tmp/shiftlab_bench"))
 
 
 def time_run(regime: list[str], epochs: int, probe: dict[str, Any] | None, device: str) -> dict[str, float]:
     """Train once; return seconds per epoch (median after warm-up) and probe seconds."""
-    import lightning as L
     from hydra.utils import instantiate
 
-    from shiftlab.trainers.build import build_datamodule, build_module
-
     cfg = _cfg(["experiment=batch_noise", *regime, f"trainer.max_epochs={epochs}"])
-    L.seed_everything(0, verbose=False)
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    module = build_module(cfg, dm)
+    dm, module = harness.build(cfg, seed=0)
     callbacks = []
     probe_cb = None
     if probe is not None:
@@ -72,12 +41,8 @@ def time_run(regime: list[str], epochs: int, probe: dict[str, Any] | None, devic
         node.update(probe)
         probe_cb = instantiate(node)
         callbacks.append(probe_cb)
-    timer = EpochTimer()
-    callbacks.append(timer.callback)
-    trainer = L.Trainer(max_epochs=epochs, accelerator=device, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    trainer.fit(module, datamodule=dm)
+    timer = harness.epoch_timer()
+    harness.fit_bare(module, dm, epochs, [*callbacks, timer], accelerator=device)
     times = timer.times[1:] or timer.times
     return {"epoch_s": statistics.median(times), "total_s": sum(timer.times), "n_train": len(dm.train_set),
             "probe_s": probe_cb.seconds if probe_cb else 0.0, "probes": len(probe_cb.history) if probe_cb else 0,
@@ -121,13 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         return statistics.median(r[key] for r in results[name])
 
     n = results["full"][0]["n_train"]
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-          f"{args.threads} thread(s), device {args.device}; load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"machine: {harness.machine()}; device {args.device} (load average taken at the end)")
     print(f"experiment=batch_noise (mnist1d MLP 40-256-128-10), {n} training samples, "
           f"chunk = batch = {args.chunk}, {args.epochs} epochs x {args.repeats} repeats (medians)")
     sps = {k: n / med(k, "epoch_s") for k in ("full", "mini")}
@@ -147,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def configs_default_every() -> int:
-    import yaml
+    from omegaconf import OmegaConf
 
-    node = yaml.safe_load((REPO / "configs" / "callbacks" / "batch_noise.yaml").read_text())
-    return int(node["sharpness_probe"]["every_n_epochs"])
+    from shiftlab.trainers.compose import CONFIG_DIR
+
+    return int(OmegaConf.load(CONFIG_DIR / "callbacks" / "batch_noise.yaml").sharpness_probe.every_n_epochs)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.nn import functional as F
 
-from shiftlab.trainers.build import build_datamodule, build_module
-from shiftlab.trainers.compose import compose
+from shiftlab.experiments import harness
 from shiftlab.trainers.train import train
 
 SETUPS = {
@@ -30,39 +28,22 @@ SETUPS = {
 }
 
 
-class EpochTimer(L.Callback):
-    """Wall time of each epoch: training batches plus the validation pass."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.times.append(time.perf_counter() - self._t)
-
-
 def compose_cfg(setup: str, epochs: int, out: Path):
-    overrides = SETUPS[setup] + [f"trainer.max_epochs={epochs}", "print_config=false", "callbacks=none",
-                                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                                 "trainer.accelerator=cpu", "trainer.enable_checkpointing=false", "test=false", "logger=csv", f"paths.output_dir={out}"]
-    return compose(overrides)
+    overrides = SETUPS[setup] + [f"trainer.max_epochs={epochs}", "callbacks=none", "trainer.accelerator=cpu",
+                                 "trainer.enable_checkpointing=false", "test=false", "logger=csv"]
+    return harness.compose(overrides, out)
 
 
 def shiftlab_epochs(cfg) -> list[float]:
-    timer = EpochTimer()
+    timer = harness.epoch_timer()  # wall time of each epoch: training batches plus the validation pass
     train(cfg, extra_callbacks=[timer])
     return timer.times
 
 
 def hand_loop_epochs(cfg) -> list[float]:
     """The same work written by hand: shuffle, forward, backward, step; then one validation pass."""
-    L.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    model = build_module(cfg, dm).model
+    dm, module = harness.build(cfg)
+    model = module.model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr) if cfg.optimizer.name == "adam" else \
         torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
     x, y, xv, yv = dm.train_set.x, dm.train_set.y, dm.val_set.x, dm.val_set.y
@@ -109,7 +90,8 @@ def main() -> None:
     m_ours, m_hand = statistics.median(ours), statistics.median(hand)
     result = {"config": args.config, "epochs_timed": len(ours), "batch_size": int(cfg.batching.batch_size),
               "shiftlab_epoch_s": round(m_ours, 4), "hand_loop_epoch_s": round(m_hand, 4),
-              "ratio": round(m_ours / m_hand, 3), "target": 1.15, "threads": torch.get_num_threads()}
+              "ratio": round(m_ours / m_hand, 3), "target": 1.15, "threads": torch.get_num_threads(),
+              "machine": harness.describe_machine()}
     print(json.dumps(result, indent=2))
 
 

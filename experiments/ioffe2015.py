@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from shiftlab.experiments._repro import (base_parser, epoch_series, plt, probe_history, run, series, setup_threads,
+from shiftlab.experiments.harness import (base_parser, output_dir, epoch_series, plt, probe_history, run, series, setup_threads,
                                 write_report)
 
 LAYER = "net.8"  # the norm slot right before the last hidden layer's sigmoids
@@ -36,11 +35,11 @@ def drift_score(hist: list[dict[str, Any]], start_frac: float = 0.0) -> tuple[fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0], "ioffe2015")
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--data", choices=("digits", "mnist1d"), default="digits")
     args = p.parse_args(argv)
     setup_threads(args.threads)
-    out: Path = args.out
+    out = output_dir("ioffe2015", args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     exp = "ioffe2015" if args.data == "digits" else "ioffe2015_mnist1d"

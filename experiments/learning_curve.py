@@ -19,95 +19,71 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
-import statistics
-import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
+
+from shiftlab.experiments import harness
 
 METRICS = ("acc", "loss")
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One record per finished run under ``sweep_dir``: n_train, fraction, seed, scores."""
-    rows = []
-    for path in sorted(sweep_dir.rglob("summary.json")):
-        s = json.loads(path.read_text())
-        if s.get("status") != "completed" or "data" not in s:
-            continue
-        cfg_path = path.parent / ".hydra" / "config.yaml"
-        fraction, seed = math.nan, None
-        if cfg_path.exists():
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.load(cfg_path)
-            fraction, seed = float(cfg.data.train_fraction), int(cfg.seed)
-        rows.append({"n_train": int(s["data"]["train"]), "fraction": fraction, "seed": seed,
-                     "train_acc": s.get("train/acc"), "val_acc": s.get("val/acc"),
-                     "train_loss": s.get("train/loss"), "val_loss": s.get("val/loss")})
-    return rows
+    """One record per completed run under ``sweep_dir``: n_train, fraction, seed, scores."""
+    df = harness.collect_runs(sweep_dir, config_keys=["data.train_fraction", "seed"])
+    if df.empty:
+        return []
+    df = df[(df["status"] == "completed") & df["summary"].map(lambda s: "data" in s)]
+    return [{"n_train": int(r["summary"]["data"]["train"]),
+             "fraction": float(r["data.train_fraction"]) if r["data.train_fraction"] is not None else float("nan"),
+             "seed": None if r["seed"] is None or r["seed"] != r["seed"] else int(r["seed"]),
+             **{f"{split}_{m}": r["summary"].get(f"{split}/{m}") for split in ("train", "val") for m in METRICS}}
+            for _, r in df.iterrows()]
 
 
 def aggregate(rows: list[dict], metric: str = "acc") -> list[dict]:
-    """Mean and std over seeds per training-set size (sorted by size)."""
+    """Mean and std over seeds per training-set size (sorted by size), through the harness (pandas)."""
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is unknown; allowed: {', '.join(METRICS)}")
-    groups: dict[int, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[r["n_train"]].append(r)
-    out = []
-    for n, rs in sorted(groups.items()):
-        rec = {"n_train": n, "fraction": rs[0]["fraction"], "runs": len(rs)}
-        for split in ("train", "val"):
-            xs = [float(r[f"{split}_{metric}"]) for r in rs if r[f"{split}_{metric}"] is not None]
-            rec[f"{split}_{metric}_mean"] = statistics.fmean(xs) if xs else math.nan
-            rec[f"{split}_{metric}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        out.append(rec)
-    return out
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    keys = [f"train_{metric}", f"val_{metric}"]
+    agg = harness.aggregate(df, "n_train", keys)
+    first = df.groupby("n_train", sort=True).agg(fraction=("fraction", "first"), runs=("n_train", "size"))
+    return [{"n_train": int(r["n_train"]), "fraction": float(first.loc[r["n_train"], "fraction"]),
+             "runs": int(first.loc[r["n_train"], "runs"]),
+             **{f"{k}_{stat}": float(r[f"{k}_{stat}"]) for k in keys for stat in ("mean", "std")}}
+            for _, r in agg.iterrows()]
 
 
 def write_outputs(table: list[dict], out: Path, metric: str, title: str = "") -> tuple[Path, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "learning_curve.csv", out / "learning_curve.png"
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    pd.DataFrame(table).to_csv(csv_path, index=False)
+    fig, ax = harness.plt().subplots(figsize=(6.5, 4.2))
     n = [r["n_train"] for r in table]
     for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
-        m = [r[f"{split}_{metric}_mean"] for r in table]
-        s = [r[f"{split}_{metric}_std"] for r in table]
-        ax.plot(n, m, "o-", color=color, label=f"{split} {metric}")
-        ax.fill_between(n, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
-                        color=color, alpha=0.2)
+        harness.plot_mean_spread(ax, n, [r[f"{split}_{metric}_mean"] for r in table],
+                                 [r[f"{split}_{metric}_std"] for r in table], label=f"{split} {metric}",
+                                 color=color, style="band", marker="o")
     ax.set_xlabel("number of training samples")
     ax.set_ylabel(metric)
     ax.set_title(title or f"learning curve (mean +- std over {table[0]['runs']} seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    harness.savefig(fig, png_path, dpi=110)
     return csv_path, png_path
 
 
 def run_sweep(sweep_dir: Path, overrides: list[str]) -> None:
-    """``shiftlab-train -m experiment=learning_curve`` into ``sweep_dir``."""
-    cmd = [sys.executable, "-m", "shiftlab.trainers.train", "-m", "experiment=learning_curve",
-           f"hydra.sweep.dir={sweep_dir}", *overrides]
-    print("running:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    """``shiftlab-train -m experiment=learning_curve`` into ``sweep_dir`` (through the harness)."""
+    rc = harness.multirun(["experiment=learning_curve", *overrides], sweep_dir, quiet=False)
+    if rc:
+        raise SystemExit(f"learning_curve: the sweep failed (exit code {rc})")
 
 
 def main(argv: Iterable[str] | None = None) -> int:

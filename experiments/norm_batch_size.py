@@ -13,9 +13,8 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
-from shiftlab.experiments._repro import base_parser, plt, run, setup_threads, write_report
+from shiftlab.experiments.harness import base_parser, output_dir, plt, run, setup_threads, write_report
 
 VARIANTS = ("none", "batchnorm", "groupnorm", "layernorm", "batch_renorm", "ghost_bn", "weight_std")
 BATCHES = (2, 4, 16, 64, 256)
@@ -48,13 +47,13 @@ def norm_overrides(norm: str, total_steps: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0], "norm_batch_size")
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--setup", choices=tuple(SETUPS), default="digits_cnn")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     args = p.parse_args(argv)
     setup_threads(args.threads)
-    out: Path = args.out
+    out = output_dir("norm_batch_size", args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     exp, n_train, described = SETUPS[args.setup]

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from typing import Callable
 
 import torch
 
+from shiftlab.experiments.harness import describe_machine, machine
 from shiftlab.trainers.pgm import chain
 from shiftlab.trainers.pgm.hmm import hmm_unary, make_hmm
 
@@ -96,7 +96,7 @@ def run(batch: int, length: int, states: int, symbols: int, repeats: int, seed: 
 
     res: dict = {"batch": batch, "length": length, "states": states, "symbols": symbols,
                  "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "cpu": platform.processor() or platform.machine()}
+                 "machine": describe_machine()}
     ours = {"forward": ours_fwd, "forward+autograd": ours_grad, "forward-backward": ours_fb}
     # variable lengths (uniform in [T/2, T]), masked: the forward pass costs the same
     lengths = torch.randint(length // 2, length + 1, (batch,), generator=torch.Generator().manual_seed(seed))
@@ -170,7 +170,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     res = run(a.batch, a.length, a.states, a.symbols, a.repeats, peer_error=peer_error)
     print(f"peer: {res['peer']}; batch {a.batch}, T {a.length}, K {a.states}, V {a.symbols}, "
-          f"{res['dtype']}, torch {res['torch']}, {res['threads']} thread(s)")
+          f"{res['dtype']}, torch {res['torch']}, {res['threads']} thread(s)\nmachine: {machine()}")
     for k in res["ours_ms"]:
         if k in res["peer_ms"]:
             print(f"  {k:28s} ours {res['ours_ms'][k]:8.2f} ms   peer {res['peer_ms'][k]:8.2f} ms   "

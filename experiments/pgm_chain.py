@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from shiftlab.trainers.build import build_datamodule, build_module
+from shiftlab.experiments import harness
 from shiftlab.trainers.pgm import em, metrics
 from shiftlab.trainers.pgm.hmm import HMM, true_model_scores
 
@@ -38,14 +38,8 @@ GD_VARIANTS = {
 }
 
 
-def compose(overrides: list[str]):
-    from shiftlab.trainers.compose import compose as _compose
-
-    return _compose(overrides)
-
-
-QUIET = ["print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "callbacks=none", "trainer.accelerator=cpu"]
+# On top of the harness's quiet overrides: no callbacks, CPU (the study's timings are CPU timings).
+QUIET = ["callbacks=none", "trainer.accelerator=cpu"]
 
 
 class LikelihoodTrace(L.Callback):
@@ -76,18 +70,12 @@ class LikelihoodTrace(L.Callback):
 
 def run_hmm_gd(base: list[str], variant: list[str], seed: int, epochs: int):
     """One gradient-descent run through the spine's data module, module, optimizer, batching."""
-    cfg = compose(QUIET + base + variant + [f"seed={seed}", "data.seed=0", f"trainer.max_epochs={epochs}",
+    cfg = harness.compose(QUIET + base + variant + [f"seed={seed}", "data.seed=0", f"trainer.max_epochs={epochs}",
                                              "module.track_train_acc=false", "scheduler=constant"])
-    L.seed_everything(seed, verbose=False)
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    module = build_module(cfg, dm)
+    dm, module = harness.build(cfg, seed=seed)
     init = module.model.params()
     trace = LikelihoodTrace(dm.train_set.x)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=[trace],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
+    harness.fit_bare(module, dm, epochs, [trace])
     return dm, module.model, init, trace.rows
 
 
@@ -130,20 +118,14 @@ def part_a(seeds: list[int], gd_epochs: dict[str, int], em_iters: int, base: lis
 
 
 def part_b(noise_levels: list[float], seeds: list[int], epochs: int, out: Path) -> list[dict]:
-    from shiftlab.trainers.train import train
-
     rows = []
     for noise in noise_levels:
         for model_name in ("crf", "softmax"):
             for seed in seeds:
                 run_dir = out / "runs" / f"{model_name}_noise{noise}_seed{seed}"
-                cfg = compose(QUIET + [f"experiment=pgm_{model_name}", f"data.emission_noise={noise}",
-                                       f"seed={seed}", "data.seed=0", f"trainer.max_epochs={epochs}",
-                                       f"paths.output_dir={run_dir}", "logger=csv"])
-                t0 = time.perf_counter()
-                s = train(cfg)
-                row = {"model": model_name, "emission_noise": noise, "seed": seed,
-                       "wall_time_s": time.perf_counter() - t0}
+                s = harness.run(QUIET + [f"experiment=pgm_{model_name}", f"data.emission_noise={noise}",
+                                         f"seed={seed}", "data.seed=0", f"trainer.max_epochs={epochs}"], run_dir)
+                row = {"model": model_name, "emission_noise": noise, "seed": seed, "wall_time_s": s["_wall_s"]}
                 row.update({k.split("/", 1)[1]: s[k] for k in s if k.startswith("test/") and k != "test/confusion_matrix"
                             and isinstance(s[k], float)})
                 rows.append(row)
@@ -153,15 +135,16 @@ def part_b(noise_levels: list[float], seeds: list[int], epochs: int, out: Path) 
 
 
 def _mean(v: list[float]) -> float:
-    return sum(v) / len(v)
+    return harness.mean_std(v)[0]
+
+
+def _pm(v: list[float], digits: int) -> str:
+    """Mean ± sd over random starts / seeds (harness, pandas)."""
+    return harness.fmt_mean_std(v, 1.0, digits)
 
 
 def plot_a(res: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.plt()
     paths = []
     colors = dict(zip(res["curves"], ["C0", "C1", "C2", "C3", "k"]))
     for xkey, fname, xlabel in (("epoch", "hmm_ll_vs_epoch.png", "epoch (EM: iteration)"),
@@ -182,59 +165,54 @@ def plot_a(res: dict, out: Path) -> list[Path]:
         ax.set_title("HMM: gradient descent vs Baum-Welch (one line per random start)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        paths.append(out / fname)
+        paths.append(harness.savefig(fig, out / fname, dpi=110))
     return paths
 
 
 def plot_b(rows: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.plt()
     levels = sorted({r["emission_noise"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in ((axes[0], "acc", "per-position accuracy"), (axes[1], "seq_acc", "sequence accuracy"),
                            (axes[2], "ll_per_token", "log p(y | x) per token")):
         for model, color in (("crf", "C0"), ("softmax", "C1")):
-            ys = [_mean([r[key] for r in rows if r["model"] == model and r["emission_noise"] == n]) for n in levels]
-            ax.plot(levels, ys, marker="o", color=color, label=model)
+            stats = [harness.mean_std([r[key] for r in rows if r["model"] == model and r["emission_noise"] == n])
+                     for n in levels]
+            harness.plot_mean_spread(ax, levels, [m for m, _, _ in stats], [sd for _, sd, _ in stats],
+                                     label=f"{model} (mean ± sd over seeds)", color=color)
         ceil = {"acc": "bayes_acc", "seq_acc": "bayes_seq_acc", "ll_per_token": "true_ll_per_token"}[key]
         ys = [_mean([r[ceil] for r in rows if r["emission_noise"] == n]) for n in levels]
         ax.plot(levels, ys, marker="s", ls="--", color="grey", label="Bayes / true model")
         ax.set_xlabel("emission noise")
+        ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("CRF vs per-position softmax (same encoder) against the Bayes-optimal ceiling")
-    fig.tight_layout()
-    fig.savefig(out / "crf_vs_softmax.png", dpi=110)
-    plt.close(fig)
-    return out / "crf_vs_softmax.png"
+    return harness.savefig(fig, out / "crf_vs_softmax.png", dpi=110)
 
 
 def summary_md(a: dict, b: list[dict], args, wall: float) -> str:
     lines = ["# pgm_chain: chain HMMs and CRFs against the known optimum", "",
              f"Command: `nice -n 10 .venv/bin/python experiments/pgm_chain.py --seeds {args.seeds}`; "
-             f"CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s); total {wall:.0f} s.", "",
+             f"Machine: {harness.machine()}; total {wall:.0f} s.", "",
              "## (a) HMM: gradient descent vs Baum-Welch EM", "",
              f"Data: {json.dumps(a['data'])}.", "",
              f"True model's train log-likelihood per token: {a['true_train_ll_per_token']:.4f}. "
-             "Mean over random starts (the same initial parameters for every method within a start); "
+             "Mean ± sd over random starts (the same initial parameters for every method within a start); "
              "test accuracy after Hungarian matching on the validation split.", "",
              "| method | train ll/token | gap to true | train time [s] | test acc | Bayes acc | test seq acc | test ECE |",
              "|---|---|---|---|---|---|---|---|"]
     for name, fs in a["finals"].items():
         m = {k: _mean([f[k] for f in fs]) for k in fs[0]}
-        lines.append(f"| {name} | {m['train_ll_per_token']:.4f} | {a['true_train_ll_per_token'] - m['train_ll_per_token']:.4f} "
-                     f"| {m['train_time_s']:.1f} | {m['acc']:.4f} | {m['bayes_acc']:.4f} | {m['seq_acc']:.3f} | {m['ece']:.3f} |")
+        pm = {k: _pm([f[k] for f in fs], d) for k, d in (("train_ll_per_token", 4), ("train_time_s", 1), ("acc", 4),
+                                                           ("seq_acc", 3), ("ece", 3))}
+        lines.append(f"| {name} | {pm['train_ll_per_token']} | {a['true_train_ll_per_token'] - m['train_ll_per_token']:.4f} "
+                     f"| {pm['train_time_s']} | {pm['acc']} | {m['bayes_acc']:.4f} | {pm['seq_acc']} | {pm['ece']} |")
     lines += ["", "Per start (train ll/token): " + "; ".join(
         f"{name}: " + ", ".join(f"{f['train_ll_per_token']:.4f}" for f in fs) for name, fs in a["finals"].items()), "",
         "![ll vs epoch](hmm_ll_vs_epoch.png) ![ll vs time](hmm_ll_vs_time.png)", "",
-        "## (b) CRF vs per-position softmax, same encoder", "",
+        "## (b) CRF vs per-position softmax, same encoder (mean ± sd over seeds)", "",
         "| emission noise | model | test acc | Bayes acc | gap | seq acc | Bayes seq acc | ll/token | true ll/token | ECE |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for noise in sorted({r["emission_noise"] for r in b}):
@@ -242,9 +220,10 @@ def summary_md(a: dict, b: list[dict], args, wall: float) -> str:
             rs = [r for r in b if r["model"] == model and r["emission_noise"] == noise]
             m = {k: _mean([r[k] for r in rs]) for k in ("acc", "bayes_acc", "seq_acc", "bayes_seq_acc",
                                                          "ll_per_token", "true_ll_per_token", "ece")}
-            lines.append(f"| {noise} | {model} | {m['acc']:.4f} | {m['bayes_acc']:.4f} | {m['bayes_acc'] - m['acc']:.4f} "
-                         f"| {m['seq_acc']:.3f} | {m['bayes_seq_acc']:.3f} | {m['ll_per_token']:.4f} "
-                         f"| {m['true_ll_per_token']:.4f} | {m['ece']:.3f} |")
+            pm = {k: _pm([r[k] for r in rs], d) for k, d in (("acc", 4), ("seq_acc", 3), ("ll_per_token", 4), ("ece", 3))}
+            lines.append(f"| {noise} | {model} | {pm['acc']} | {m['bayes_acc']:.4f} | {m['bayes_acc'] - m['acc']:.4f} "
+                         f"| {pm['seq_acc']} | {m['bayes_seq_acc']:.3f} | {pm['ll_per_token']} "
+                         f"| {m['true_ll_per_token']:.4f} | {pm['ece']} |")
     lines += ["", "![crf vs softmax](crf_vs_softmax.png)", ""]
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from shiftlab.trainers.compose import CONFIG_DIR
-from shiftlab.experiments._repro import machine, run, setup_threads
+from shiftlab.experiments.harness import machine, run, setup_threads
 
 PROBES = ("activation_drift", "gradient_ics", "landscape")
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps = int(s.get("global_step", 0))
                     if name.startswith("on"):
                         probe_s = {k: s.get(f"{k}/seconds", 0.0) for k in DEFAULT_PERIODS}
-            best = {k: min(v) for k, v in times.items()}
+            best = {k: min(v) for k, v in times.items()}  # fastest repeat: the least disturbed by load
             entry = {"steps": steps, "fit_seconds_min": best, "all_seconds": times,
                      "ratio_on_vs_absent": best["on"] / best["absent"],
                      "ratio_off_vs_absent": best["off"] / best["absent"],

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shiftlab.experiments._repro import (base_parser, epoch_series, median, plt, probe_history, run, series,
+from shiftlab.experiments.harness import (base_parser, output_dir, epoch_series, median, plt, probe_history, run, series,
                                 setup_threads, write_report)
 
 NORMS = ("none", "batchnorm", "noisy_bn")
@@ -228,7 +228,7 @@ def verdicts(m: dict[str, Any], dln_lr: float) -> list[tuple[str, str, str, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0], "santurkar2018")
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--dln-steps", type=int, default=10000)
     p.add_argument("--dln-lr", type=float, default=1e-6)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-cnn", action="store_true")
     args = p.parse_args(argv)
     setup_threads(args.threads)
-    out: Path = args.out
+    out = output_dir("santurkar2018", args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     m: dict[str, Any] = {}

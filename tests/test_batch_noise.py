@@ -162,3 +162,16 @@ def test_every_regime_composes_for_both_experiments(experiment, tmp_path):
         assert batching.kind == ("full" if regime.startswith("full") else "mini")
         names = {type(c).__name__ for c in build_callbacks(cfg)}
         assert {"MemorizationMonitor", "GradientNoiseScale", "SharpnessProbe"} <= names
+
+
+def test_quick_run_has_its_own_output_folder(tmp_path, monkeypatch, capsys):
+    """--quick never writes into (or gets aggregated with) the full sweep's folders."""
+    monkeypatch.chdir(tmp_path)
+    bn.main(["run", "--quick", "--dry-run", "--jobs", "1"])
+    dirs = {o.split("=", 1)[1] for line in capsys.readouterr().out.splitlines() for o in line.split()
+            if o.startswith("hydra.sweep.dir=")}
+    assert dirs and all(d.startswith("outputs/batch_noise_cpu/quick/") for d in dirs), dirs
+    bn.main(["run", "--dry-run", "--jobs", "1", "--regimes", "full"])
+    dirs = {o.split("=", 1)[1] for line in capsys.readouterr().out.splitlines() for o in line.split()
+            if o.startswith("hydra.sweep.dir=")}
+    assert dirs == {"outputs/batch_noise_cpu/tune/full", "outputs/batch_noise_cpu/sweep/full"}
