@@ -1,5 +1,5 @@
-"""Extending shiftlab from outside: a user's project registers a norm and names its own
-`_target_` from its own directory and config dir, without editing shiftlab or PYTHONPATH."""
+"""Extending shiftlab from outside: a user's project registers a norm and an optimizer and names
+its own `_target_`s from its own directory and config dir, without editing shiftlab or PYTHONPATH."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,10 @@ from pathlib import Path
 
 USER_MODULE = '''
 import lightning as L
+import torch
 from torch import nn
 from shiftlab.trainers.norms import register_norm
+from shiftlab.trainers.optim import register_optimizer
 
 
 class ScaledBatchNorm(nn.BatchNorm1d):
@@ -26,22 +28,32 @@ def build(num_features, dims, **kwargs):
     return ScaledBatchNorm(num_features)
 
 
+@register_optimizer("half_sgd")
+class HalfSGD(torch.optim.SGD):
+    """A user's optimizer: SGD at half the configured rate."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, lr=lr / 2)
+
+
 class RecordModules(L.Callback):
     def __init__(self, path):
         self.path = path
 
     def on_fit_end(self, trainer, pl_module):
         with open(self.path, "w") as f:
-            f.write(",".join(sorted({type(m).__name__ for m in pl_module.modules()})))
+            names = {type(m).__name__ for m in pl_module.modules()} | {type(o).__name__ for o in trainer.optimizers}
+            f.write(",".join(sorted(names)))
 '''
 
 
 def _user_project(root: Path) -> Path:
     (root / "my_configs" / "norm").mkdir(parents=True)
     (root / "my_configs" / "callbacks").mkdir(parents=True)
+    (root / "my_configs" / "optimizer").mkdir(parents=True)
     (root / "my_ext.py").write_text(USER_MODULE)
-    (root / "my_configs" / "norm" / "scaled.yaml").write_text(
-        "_target_: shiftlab.trainers.norms.NormFactory\nname: scaled_bn\n")
+    (root / "my_configs" / "norm" / "scaled.yaml").write_text("_target_: my_ext.build\n_partial_: true\n")
+    (root / "my_configs" / "optimizer" / "half.yaml").write_text("_target_: my_ext.HalfSGD\n_partial_: true\nlr: 0.2\n")
     (root / "my_configs" / "callbacks" / "record.yaml").write_text(
         "record:\n  _target_: my_ext.RecordModules\n  path: modules.txt\n")
     return root
@@ -58,9 +70,10 @@ def _train(exe: Path, cwd: Path, *args: str, env: dict | None = None) -> subproc
 def test_user_project_registers_a_norm_and_a_target_from_its_own_directory(tmp_path):
     project = _user_project(tmp_path)
     exe = Path(sys.executable).with_name("shiftlab-train")
-    res = _train(exe, project, "--config-dir", "my_configs", "imports=[my_ext]", "norm=scaled", "callbacks=record")
+    res = _train(exe, project, "--config-dir", "my_configs", "imports=[my_ext]", "norm=scaled", "optimizer=half",
+                 "callbacks=record")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "ScaledBatchNorm" in (project / "modules.txt").read_text().split(",")
+    assert {"ScaledBatchNorm", "HalfSGD"} <= set((project / "modules.txt").read_text().split(","))
     run_dir = Path(res.stdout.strip().splitlines()[-1].split("run directory: ")[1])
     assert run_dir.is_relative_to(project / "outputs")
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
