@@ -42,12 +42,19 @@ def _nearest(word: str, choices: list[str]) -> str:
 
 
 def _locate(target: str) -> Any:
+    """The object ``target`` names, or None (quietly: Hydra logs its own multi-line error)."""
+    import logging
+
     from hydra.utils import get_method
 
+    log = logging.getLogger("hydra.utils")
+    level, log.disabled = log.disabled, True
     try:
         return get_method(target)
     except Exception:  # noqa: BLE001 - hydra wraps import errors in several types
         return None
+    finally:
+        log.disabled = level
 
 
 def _params(fn: Callable) -> tuple[set[str], bool]:
@@ -154,10 +161,15 @@ def _blame(node: DictConfig, group: str, message: str) -> str:
 
 
 def _entry_name(group: str, node: DictConfig) -> str:
+    """The registry name the node's builder and preset arguments match, else its ``_target_``
+    (``optimizer=nesterov optimizer.momentum=0`` is no longer any entry's presets)."""
     try:
-        return registry_entry(group, node).name
+        entry = registry_entry(group, node)
     except ConfigError:
+        entry = None
+    if entry is None or not entry.preset_matches({k: v for k, v in node.items() if not str(k).startswith("_")}):
         return str(node.get("_target_"))
+    return f"{group}={entry.name}"
 
 
 def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
@@ -174,7 +186,7 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
         msg = str(e.__cause__ or e).splitlines()[0]
         key = _blame(cfg.optimizer, "optimizer", msg)
         raise ConfigError(f"optimizer.{key}={show(cfg.optimizer.get(key))} is not allowed; allowed: values "
-                          f"optimizer={_entry_name('optimizer', cfg.optimizer)} accepts ({msg})") from None
+                          f"{_entry_name('optimizer', cfg.optimizer)} accepts ({msg})") from None
     if not isinstance(cfg.get("scheduler"), DictConfig) or "_target_" not in cfg.scheduler:
         return
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=10)
@@ -189,7 +201,7 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
         msg = str(e.__cause__ or e).splitlines()[0] or type(e).__name__
         key = _blame(cfg.scheduler, "scheduler", msg)
         raise ConfigError(f"scheduler.{key}={show(cfg.scheduler.get(key))} is not allowed; allowed: values "
-                          f"scheduler={_entry_name('scheduler', cfg.scheduler)} accepts ({msg})") from None
+                          f"{_entry_name('scheduler', cfg.scheduler)} accepts ({msg})") from None
 
 
 def check_accelerator_available(cfg: DictConfig) -> None:

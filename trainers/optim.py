@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from shiftlab.trainers.registry import Registry, warn_legacy
+from shiftlab.trainers.registry import Registry
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", supplied=("params",), key="optimizer",
                                            legacy_target="shiftlab.trainers.optim.create_optimizer")
@@ -71,16 +71,13 @@ def step_schedule(optimizer: Optimizer, max_epochs: int, step_size: int = 30, ga
     return LambdaLR(optimizer, lambda e: _warmup(e, warmup_epochs) * gamma ** (e // step_size))
 
 
-# --- the old ``factory + name`` config form, kept so saved .hydra/config.yaml files still build
+# By name, for code (timm's ``create_*``). As config targets (``_target_`` + ``name``) they are the
+# old form, still built so saved .hydra/config.yaml files keep working; the config check warns.
 def create_optimizer(params: Iterable, name: str, **kwargs: Any) -> Optimizer:
-    """Deprecated config target (``create_optimizer`` + ``name``); use ``OPTIMIZERS.create`` in code."""
-    entry = OPTIMIZERS.entry(name)
-    warn_legacy(OPTIMIZERS.legacy_target, name, entry.target)
-    return entry.create(list(params), **kwargs)
+    """Optimizer ``name`` of :data:`OPTIMIZERS` over ``params``, its presets under ``kwargs``."""
+    return OPTIMIZERS.create(name, list(params), **kwargs)
 
 
 def create_scheduler(optimizer: Optimizer, max_epochs: int, name: str, **kwargs: Any) -> LRScheduler:
-    """Deprecated config target (``create_scheduler`` + ``name``); use ``SCHEDULERS.create`` in code."""
-    entry = SCHEDULERS.entry(name)
-    warn_legacy(SCHEDULERS.legacy_target, name, entry.target)
-    return entry.create(optimizer, max_epochs, **kwargs)
+    """Epoch-wise scheduler ``name`` of :data:`SCHEDULERS`."""
+    return SCHEDULERS.create(name, optimizer, max_epochs, **kwargs)

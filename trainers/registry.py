@@ -124,4 +124,4 @@ def warn_legacy(target: str, name: Any, new_target: str | None) -> None:
     _warned.add(target)
     instead = f"_target_: {new_target} (with _partial_: true)" if new_target else "the builder's own _target_"
     warnings.warn(f"_target_: {target} with name: {name} is deprecated; write {instead} without name:",
-                  FutureWarning, stacklevel=3)
+                  FutureWarning, stacklevel=4)

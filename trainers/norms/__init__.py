@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from shiftlab.trainers.registry import Entry, Registry, warn_legacy
+from shiftlab.trainers.registry import Entry, Registry
 
 NORMS: Registry[nn.Module] = Registry("norm", supplied=("num_features", "dims"),
                                       legacy_target="shiftlab.trainers.norms.NormFactory")
@@ -81,7 +81,7 @@ def prepare_model(norm: Callable[..., nn.Module], model: nn.Module) -> nn.Module
 
 
 def NormFactory(name: str, **kwargs: Any) -> Callable[[int, int], nn.Module]:  # noqa: N802 - old config target
-    """Deprecated config target (``NormFactory`` + ``name``): the same partial the new form builds."""
+    """The old config target (``NormFactory`` + ``name``), kept so saved configs still build (the
+    config check warns): the same partial the new form builds."""
     entry = norm_registry().entry(name)  # fails early, listing the known names
-    warn_legacy(NORMS.legacy_target, name, entry.target)
     return functools.partial(entry.builder, **{**entry.defaults, **kwargs})
