@@ -152,8 +152,11 @@ def test_a_saved_config_in_the_old_factory_and_name_form_still_builds_the_same_m
     for group, (target, name, options) in LEGACY.items():
         old[group] = {"_target_": target, **({} if group == "norm" else {"_partial_": True}), "name": name, **options}
     _warned.clear()
-    with pytest.warns(FutureWarning, match="NormFactory with name: batchnorm is deprecated.*batchnorm.build"):
+    with pytest.warns(FutureWarning) as caught:
         check_config(old, machine=False)
+    texts = sorted(str(w.message) for w in caught)
+    assert len(texts) == 3 and all("is deprecated; write _target_: " in t for t in texts), texts
+    assert "norms.batchnorm.build" in texts[0] and "torch.optim.SGD" in texts[1] and "cosine_schedule" in texts[2]
     built = []
     for cfg in (new, old):
         dm = build_datamodule(cfg)

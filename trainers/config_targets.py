@@ -131,14 +131,12 @@ def check_target_arguments(cfg: DictConfig) -> None:
             passed = set(BUILD_ARGS.get(key, ()))
         else:  # a registered builder: the framework supplies these
             fn, passed = entry.builder, set(_registries()[key].supplied)
-            if str(node.get("_target_")) == _registries()[key].legacy_target:
-                passed.add("name")
         accepted, open_kwargs = _params(fn)
         if open_kwargs:
             continue
         accepted -= passed
-        if entry is not None and "name" in passed:
-            accepted.add("name")
+        if entry is not None and target == _registries()[key].legacy_target:
+            accepted.add("name")  # the old factory + name form
         raw = OmegaConf.to_container(node, resolve=False)
         for k, v in raw.items():
             if not str(k).startswith("_") and k not in accepted:
