@@ -44,7 +44,7 @@ def hand_loop_epochs(cfg) -> list[float]:
     """The same work written by hand: shuffle, forward, backward, step; then one validation pass."""
     dm, module = harness.build(cfg)
     model = module.model
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr) if cfg.optimizer.name == "adam" else \
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr) if cfg.optimizer._target_ == "torch.optim.Adam" else \
         torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr)
     x, y, xv, yv = dm.train_set.x, dm.train_set.y, dm.val_set.x, dm.val_set.y
     bs, times = dm.batch_size, []

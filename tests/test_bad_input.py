@@ -105,7 +105,9 @@ CASES: list[tuple[str, str]] = [
     ("+logger.csv.flush_every=3", "logger.csv.flush_every=3"),
     ("optimizer.lr=0.1,0.2", "optimizer.lr=0.1,0.2"),
     ("optimizer.lr=[1", "optimizer.lr=[1"),
-    ("norm.name=bogus", "norm=bogus"),
+    ("norm.name=bogus", "norm.name=bogus"),  # configs name the builder in _target_; there is no name key
+    ("norm._target_=shiftlab.trainers.norms.bogus.build", "norm._target_=shiftlab.trainers.norms.bogus.build"),
+    ("optimizer._target_=torch.optim.Adamax", "optimizer._target_=torch.optim.Adamax"),
     # optimizer
     ("optimizer.lr=inf", "optimizer.lr=inf"),
     ("optimizer.lr=nan", "optimizer.lr=nan"),

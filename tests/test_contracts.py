@@ -6,15 +6,20 @@ each must build, run forward and backward, round-trip its state, and train under
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from hydra.utils import get_method, instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from shiftlab.callbacks.early_stopping import RULES, make_rule
-from shiftlab.trainers.norms import create_norm_layer, norm_names
-from shiftlab.trainers.optim import OPTIMIZERS
+from shiftlab.trainers.norms import create_norm_layer, norm_names, norm_registry
+from shiftlab.trainers.optim import OPTIMIZERS, SCHEDULERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHAPES = {0: (6, 8), 1: (6, 8, 5), 2: (6, 8, 3, 3)}
@@ -24,6 +29,10 @@ SHAPES = {0: (6, 8), 1: (6, 8, 5), 2: (6, 8, 3, 3)}
 @pytest.mark.parametrize("name", norm_names())
 def test_every_norm_at_every_rank(name, dims):
     torch.manual_seed(0)
+    node = yaml.safe_load((CONFIGS / "norm" / f"{name}.yaml").read_text())
+    built = instantiate(OmegaConf.create(node))  # what a model receives from the config
+    assert isinstance(built, functools.partial)
+    assert type(built(8, dims)) is type(create_norm_layer(name, 8, dims))
     layer = create_norm_layer(name, 8, dims)
     x = (torch.randn(*SHAPES[dims]) * 3 + 1).requires_grad_()
     layer.train()
@@ -81,6 +90,109 @@ def test_every_optimizer_reduces_a_small_problem_and_resumes_exactly(name):
     _steps(model, opt, x, y, 3)
     _steps(twin, twin_opt, x, y, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters())), name
+
+
+@pytest.mark.parametrize("name", SCHEDULERS.names())
+def test_every_scheduler_starts_at_the_base_rate_stays_positive_and_resumes(name):
+    def run(sch, opt, n):
+        for _ in range(n):
+            opt.step()
+            sch.step()
+        return [g["lr"] for g in opt.param_groups]
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sch = SCHEDULERS.create(name, opt, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    lrs = [run(sch, opt, 1)[0] for _ in range(4)]
+    assert all(0 < lr <= 0.1 for lr in lrs), lrs
+    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    twin = SCHEDULERS.create(name, twin_opt, 10)
+    twin.load_state_dict(copy.deepcopy(sch.state_dict()))
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert run(sch, opt, 3) == run(twin, twin_opt, 3)
+
+
+REGISTRIES = {"norm": norm_registry(), "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+OPTIONS = [(g, p.stem) for g in REGISTRIES for p in sorted((CONFIGS / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_option_names_its_registry_entry_by_target(group, option):
+    """One way to choose: ``_target_`` is the registered builder of the entry named like the file,
+    ``_partial_`` because the framework supplies the rest, no ``name:`` indirection, and the
+    file repeats the entry's preset arguments (so configs and registry cannot drift apart)."""
+    node = yaml.safe_load((CONFIGS / group / f"{option}.yaml").read_text())
+    entry = REGISTRIES[group].entry(option)
+    assert "name" not in node and node["_partial_"] is True
+    assert get_method(node["_target_"]) is entry.builder
+    assert node["_target_"] == entry.target
+    assert entry.preset_matches(node), (entry.defaults, node)
+    assert REGISTRIES[group].find(entry.builder, node) is entry
+
+
+def test_every_registry_entry_has_a_config_option():
+    for group, reg in REGISTRIES.items():
+        assert set(reg.names()) == {p.stem for p in (CONFIGS / group).glob("*.yaml")}, group
+
+
+LEGACY = {"norm": ("shiftlab.trainers.norms.NormFactory", "batchnorm", {"eps": 1e-5, "momentum": 0.1, "sync": False}),
+          "optimizer": ("shiftlab.trainers.optim.create_optimizer", "momentum", {"lr": 0.05, "weight_decay": 0.0}),
+          "scheduler": ("shiftlab.trainers.optim.create_scheduler", "cosine", {"warmup_epochs": 0})}
+
+
+def test_a_saved_config_in_the_old_factory_and_name_form_still_builds_the_same_module(run_cfg):
+    """A run directory's .hydra/config.yaml written before the one-way configs: same layers,
+    same optimizer settings, same state_dict keys, and one FutureWarning naming the new form."""
+    from shiftlab.trainers.build import build_datamodule, build_module
+    from shiftlab.trainers.config_checks import check_config
+    from shiftlab.trainers.registry import _warned
+
+    new = run_cfg("optimizer=momentum", "scheduler=cosine")
+    old = OmegaConf.create(OmegaConf.to_container(new, resolve=False))
+    for group, (target, name, options) in LEGACY.items():
+        old[group] = {"_target_": target, **({} if group == "norm" else {"_partial_": True}), "name": name, **options}
+    _warned.clear()
+    with pytest.warns(FutureWarning) as caught:
+        check_config(old, machine=False)
+    texts = sorted(str(w.message) for w in caught)
+    assert len(texts) == 3 and all("is deprecated; write _target_: " in t for t in texts), texts
+    assert "norms.batchnorm.build" in texts[0] and "torch.optim.SGD" in texts[1] and "cosine_schedule" in texts[2]
+    built = []
+    for cfg in (new, old):
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = build_module(cfg, dm)
+            opt = module.optimizer_factory(module.model.parameters())
+            sch = module.scheduler_factory(opt, max_epochs=3)
+        built.append((module, opt, sch))
+    (m_new, o_new, s_new), (m_old, o_old, s_old) = built
+    assert list(m_new.state_dict()) == list(m_old.state_dict())
+    assert [type(m) for m in m_new.modules()] == [type(m) for m in m_old.modules()]
+    drop = ("params", "initial_lr")
+    assert ([{k: v for k, v in g.items() if k not in drop} for g in o_new.param_groups]
+            == [{k: v for k, v in g.items() if k not in drop} for g in o_old.param_groups])
+    assert type(o_old) is torch.optim.SGD and o_old.param_groups[0]["momentum"] == 0.9
+    for step in (o_new.step, o_old.step, s_new.step, s_old.step):
+        step()
+    assert s_new.get_last_lr() == s_old.get_last_lr()
+
+
+def test_an_unregistered_target_is_refused_listing_the_registered_ones(run_cfg):
+    from shiftlab.trainers.config_checks import ConfigError, check_config
+
+    cfg = run_cfg("optimizer._target_=torch.optim.Adamax")
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, machine=False)
+    msg = str(err.value)
+    assert msg.startswith("optimizer._target_=torch.optim.Adamax is not allowed; allowed: a registered optimizer")
+    assert "torch.optim.SGD" in msg and "register_optimizer" in msg and "\n" not in msg
+    OPTIMIZERS.register("adamax_for_test", torch.optim.Adamax)
+    try:
+        check_config(cfg, machine=False)
+    finally:
+        OPTIMIZERS._entries.pop("adamax_for_test")
 
 
 def _u_curve(n: int = 40) -> tuple[list[float], list[float]]:

@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import functools
+
 from shiftlab.trainers.norms import NormFactory, create_norm_layer
+from shiftlab.trainers.norms import prepare_model as apply_prepare_model
+from shiftlab.trainers.norms import weight_std
 from shiftlab.trainers.norms.batch_renorm import BatchRenorm, renorm_limits
 from shiftlab.trainers.norms.ghost_bn import GhostBatchNorm
 from shiftlab.trainers.norms.noisy_bn import NoisyBatchNorm, nonstationary_noise
@@ -263,13 +267,35 @@ def test_weight_std_prepare_model():
     mean = w.mean((1, 2, 3), keepdim=True)
     std = (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
     torch.testing.assert_close(model[0](x), F.conv2d(x, (w - mean) / std, model[0].bias))
-    assert isinstance(NormFactory("weight_std")(8, 2), nn.GroupNorm)
+    assert isinstance(create_norm_layer("weight_std", 8, 2), nn.GroupNorm)
 
 
-def test_norm_factory_rejects_bad_values():
+def test_prepare_model_is_a_declared_capability_applied_from_the_configured_partial():
+    """build_model receives the partial Hydra builds from configs/norm/weight_std.yaml; the
+    registry entry behind it declares prepare_model, so the convs become WS convs. Other norms
+    leave the model alone."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2))
+    assert apply_prepare_model(functools.partial(weight_std.build, num_groups=2), model) is model
+    assert isinstance(model[0], WSConv2d)
+    from shiftlab.trainers.norms import batchnorm
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3))
+    apply_prepare_model(functools.partial(batchnorm.build, eps=1e-5), plain)
+    assert type(plain[0]) is nn.Conv2d
+
+
+def test_norm_builders_reject_bad_values():
+    with pytest.raises(KeyError, match="norm=ghostbn is not allowed; allowed: known norm names: .*ghost_bn"):
+        create_norm_layer("ghostbn", 4, 0)
+    with pytest.raises(ValueError, match="norm.virtual_batch_size"):
+        create_norm_layer("ghost_bn", 4, 0, virtual_batch_size=0)
+    with pytest.raises(ValueError, match="norm.r_max"):
+        create_norm_layer("batch_renorm", 4, 0, r_max=0.5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_old_norm_factory_target_still_builds_and_rejects_unknown_names():
     with pytest.raises(KeyError, match="ghost_bn"):
         NormFactory("ghostbn")
-    with pytest.raises(ValueError, match="norm.virtual_batch_size"):
-        NormFactory("ghost_bn", virtual_batch_size=0)(4, 0)
-    with pytest.raises(ValueError, match="norm.r_max"):
-        NormFactory("batch_renorm", r_max=0.5)(4, 0)
+    layer = NormFactory("batchnorm", sync=False)(8, 2)
+    assert type(layer) is nn.BatchNorm2d

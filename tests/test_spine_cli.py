@@ -28,7 +28,7 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     ("batching=full batching.chunk_size=0", "batching.chunk_size"),
     ("trainer.max_epochs=0", "trainer.max_epochs"),
     ("optimizer=momentum optimizer.momentum=1.2", "optimizer.momentum"),
-    ("norm.name=bogus", "norm="),
+    ("norm._target_=shiftlab.trainers.norms.bogus.build", "norm._target_="),
     ("model.activation=swishy", "model.activation"),
     ("data=synthetic data.kind=spiral", "data.kind"),
 ])
@@ -49,8 +49,8 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
 
 
 def test_unknown_norm_lists_known_names(run_cfg):
-    with pytest.raises(ConfigError, match="known norm names: .*batchnorm.*none"):
-        train(run_cfg("norm.name=bogus"))
+    with pytest.raises(ConfigError, match="registered norm builder: .*batchnorm.build.*none.build"):
+        train(run_cfg("norm._target_=shiftlab.trainers.norms.bogus.build"))
 
 
 def test_multirun_keeps_going_after_a_crashed_job(tmp_path):
@@ -106,9 +106,9 @@ def test_sync_batchnorm_switch_errors(run_cfg, overrides, key):
 
 
 def test_batchnorm_sync_switch_builds_the_in_layer_synced_layer(run_cfg):
-    from shiftlab.trainers.norms import NormFactory
+    from shiftlab.trainers.norms import create_norm_layer
     from shiftlab.trainers.norms._bn_common import StatBatchNorm
 
-    assert isinstance(NormFactory("batchnorm", sync=True)(8, 2), StatBatchNorm)
-    assert type(NormFactory("batchnorm")(8, 2)) is torch.nn.BatchNorm2d
+    assert isinstance(create_norm_layer("batchnorm", 8, 2, sync=True), StatBatchNorm)
+    assert type(create_norm_layer("batchnorm", 8, 2)) is torch.nn.BatchNorm2d
     assert train(run_cfg("norm.sync=true", "trainer.max_epochs=1"))["status"] == "completed"

@@ -48,9 +48,11 @@ def build_model(cfg: DictConfig, dm: TensorDataModule):
     """The network for ``dm``'s input shape and class count, with the configured norm layers."""
     if not dm.input_shape:
         dm.setup("fit")
-    norm = _instantiate(cfg.norm, "norm")
+    from shiftlab.trainers.norms import prepare_model
+
+    norm = _instantiate(cfg.norm, "norm")  # a partial: the model calls norm(num_features, dims)
     model = _instantiate(cfg.model, "model", input_shape=dm.input_shape, num_classes=dm.num_classes, norm=norm)
-    return norm.prepare_model(model) if hasattr(norm, "prepare_model") else model
+    return prepare_model(norm, model)
 
 
 def build_module(cfg: DictConfig, dm: TensorDataModule, model=None) -> L.LightningModule:

@@ -171,7 +171,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "batching.kind": ("mini", "full"),
     "cluster_env": ("auto", "kubeflow", "none"),
     "test_ckpt": ("best", "last"),
     "optimized_metric_mode": ("min", "max"),
@@ -219,6 +218,21 @@ def _fractions(cfg: DictConfig) -> None:
                           "allowed: val_fraction + test_fraction < 1 (they leave no training data)")
 
 
+def _sync_batchnorm_fits_norm(cfg: DictConfig) -> None:
+    """Lightning's ``sync_batchnorm`` swaps BatchNorm layers for torch's SyncBatchNorm: only norms
+    that declare ``lightning_sync`` (plain torch BatchNorm) survive that unchanged."""
+    node = cfg.get("norm")
+    if not isinstance(node, DictConfig):
+        return
+    from shiftlab.trainers.config_targets import registry_entry
+
+    entry = registry_entry("norm", node)
+    if not entry.caps.get("lightning_sync"):
+        raise ConfigError(f"trainer.sync_batchnorm=true is not allowed with norm={entry.name} (Lightning would "
+                          "replace the variant by a plain SyncBatchNorm); allowed: false, and norm.sync=true for "
+                          "the variant's own in-layer sync")
+
+
 def check_config(cfg: DictConfig, machine: bool = True) -> None:
     """Raise :class:`ConfigError` for the first out-of-range value (then the checks of
     :mod:`shiftlab.trainers.config_targets`, which import what the config names).
@@ -242,11 +256,8 @@ def check_config(cfg: DictConfig, machine: bool = True) -> None:
             if value is not None and value not in allowed:
                 raise ConfigError(f"{key}={show(value)} is not allowed; allowed: {', '.join(allowed)}")
     _fractions(cfg)
-    norm = OmegaConf.select(cfg, "norm.name", default=None)
-    if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and norm not in (None, "batchnorm"):
-        raise ConfigError(f"trainer.sync_batchnorm=true is not allowed with norm={norm} (Lightning would replace "
-                          "the variant by a plain SyncBatchNorm); allowed: false, and norm.sync=true for the "
-                          "variant's own in-layer sync")
+    if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
+        _sync_batchnorm_fits_norm(cfg)
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and \
             OmegaConf.select(cfg, "trainer.accelerator", default="auto") == "cpu":
         raise ConfigError("trainer.sync_batchnorm=true is not allowed on CPU (torch's SyncBatchNorm refuses "

@@ -42,12 +42,19 @@ def _nearest(word: str, choices: list[str]) -> str:
 
 
 def _locate(target: str) -> Any:
+    """The object ``target`` names, or None (quietly: Hydra logs its own multi-line error)."""
+    import logging
+
     from hydra.utils import get_method
 
+    log = logging.getLogger("hydra.utils")
+    level, log.disabled = log.disabled, True
     try:
         return get_method(target)
     except Exception:  # noqa: BLE001 - hydra wraps import errors in several types
         return None
+    finally:
+        log.disabled = level
 
 
 def _params(fn: Callable) -> tuple[set[str], bool]:
@@ -66,25 +73,39 @@ def _params(fn: Callable) -> tuple[set[str], bool]:
     return names - {"self"}, True
 
 
-def _registry_fn(target: str, node: DictConfig) -> tuple[Callable | None, str | None]:
-    """Resolve shiftlab's name registries (optimizer, scheduler, norm) to the registered builder;
-    the second item is the one-line error when the name is unknown."""
-    name = node.get("name")
-    if target == "shiftlab.trainers.optim.create_optimizer":
-        from shiftlab.trainers.optim import OPTIMIZERS as reg
-    elif target == "shiftlab.trainers.optim.create_scheduler":
-        from shiftlab.trainers.optim import SCHEDULERS as reg
-    elif target == "shiftlab.trainers.norms.NormFactory":
-        from shiftlab.trainers.norms import NORMS as reg
-        from shiftlab.trainers.norms import norm_names
+def _registries() -> dict[str, Any]:
+    """Config group -> the registry that knows its builders (see :mod:`shiftlab.trainers.registry`)."""
+    from shiftlab.trainers.norms import norm_registry
+    from shiftlab.trainers.optim import OPTIMIZERS, SCHEDULERS
 
-        norm_names()
-    else:
-        return None, None
-    if name not in reg:
-        return None, f"{reg.key}={show(name)} is not allowed; allowed: known {reg.kind} names: " \
-                     f"{', '.join(reg.names())}{_nearest(str(name), reg.names())}"
-    return reg.get(name), None
+    return {"norm": norm_registry(), "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+
+
+def registry_entry(group: str, node: DictConfig) -> Any:
+    """The registry entry a norm / optimizer / scheduler node builds, from its ``_target_`` (or,
+    for a saved config in the old ``factory + name`` form, from ``name``). ConfigError when the
+    target is not registered for the group; None for other groups."""
+    reg = _registries().get(group)
+    if reg is None:
+        return None
+    target = str(node.get("_target_", ""))
+    if target == reg.legacy_target or (not target and "name" in node):
+        name = node.get("name")
+        if name not in reg:
+            raise ConfigError(f"{reg.key}={show(name)} is not allowed; allowed: known {reg.kind} names: "
+                              f"{', '.join(reg.names())}{_nearest(str(name), reg.names())}")
+        from shiftlab.trainers.registry import warn_legacy
+
+        warn_legacy(target or reg.legacy_target, name, reg.entry(name).target)
+        return reg.entry(name)
+    options = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    entry = reg.find(_locate(target), options)
+    if entry is None:
+        targets = reg.targets()
+        raise ConfigError(f"{group}._target_={target} is not allowed; allowed: a registered {reg.kind} builder: "
+                          f"{', '.join(targets)}{_nearest(target, targets)} (register yours with register_{reg.kind} "
+                          f"from shiftlab.trainers.{'norms' if group == 'norm' else 'optim'})")
+    return entry
 
 
 def check_target_arguments(cfg: DictConfig) -> None:
@@ -101,21 +122,21 @@ def check_target_arguments(cfg: DictConfig) -> None:
                 nodes.append((f"{group}.{name}", node))
     for key, node in nodes:
         target = str(node["_target_"])
-        fn, refused = _registry_fn(target, node)
-        if refused:
-            raise ConfigError(refused)
-        if fn is None:  # not a registry: the target itself; the build passes some arguments itself
+        entry = registry_entry(key, node)
+        if entry is None:  # not a registry: the target itself; the build passes some arguments itself
             fn = _locate(target)
             if fn is None:
                 raise ConfigError(f"{key}._target_={target} is not allowed; allowed: an importable class or "
                                   "function")
             passed = set(BUILD_ARGS.get(key, ()))
-        else:  # a registered builder: the registry passes these
-            passed = {"params", "optimizer", "max_epochs", "num_features", "dims"}
+        else:  # a registered builder: the framework supplies these
+            fn, passed = entry.builder, set(_registries()[key].supplied)
         accepted, open_kwargs = _params(fn)
         if open_kwargs:
             continue
-        accepted = (accepted | {"name"}) - passed if fn is not _locate(target) else accepted - passed
+        accepted -= passed
+        if entry is not None and target == _registries()[key].legacy_target:
+            accepted.add("name")  # the old factory + name form
         raw = OmegaConf.to_container(node, resolve=False)
         for k, v in raw.items():
             if not str(k).startswith("_") and k not in accepted:
@@ -134,7 +155,19 @@ def _blame(node: DictConfig, group: str, message: str) -> str:
     for word, key in words.items():
         if word in low and key in node:
             return key
-    return next((str(k) for k in node if not str(k).startswith("_") and str(k) in message), "name")
+    return next((str(k) for k in node if not str(k).startswith("_") and str(k) in message), "_target_")
+
+
+def _entry_name(group: str, node: DictConfig) -> str:
+    """The registry name the node's builder and preset arguments match, else its ``_target_``
+    (``optimizer=nesterov optimizer.momentum=0`` is no longer any entry's presets)."""
+    try:
+        entry = registry_entry(group, node)
+    except ConfigError:
+        entry = None
+    if entry is None or not entry.preset_matches({k: v for k, v in node.items() if not str(k).startswith("_")}):
+        return str(node.get("_target_"))
+    return f"{group}={entry.name}"
 
 
 def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
@@ -151,7 +184,7 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
         msg = str(e.__cause__ or e).splitlines()[0]
         key = _blame(cfg.optimizer, "optimizer", msg)
         raise ConfigError(f"optimizer.{key}={show(cfg.optimizer.get(key))} is not allowed; allowed: values "
-                          f"optimizer={cfg.optimizer.get('name')} accepts ({msg})") from None
+                          f"{_entry_name('optimizer', cfg.optimizer)} accepts ({msg})") from None
     if not isinstance(cfg.get("scheduler"), DictConfig) or "_target_" not in cfg.scheduler:
         return
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=10)
@@ -166,7 +199,7 @@ def check_optimizer_and_scheduler(cfg: DictConfig) -> None:
         msg = str(e.__cause__ or e).splitlines()[0] or type(e).__name__
         key = _blame(cfg.scheduler, "scheduler", msg)
         raise ConfigError(f"scheduler.{key}={show(cfg.scheduler.get(key))} is not allowed; allowed: values "
-                          f"scheduler={cfg.scheduler.get('name')} accepts ({msg})") from None
+                          f"{_entry_name('scheduler', cfg.scheduler)} accepts ({msg})") from None
 
 
 def check_accelerator_available(cfg: DictConfig) -> None:

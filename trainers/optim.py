@@ -1,12 +1,22 @@
 """Optimizer and learning-rate scheduler registries.
 
-Names mean exactly what they say: ``sgd`` has no momentum, ``momentum`` is heavy-ball,
-``nesterov`` is Nesterov momentum; nothing is switched on behind the user's back.
+A config names the builder itself, with ``_partial_: true`` because the framework supplies the
+parameters (optimizer) or the optimizer and ``max_epochs`` (scheduler) later::
+
+    _target_: torch.optim.SGD      # configs/optimizer/momentum.yaml
+    _partial_: true
+    lr: 0.05
+    momentum: 0.9
+
+Registry names mean exactly what they say: ``sgd`` has no momentum, ``momentum`` is heavy-ball,
+``nesterov`` is Nesterov momentum (three entries of ``torch.optim.SGD`` with those presets);
+nothing is switched on behind the user's back. Register your own with
+``OPTIMIZERS.register("name", MyOptimizer)`` (or as a decorator) in a module listed in ``imports``.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch.optim import Optimizer
@@ -14,49 +24,19 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from shiftlab.trainers.registry import Registry
 
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", key="optimizer.name")
-SCHEDULERS: Registry[LRScheduler] = Registry("scheduler", key="scheduler.name")
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", supplied=("params",), key="optimizer",
+                                           legacy_target="shiftlab.trainers.optim.create_optimizer")
+SCHEDULERS: Registry[LRScheduler] = Registry("scheduler", supplied=("optimizer", "max_epochs"), key="scheduler",
+                                             legacy_target="shiftlab.trainers.optim.create_scheduler")
+register_optimizer = OPTIMIZERS.register
+register_scheduler = SCHEDULERS.register
 
-
-@OPTIMIZERS.register("sgd")
-def _sgd(params, lr: float, weight_decay: float = 0.0) -> Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=weight_decay)
-
-
-@OPTIMIZERS.register("momentum")
-def _momentum(params, lr: float, momentum: float = 0.9, dampening: float = 0.0,
-              weight_decay: float = 0.0) -> Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening,
-                           weight_decay=weight_decay, nesterov=False)
-
-
-@OPTIMIZERS.register("nesterov")
-def _nesterov(params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
-
-
-@OPTIMIZERS.register("adam")
-def _adam(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> Optimizer:
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-
-
-@OPTIMIZERS.register("adamw")
-def _adamw(params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-
-
-@OPTIMIZERS.register("lbfgs")
-def _lbfgs(params, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
-           line_search_fn: str | None = "strong_wolfe", weight_decay: float = 0.0) -> Optimizer:
-    if weight_decay:
-        raise ValueError("optimizer.weight_decay is not supported by lbfgs; allowed: 0")
-    return torch.optim.LBFGS(params, lr=lr, max_iter=max_iter, history_size=history_size,
-                             line_search_fn=line_search_fn)
-
-
-def create_optimizer(params: Iterable, name: str, **kwargs) -> Optimizer:
-    """Build optimizer ``name`` over ``params`` (Hydra calls this with ``_partial_: true``)."""
-    return OPTIMIZERS.create(name, list(params), **kwargs)
+OPTIMIZERS.register("sgd", torch.optim.SGD, defaults={"momentum": 0.0, "nesterov": False})
+OPTIMIZERS.register("momentum", torch.optim.SGD, defaults={"momentum": 0.9, "nesterov": False})
+OPTIMIZERS.register("nesterov", torch.optim.SGD, defaults={"momentum": 0.9, "nesterov": True})
+OPTIMIZERS.register("adam", torch.optim.Adam)
+OPTIMIZERS.register("adamw", torch.optim.AdamW)
+OPTIMIZERS.register("lbfgs", torch.optim.LBFGS, defaults={"line_search_fn": "strong_wolfe"})
 
 
 def _warmup(epoch: int, warmup_epochs: int) -> float:
@@ -64,12 +44,15 @@ def _warmup(epoch: int, warmup_epochs: int) -> float:
 
 
 @SCHEDULERS.register("constant")
-def _constant(optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0) -> LRScheduler:
+def constant_schedule(optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0) -> LRScheduler:
+    """The base learning rate after an optional linear warm-up (epoch-wise)."""
     return LambdaLR(optimizer, lambda e: _warmup(e, warmup_epochs))
 
 
 @SCHEDULERS.register("cosine")
-def _cosine(optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0, min_factor: float = 0.0) -> LRScheduler:
+def cosine_schedule(optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0,
+                    min_factor: float = 0.0) -> LRScheduler:
+    """Cosine decay to ``min_factor`` times the base rate over ``max_epochs`` (after warm-up)."""
     span = max(1, max_epochs - warmup_epochs)
 
     def factor(e: int) -> float:
@@ -82,11 +65,19 @@ def _cosine(optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 0, min_f
 
 
 @SCHEDULERS.register("step")
-def _step(optimizer: Optimizer, max_epochs: int, step_size: int = 30, gamma: float = 0.1,
-          warmup_epochs: int = 0) -> LRScheduler:
+def step_schedule(optimizer: Optimizer, max_epochs: int, step_size: int = 30, gamma: float = 0.1,
+                  warmup_epochs: int = 0) -> LRScheduler:
+    """Multiply the rate by ``gamma`` every ``step_size`` epochs (after warm-up)."""
     return LambdaLR(optimizer, lambda e: _warmup(e, warmup_epochs) * gamma ** (e // step_size))
 
 
-def create_scheduler(optimizer: Optimizer, max_epochs: int, name: str, **kwargs) -> LRScheduler:
-    """Build an epoch-wise scheduler ``name`` (Hydra calls this with ``_partial_: true``)."""
+# By name, for code (timm's ``create_*``). As config targets (``_target_`` + ``name``) they are the
+# old form, still built so saved .hydra/config.yaml files keep working; the config check warns.
+def create_optimizer(params: Iterable, name: str, **kwargs: Any) -> Optimizer:
+    """Optimizer ``name`` of :data:`OPTIMIZERS` over ``params``, its presets under ``kwargs``."""
+    return OPTIMIZERS.create(name, list(params), **kwargs)
+
+
+def create_scheduler(optimizer: Optimizer, max_epochs: int, name: str, **kwargs: Any) -> LRScheduler:
+    """Epoch-wise scheduler ``name`` of :data:`SCHEDULERS`."""
     return SCHEDULERS.create(name, optimizer, max_epochs, **kwargs)

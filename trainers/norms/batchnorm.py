@@ -15,7 +15,7 @@ from shiftlab.trainers.norms._bn_common import StatBatchNorm
 _BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-@register_norm("batchnorm")
+@register_norm("batchnorm", lightning_sync=True)
 def build(num_features: int, dims: int, eps: float = 1e-5, momentum: float | None = 0.1,
           affine: bool = True, track_running_stats: bool = True, sync: bool = False) -> nn.Module:
     if sync:

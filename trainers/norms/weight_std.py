@@ -8,8 +8,8 @@ landscape and makes batch-independent GroupNorm competitive with BatchNorm at sm
 * the normalization layer a model asks for is ``nn.GroupNorm`` (``num_groups``, resolved as in
   ``norm=groupnorm``);
 * :func:`prepare_model` swaps every ``nn.Conv1d/2d/3d`` of a built model for a weight-standardized
-  subclass (same parameters and state_dict keys). ``shiftlab.trainers.build.build_model`` calls a norm
-  module's ``prepare_model(model)`` when it defines one. Linear layers are left alone (WS is
+  subclass (same parameters and state_dict keys): declared as this entry's ``prepare_model``
+  capability, which ``shiftlab.trainers.build.build_model`` applies to the built model. Linear layers are left alone (WS is
   defined for convolutions), so on an MLP this variant is plain GroupNorm.
 """
 from __future__ import annotations
@@ -68,8 +68,7 @@ def prepare_model(model: nn.Module, eps: float = 1e-5) -> nn.Module:
     return model
 
 
-
-@register_norm("weight_std")
+@register_norm("weight_std", prepare_model=prepare_model)
 def build(num_features: int, dims: int, num_groups: int = 32, eps: float = 1e-5,
           affine: bool = True, strict: bool = False) -> nn.Module:
     return nn.GroupNorm(resolve_groups(num_features, num_groups, strict), num_features, eps=eps, affine=affine)
