@@ -118,7 +118,7 @@ def test_report_from_run_directories(sweep_dir):
     for text in ("Keskar et al. 2017", "Geiping et al. 2022", "Zhang et al. 2017", "| full | 1 |"):
         assert text in md
     acc = 100 * summaries[("sweep", "mini32")]["test/acc"]
-    assert f"| mini32 | " in md and f"{acc:.1f}" in md
+    assert "| mini32 | " in md and f"{acc:.1f}" in md
     with open(report / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["phase"] == "sweep"]
     assert {r["regime"] for r in rows} == {"full", "mini32"}

@@ -319,7 +319,7 @@ def test_crf_loss_is_the_brute_force_nll_per_token():
 
 
 def test_crf_marginals_and_viterbi_match_brute_force():
-    model, (x, y, mask) = _tiny_crf(seed=3), _ragged(seed=4)
+    model, (x, _, mask) = _tiny_crf(seed=3), _ragged(seed=4)
     u = model.unary(x, mask).detach()
     trans, start, end = (p.detach() for p in (model.trans, model.start, model.end))
     marg = model.log_marginals(x, mask).exp().detach()
