@@ -104,7 +104,7 @@ def test_sync_bn_two_ranks_uneven_batches(tmp_path, relu, loc, scale, tol):
 
 
 def test_merge_stats_is_exact_for_uneven_groups():
-    from shiftlab.kernels.batchnorm import merge_stats
+    from shiftlab.kernels.ops.stats_merge import merge_stats
 
     g = torch.Generator().manual_seed(1)
     parts = [torch.randn(n, 3, generator=g, dtype=torch.float64) * 3 + 100 for n in (1, 4, 9)]
