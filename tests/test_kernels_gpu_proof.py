@@ -38,7 +38,9 @@ def test_proof_modules_import_without_hydra_and_friends():
         "    m = shiftlab.kernels.bench_step.build_model(norm, 8, 4, 8, 'cpu')\n"
         "    print(norm, sorted({type(x).__name__ for x in m.modules() if 'Norm' in type(x).__name__}))\n"
         "assert 'hydra' not in sys.modules and 'omegaconf' not in sys.modules\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    # this process's own import path first: the subprocess must import the same shiftlab
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [str(REPO)]),
+               TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
