@@ -65,8 +65,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, relu: bool, loc: flo
 
         t_mean, t_lo, t_var, t_n = synced_moments(xs.detach())
         torch.save({"torch_path": (t_mean.double() + t_lo.double(), t_var, t_n), "y": y.detach(),
-                    "dx": xs.grad, "dr": rs.grad if relu else None, "dw": m.weight.grad, "db": m.bias.grad, "rm": m.running_mean, "rv": m.running_var,
-                    "obs": seen[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "dx": xs.grad, "dr": rs.grad if relu else None, "dw": m.weight.grad,
+                    "db": m.bias.grad, "rm": m.running_mean, "rv": m.running_var, "obs": seen[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
