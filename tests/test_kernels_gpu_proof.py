@@ -139,3 +139,19 @@ def test_ratio_axis_limits_and_ticks():
     assert _ratio_ticks(lo, hi) == [0.01, 0.1, 1.0, 10.0, 100.0]
     lo, hi = _bar_limits([1.1, 0.9])
     assert (lo, hi) == pytest.approx((2 ** -1.25, 2 ** 1.25)) and _ratio_ticks(lo, hi) == [0.5, 1.0, 2.0]
+
+
+def test_gpu_stage_collects_without_hydra():
+    """gpu_proof.sh's pytest stage runs with --noconftest on a machine without hydra/omegaconf:
+    the kernel test files must collect there (tests/conftest.py would import Hydra)."""
+    code = BLOCKED_IMPORTS + (
+        "import pytest\n"
+        "sys.exit(pytest.main(['--noconftest', '-p', 'no:hydra_pytest', '-p', 'no:cacheprovider', '-m', 'gpu',\n"
+        "                      '--collect-only', '-q', 'tests/test_kernels_bn.py', 'tests/test_kernels_ln.py']))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [str(REPO)]),
+               TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "test_gpu_matches_torch" in r.stdout and "test_gpu_layernorm" in r.stdout
+    assert "--noconftest" in (REPO / "kernels" / "gpu_proof.sh").read_text()
