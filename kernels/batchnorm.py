@@ -19,6 +19,7 @@ from .ops.sync_batchnorm import SyncBatchNormFunction
 __all__ = ["TritonBatchNorm1d", "TritonBatchNorm2d", "TritonBatchNorm3d", "TritonBatchNormReLU1d",
            "TritonBatchNormReLU2d", "TritonSyncBatchNorm", "StatsObserver", "batch_stats",
            "batch_stats_split", "merge_stats"]
+
 StatsObserver = Callable[[Tensor, Tensor], None]
 
 

@@ -69,7 +69,7 @@ class StatBatchNorm(_BatchNorm):
     Args:
         num_features: channels ``C`` of an ``(N, C, *)`` input.
         eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm*d``.
-        sync: all-reduce statistics across DDP ranks in training mode (no-op without DDP).
+        sync: merge statistics across DDP ranks in training mode (no-op without DDP).
         process_group: group to sync over (default: the world).
     """
 
