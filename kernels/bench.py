@@ -5,8 +5,9 @@
     python -m shiftlab.kernels.bench OUT_DIR --report      # summary, targets, png again from bench.json
 
 Writes ``OUT_DIR/bench.json`` (every row + summary, rewritten after each row so a run cut short
-keeps what it measured), ``OUT_DIR/bench.png`` (speedups) and ``OUT_DIR/bench.md`` (the issue's
-targets, met or missed), and prints a table. Dtypes are the outer loop (all of bf16 first).
+keeps what it measured), ``OUT_DIR/bench.png`` (speedups on a log axis) and ``OUT_DIR/bench.md``
+(the issue's targets, met or missed), and prints a table; those three are built by
+:mod:`.bench_report`. Dtypes are the outer loop (all of bf16 first).
 Liger-Kernel's LayerNorm is timed as a peer on the LayerNorm shapes when ``liger_kernel`` imports.
 Times are medians of ``triton.testing.do_bench`` in ms: ``fwd`` (training-mode forward with
 autograd recording), ``bwd`` (backward of a retained graph) and ``fwd_bwd``.
@@ -19,13 +20,13 @@ write dr); LayerNorm fwd 2Ns, bwd 3Ns. Achieved GB/s = bytes / time, reported as
 
 Without CUDA it exits with a message, unless ``--cpu`` is given: then it runs a tiny smoke
 configuration with a wall-clock timer (in the Triton interpreter when ``TRITON_INTERPRET=1``),
-which checks the script, not the speed.
+which checks the script, not the speed: such a run is marked "not meaningful" in the table,
+``bench.md`` and the figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -35,6 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .bench_report import SMOKE_NOTE, fmt_row, is_smoke, write_outputs
 
 # ResNet-50 (torchvision, 224x224) BatchNorm shapes (C, H, W), each listed once.
 RESNET50_BN = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
@@ -126,14 +129,8 @@ def measure(timer: Timer, forward: Callable[[], torch.Tensor], dy: torch.Tensor,
         forward().backward(dy)
 
     out = {"fwd": timer(forward, grad_to_none=leaves)}
-    y = forward()
-    try:
-        out["bwd"] = timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
-        out["bwd_method"] = "retain_graph"
-    except RuntimeError:  # some compiled graphs refuse a retained backward
-        out["bwd"] = None
-        out["bwd_method"] = "fwd_bwd - fwd"
-    del y
+    out["bwd"] = retained_backward(timer, forward, dy, leaves)
+    out["bwd_method"] = "retain_graph" if out["bwd"] is not None else "fwd_bwd - fwd"
     out["fwd_bwd"] = timer(fb, grad_to_none=leaves)
     if out["bwd"] is None:
         out["bwd"] = max(out["fwd_bwd"] - out["fwd"], 0.0)
@@ -141,6 +138,25 @@ def measure(timer: Timer, forward: Callable[[], torch.Tensor], dy: torch.Tensor,
         t.grad = None
     out["peak_mib"] = peak_mib(fb, cuda)
     return out
+
+
+def retained_backward(timer: Timer, forward: Callable[[], torch.Tensor], dy: torch.Tensor,
+                      leaves: list) -> float | None:
+    """Backward of one retained graph, timed; None when the graph refuses a second backward
+    (some compiled graphs do). The graph lives in this frame only, so it is freed on return."""
+    y = forward()
+    try:
+        return timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
+    except RuntimeError:
+        return None
+
+
+def copy_reference(timer: Timer, x: torch.Tensor) -> tuple[float, float]:
+    """``(ms, GB/s)`` of a ``copy_`` of ``x`` into a fresh tensor: the bandwidth a row is
+    compared with (2 bytes moved per byte of ``x``)."""
+    dst = torch.empty_like(x)
+    ms = timer(lambda: dst.copy_(x))
+    return ms, 2 * x.numel() * x.element_size() / ms / 1e6
 
 
 def compiled(fn: Callable, mode: str) -> Callable | None:
@@ -193,9 +209,7 @@ def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer:
                 extra = 1 if res is not None else 0
                 bytes_ = {"fwd": (3 + extra) * n_el * s, "bwd": (5 + 2 * extra) * n_el * s}
                 bytes_["fwd_bwd"] = bytes_["fwd"] + bytes_["bwd"]
-                dst = torch.empty_like(x)
-                t_copy = timer(lambda: dst.copy_(x))
-                copy_gbs = 2 * n_el * s / t_copy / 1e6
+                t_copy, copy_gbs = copy_reference(timer, x)
                 row = {"op": op, "dtype": dtype_name, "layout": layout, "shape": [batch, C, H, W],
                        "eager_backend": eager_bn_backend(x.detach(), ref), "copy_ms": t_copy,
                        "copy_gbs": copy_gbs, "bytes": bytes_}
@@ -207,7 +221,7 @@ def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer:
                         r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
                     row[name] = r
                 emit(row)
-                del x, dy, res, dst
+                del x, dy, res
 
 
 def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer,
@@ -238,9 +252,7 @@ def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer,
             leaves_of["liger"] = [x, peer.weight, peer.bias]
         n_el, s = x.numel(), x.element_size()
         bytes_ = {"fwd": 2 * n_el * s, "bwd": 3 * n_el * s, "fwd_bwd": 5 * n_el * s}
-        dst = torch.empty_like(x)
-        t_copy = timer(lambda: dst.copy_(x))
-        copy_gbs = 2 * n_el * s / t_copy / 1e6
+        t_copy, copy_gbs = copy_reference(timer, x)
         row = {"op": "ln", "dtype": dtype_name, "layout": "rows", "shape": [M, N],
                "eager_backend": "native", "copy_ms": t_copy, "copy_gbs": copy_gbs, "bytes": bytes_}
         for name, fn in impls.items():
@@ -277,144 +289,12 @@ def copy_peak(device: str, cuda: bool, timer: "Timer") -> dict:
     return {"bytes_moved": 2 * n, "ms": ms, "gbs": 2 * n / ms / 1e6}
 
 
-def fmt_row(row: dict) -> str:
-    shape = "x".join(map(str, row["shape"]))
-    parts = [f"{row['op']:<11} {row['dtype']:<4} {row['layout']:<4} {shape:<18}"]
-    o = row["ours"]
-    parts.append(f"ours fwd/bwd/fb {o['fwd']:.4f}/{o['bwd']:.4f}/{o['fwd_bwd']:.4f} ms "
-                 f"({o['fwd_bwd_pct_copy']:.0f}% copy)")
-    for base in BASES:
-        if base in row:
-            parts.append(f"x{row[base]['fwd_bwd'] / o['fwd_bwd']:.2f} vs {base}")
-    parts.append(f"[eager={row['eager_backend']}]")
-    return "  ".join(parts)
-
-
-def geomean(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Geomean speedups of ours (fwd+bwd) per op and dtype, plus the targets from the issue."""
-    out: dict = {}
-    for op in sorted({r["op"] for r in rows}):
-        for dt in sorted({r["dtype"] for r in rows}):
-            sel = [r for r in rows if r["op"] == op and r["dtype"] == dt]
-            if not sel:
-                continue
-            key = f"{op}/{dt}"
-            out[key] = {}
-            for base in BASES:
-                for phase in ("fwd", "bwd", "fwd_bwd"):
-                    g = geomean([r[base][phase] / r["ours"][phase] for r in sel if base in r])
-                    if g is not None:
-                        out[key][f"{phase}_speedup_vs_{base}"] = g
-            big = [r for r in sel if math.prod(r["shape"]) >= 2**24]
-            if big:
-                out[key]["fwd_bwd_pct_copy_large_min"] = min(r["ours"]["fwd_bwd_pct_copy"] for r in big)
-            if op == "ln":
-                for cond, name in ((lambda n: n >= 4096, "N>=4096"), (lambda n: n == 1024, "N=1024")):
-                    s2 = [r for r in sel if cond(r["shape"][1])]
-                    if s2:
-                        out[key][f"fwd_bwd_speedup_vs_eager_{name}_geomean"] = geomean(
-                            [r["eager"]["fwd_bwd"] / r["ours"]["fwd_bwd"] for r in s2])
-                        out[key][f"fwd_bwd_speedup_vs_eager_{name}_min"] = min(
-                            r["eager"]["fwd_bwd"] / r["ours"]["fwd_bwd"] for r in s2)
-    return out
-
-
-BASES = ("eager", "compile", "liger")
-# (summary key, metric, threshold, label): the issue's performance targets, all fwd+bwd.
-TARGETS = [
-    ("bn/bf16", "fwd_bwd_speedup_vs_eager", 1.3, "BN bf16 >= 1.3x eager"),
-    ("bn/bf16", "fwd_bwd_speedup_vs_compile", 1.0, "BN bf16 >= 1.0x torch.compile"),
-    ("bn/bf16", "fwd_bwd_pct_copy_large_min", 80.0, "BN bf16 >= 80% of copy bandwidth (large shapes)"),
-    ("bn_relu/bf16", "fwd_bwd_speedup_vs_compile", 1.15, "BN+ReLU bf16 >= 1.15x torch.compile"),
-    ("ln/bf16", "fwd_bwd_speedup_vs_eager_N>=4096_min", 1.2, "LN bf16 >= 1.2x eager at N >= 4096"),
-    ("ln/bf16", "fwd_bwd_speedup_vs_eager_N=1024_min", 1.0, "LN bf16 >= 1.0x eager at N = 1024"),
-    ("ln/fp32", "fwd_bwd_speedup_vs_eager_N>=4096_min", 1.2, "LN fp32 >= 1.2x eager at N >= 4096"),
-    ("ln/fp32", "fwd_bwd_speedup_vs_eager_N=1024_min", 1.0, "LN fp32 >= 1.0x eager at N = 1024"),
-]
-
-
-def check_targets(summary: dict) -> list[dict]:
-    """Each target with its measured value and whether it is met (None: not measured)."""
-    out = []
-    for key, metric, thr, label in TARGETS:
-        v = summary.get(key, {}).get(metric)
-        out.append({"target": label, "key": key, "metric": metric, "threshold": thr, "value": v,
-                    "met": None if v is None else bool(v >= thr)})
-    return out
-
-
-def markdown(meta: dict, summary: dict, targets: list[dict]) -> str:
-    """The README table: per op/dtype geomean fwd+bwd speedups, then the targets."""
-    copy = meta.get("copy_peak", {})
-    lines = [f"Device: {meta.get('device')} (torch {meta.get('torch')}, triton {meta.get('triton')}); "
-             f"copy_ peak {copy.get('gbs', float('nan')):.0f} GB/s (read+write, same run).", "",
-             "| op/dtype | vs eager | vs torch.compile | vs Liger | min % of copy (large) |",
-             "| --- | --- | --- | --- | --- |"]
-
-    def f(v, suffix="x"):
-        return "-" if v is None else f"{v:.2f}{suffix}"
-
-    for key, s in summary.items():
-        lines.append(f"| {key} | {f(s.get('fwd_bwd_speedup_vs_eager'))} | "
-                     f"{f(s.get('fwd_bwd_speedup_vs_compile'))} | {f(s.get('fwd_bwd_speedup_vs_liger'))} | "
-                     f"{f(s.get('fwd_bwd_pct_copy_large_min'), '%')} |")
-    lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
-    for t in targets:
-        met = {None: "not measured", True: "yes", False: "**no**"}[t["met"]]
-        lines.append(f"| {t['target']} | {f(t['value'], '')} | {met} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path, meta: dict, rows: list[dict], final: bool) -> dict:
-    """bench.json always; bench.md and bench.png when ``final``. Returns the summary."""
-    summary = summarize(rows)
-    targets = check_targets(summary)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "summary": summary, "targets": targets,
-                                                "rows": rows}, indent=1))
-    if final and rows:
-        (out / "bench.md").write_text(markdown(meta, summary, targets))
-        plot(rows, out / "bench.png")
-    return summary
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ops = sorted({(r["op"], r["dtype"]) for r in rows})
-    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8, 0.45 * len(rows) / max(len(ops), 1) + 4),
-                                                  3.2 * len(ops)), squeeze=False)
-    for ax, (op, dt) in zip(axes[:, 0], ops):
-        sel = [r for r in rows if r["op"] == op and r["dtype"] == dt]
-        labels = [f"{'x'.join(map(str, r['shape']))} {r['layout']}" for r in sel]
-        xs = range(len(sel))
-        for base, off in (("eager", -0.27), ("compile", 0.0), ("liger", 0.27)):
-            vals = [r[base]["fwd_bwd"] / r["ours"]["fwd_bwd"] if base in r else 0 for r in sel]
-            ax.bar([i + off for i in xs], vals, width=0.27, label=f"vs {base}")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("fwd+bwd speedup")
-        ax.set_title(f"{op} {dt}: ours vs eager / torch.compile / Liger (>1 = ours faster)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     out = Path(a.out_dir)
     if a.report:
         data = json.loads((out / "bench.json").read_text())
-        summary = write_outputs(out, data["meta"], data["rows"], final=True)
+        write_outputs(out, data["meta"], data["rows"], final=True)
         print((out / "bench.md").read_text() if data["rows"] else "no rows in bench.json")
         return 0
     cuda = torch.cuda.is_available()
@@ -440,10 +320,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['copy_peak']['gbs']:.0f} GB/s; Liger peer: {meta['liger']}", flush=True)
     rows: list[dict] = []
     dtypes = a.dtypes if not a.cpu else ["fp32"]
+    smoke = is_smoke(meta)
+    if smoke:
+        print(f"*** {SMOKE_NOTE} ***", flush=True)
 
     def emit(row: dict) -> None:
         rows.append(row)
-        print(fmt_row(row), flush=True)
+        print(fmt_row(row, smoke), flush=True)
         write_outputs(out, meta, rows, final=False)
 
     for dt in dtypes:

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from . import backend_name
+    from .bench_report import is_smoke
 
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "backend": backend_name(device),
             "torch": torch.__version__, "argv": sys.argv[1:],
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  (warm-up {r['warmup_s']:.1f} s)", flush=True)
             result = {"meta": meta, "rows": rows, "speedup_triton_vs_torch_bn": speedups(rows)}
             (out / "step.json").write_text(json.dumps(result, indent=1))
-    print(f"speedup of triton_bn over batchnorm per mode: {speedups(rows)}")
+    note = "  (CPU smoke run: not meaningful)" if is_smoke(meta) else ""
+    print(f"speedup of triton_bn over batchnorm per mode: {speedups(rows)}{note}")
     return 0
 
 

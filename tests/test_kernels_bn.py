@@ -1,4 +1,6 @@
-"""Triton BatchNorm against float64 torch references (CPU: Triton interpreter; GPU: compiled).
+"""Triton BatchNorm kernels against float64 torch references (CPU: Triton interpreter; GPU:
+compiled). The modules in use (state dicts, conversion, registry, compile, op schemas) are tested
+in test_kernels_bn_modules.py; the helpers and tolerances are in helpers_kernels.py.
 
 Tolerances (max error relative to max(1, max |reference|)):
 fp32 2e-5; fp16 4e-3 and bf16 3e-2 (one rounding of the output plus the rounded input).
@@ -17,80 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers_kernels import check_against_torch, make_input, ours_for, rel_err, torch_twin
+
 from shiftlab import kernels
-from shiftlab.kernels import (TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNormReLU2d,
-                     convert_to_triton)
-from shiftlab.kernels.batchnorm import batch_stats_split
+from shiftlab.kernels import TritonBatchNorm1d, TritonBatchNorm2d, TritonBatchNormReLU2d
+from shiftlab.kernels.ops.batchnorm import batch_stats_split
 
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 CUDA = torch.cuda.is_available()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
-
-
-def make_input(shape, layout: str, dtype=torch.float32, device="cpu", loc=0.5, scale=2.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "noncontig":  # every other position along the last dim of a wider tensor
-        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64) * scale + loc
-        x = wide[..., ::2]
-        assert not x.is_contiguous()
-    return x.to(device=device, dtype=dtype)
-
-
-def torch_twin(ours: nn.Module, dim: int) -> nn.Module:
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[dim]
-    ref = cls(ours.num_features, ours.eps, ours.momentum, ours.affine, ours.track_running_stats)
-    ref = ref.double()
-    ref.load_state_dict({k: v.double() if v.is_floating_point() else v
-                         for k, v in ours.state_dict().items()})
-    ref.train(ours.training)
-    return ref
-
-
-def ours_for(shape, **kw) -> nn.Module:
-    cls = TritonBatchNorm2d if len(shape) == 4 else TritonBatchNorm1d
-    m = cls(shape[1], **kw)
-    if m.affine:
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            m.weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
-            m.bias.copy_(torch.rand(shape[1], generator=g) - 0.5)
-    return m
-
-
-def check_against_torch(x: torch.Tensor, ours: nn.Module, steps: int = 2, tol: float | None = None):
-    """Forward, input/weight/bias gradients and running stats over ``steps`` steps."""
-    tol = tol if tol is not None else TOL[x.dtype]
-    ref = torch_twin(ours, x.dim()).to(x.device)
-    ours.to(x.device)
-    for step in range(steps):
-        xo = (x + step * 0.25).detach().requires_grad_()
-        xr = xo.detach().double().requires_grad_()
-        yo, yr = ours(xo), ref(xr)
-        assert yo.dtype == x.dtype and yo.shape == x.shape
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            assert yo.is_contiguous(memory_format=torch.channels_last)
-        assert rel_err(yo, yr) < tol, ("forward", step, rel_err(yo, yr))
-        gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(step),
-                         dtype=torch.float64).to(x.device)
-        (yo * gy.to(yo)).sum().backward()
-        (yr * gy).sum().backward()
-        assert rel_err(xo.grad, xr.grad) < tol * 4, ("dx", step, rel_err(xo.grad, xr.grad))
-        if ours.affine:
-            assert rel_err(ours.weight.grad, ref.weight.grad) < tol * 4, "dweight"
-            assert rel_err(ours.bias.grad, ref.bias.grad) < tol * 4, "dbias"
-            ours.weight.grad = ours.bias.grad = ref.weight.grad = ref.bias.grad = None
-        if ours.track_running_stats:
-            assert rel_err(ours.running_mean, ref.running_mean) < tol, "running_mean"
-            assert rel_err(ours.running_var, ref.running_var) < tol, "running_var"
-            assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
-    return ours, ref
 
 
 def test_backend_is_the_interpreter_on_cpu():
@@ -295,168 +230,6 @@ def test_gradcheck_fp64_eval():
     rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
     f = lambda x, w, b: torch.ops.shiftlab.bn_fwd(x, w, b, None, rm, rv, 1e-5, False)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
-
-
-def test_state_dict_parity_with_torch():
-    for ours, theirs in [(TritonBatchNorm2d(7), nn.BatchNorm2d(7)),
-                         (TritonBatchNorm1d(5, momentum=None), nn.BatchNorm1d(5, momentum=None)),
-                         (TritonBatchNorm2d(3, affine=False), nn.BatchNorm2d(3, affine=False)),
-                         (TritonBatchNorm2d(3, track_running_stats=False),
-                          nn.BatchNorm2d(3, track_running_stats=False))]:
-        sd, ref = ours.state_dict(), theirs.state_dict()
-        assert list(sd) == list(ref)
-        for k in sd:
-            assert sd[k].shape == ref[k].shape and sd[k].dtype == ref[k].dtype, k
-        theirs.load_state_dict(sd)
-        ours.load_state_dict(ref)
-
-
-def test_stats_observer_gets_batch_stats():
-    shape = (4, 3, 5, 5)
-    x = make_input(shape, "channels_last")
-    seen = []
-    m = TritonBatchNorm2d(3)
-    m.stats_observer = lambda mean, var: seen.append((mean, var))
-    m(x)
-    assert len(seen) == 1
-    mean, var = seen[0]
-    xd = x.double()
-    assert rel_err(mean, xd.mean(dim=(0, 2, 3))) < 1e-6
-    assert rel_err(var, xd.var(dim=(0, 2, 3), unbiased=False)) < 1e-6
-    m.eval()
-    m(x)
-    assert len(seen) == 1  # eval uses running stats: nothing new to observe
-    m.set_stats_observer(None)
-    m.train()(x)
-    assert len(seen) == 1
-
-
-def test_convert_to_triton_keeps_state_and_outputs():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6), nn.LayerNorm(6))
-    x = torch.randn(5, 3, 6, 6)
-    model(x)  # move running stats away from their init
-    model.eval()
-    expected = model(x)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    out = convert_to_triton(model)
-    assert out is model
-    assert isinstance(model[1], TritonBatchNorm2d) and isinstance(model[5], TritonBatchNorm1d)
-    assert isinstance(model[6], kernels.TritonLayerNorm)
-    assert not model[1].training
-    assert list(model.state_dict()) == list(sd)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, sd[k]), k
-    assert rel_err(model(x), expected) < 1e-5
-
-
-def test_small_model_trained_with_triton_bn_tracks_torch_bn():
-    def net(bn1, bn2):
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), bn1(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
-                             bn2(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-
-    ref, ours = net(nn.BatchNorm2d, nn.BatchNorm2d), net(TritonBatchNorm2d, TritonBatchNormReLU2d)
-    ours[5] = nn.Identity()  # the fused layer applies the ReLU itself
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(6, 2, 7, 7, generator=g) for _ in range(4)]
-    ys = [torch.randint(0, 3, (6,), generator=g) for _ in range(4)]
-    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
-    for x, y in zip(xs, ys):
-        for model, opt in ((ref, opt_r), (ours, opt_o)):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    for (k, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
-        assert rel_err(b, a) < 1e-4, k
-    ref.eval(), ours.eval()
-    assert rel_err(ours(xs[0]), ref(xs[0])) < 1e-4
-
-
-def test_norm_registry_builds_triton_modules():
-    pytest.importorskip("hydra")
-    from shiftlab.trainers.norms import NormFactory, norm_names
-
-    assert {"triton_bn", "triton_ln"} <= set(norm_names())
-    f = NormFactory("triton_bn", eps=1e-5, momentum=None)
-    m = f(6, 2)
-    assert isinstance(m, TritonBatchNorm2d) and m.momentum is None
-    assert isinstance(f(6, 0), TritonBatchNorm1d) and isinstance(f(6, 1), TritonBatchNorm1d)
-    assert isinstance(NormFactory("triton_ln")(6, 2), kernels.TritonChannelLayerNorm)
-    with pytest.raises(ValueError, match="norm.over"):
-        NormFactory("triton_ln", over="rows")(6, 2)
-    with pytest.raises(ValueError, match="dims"):
-        f(6, 7)
-
-
-def test_norm_yaml_configs_instantiate():
-    hydra = pytest.importorskip("hydra")
-    from omegaconf import OmegaConf
-
-    root = os.path.join(os.path.dirname(__file__), "..", "configs", "norm")
-    for name in ("triton_bn", "triton_ln"):
-        cfg = OmegaConf.load(os.path.join(root, f"{name}.yaml"))
-        factory = hydra.utils.instantiate(cfg)
-        layer = factory(4, 2)
-        x = torch.randn(3, 4, 5, 5)
-        assert layer(x).shape == x.shape
-
-
-def test_torch_fallback_matches_and_warns(monkeypatch):
-    """Outside CUDA and the interpreter the ops run in torch, warning once."""
-    from shiftlab.kernels import _backend
-
-    monkeypatch.setattr(_backend, "INTERPRET", False)
-    monkeypatch.setattr(_backend, "_warned", False)
-    shape = (4, 3, 5, 5)
-    with pytest.warns(RuntimeWarning, match="falling back to torch"):
-        check_against_torch(make_input(shape, "channels_last"), ours_for(shape), steps=1)
-    x = make_input(shape, "contiguous")
-    r = make_input(shape, "contiguous", seed=9)
-    ours = TritonBatchNormReLU2d(3)
-    ref = torch_twin(ours, 4)
-    xo, ro = x.clone().requires_grad_(), r.clone().requires_grad_()
-    xr, rr = x.double().requires_grad_(), r.double().requires_grad_()
-    yo, yr = ours(xo, ro), F.relu(ref(xr) + rr)
-    assert rel_err(yo, yr) < 2e-5
-    yo.sum().backward(), yr.sum().backward()
-    assert rel_err(xo.grad, xr.grad) < 1e-4 and rel_err(ro.grad, rr.grad) < 1e-5
-
-
-@pytest.mark.slow
-def test_torch_compile_fullgraph_cpu(tmp_path, monkeypatch):
-    """The custom ops keep torch.compile in one graph (no graph break)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    m = TritonBatchNormReLU2d(3)
-    ref = TritonBatchNormReLU2d(3)
-    x = make_input((4, 3, 5, 5), "channels_last").requires_grad_()
-    fn = torch.compile(lambda t: m(t).square().sum(), fullgraph=True, backend="aot_eager")
-    out = fn(x)
-    out.backward()
-    x2 = x.detach().clone().requires_grad_()
-    ref_out = ref(x2).square().sum()
-    ref_out.backward()
-    assert rel_err(out, ref_out) < 1e-5
-    assert rel_err(x.grad, x2.grad) < 1e-5
-    assert int(m.num_batches_tracked) == 1
-    assert rel_err(m.running_var, ref.running_var) < 1e-6
-
-
-def test_opcheck_custom_ops():
-    x = make_input((3, 4, 5, 5), "channels_last")
-    w, b = torch.rand(4) + 0.5, torch.randn(4)
-    torch.library.opcheck(torch.ops.shiftlab.bn_fwd.default, (x, w, b, None, None, None, 1e-5, True),
-                          test_utils=("test_schema", "test_faketensor"))
-    mean, lo, var = batch_stats_split(x)
-    for args in [(mean, var, 1e-5, True, True), (mean, var, 1e-5, True, True, lo)]:
-        torch.library.opcheck(torch.ops.shiftlab.bn_bwd.default, (torch.randn_like(x), x, w, b, None, *args),
-                              test_utils=("test_schema", "test_faketensor"))
-    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(2)
-    torch.library.opcheck(torch.ops.shiftlab.bn_update_running.default,
-                          (rm, rv, nbt, mean, var, 0.0, True, 75.0),
-                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------- GPU

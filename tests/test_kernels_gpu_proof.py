@@ -38,7 +38,9 @@ def test_proof_modules_import_without_hydra_and_friends():
         "    m = shiftlab.kernels.bench_step.build_model(norm, 8, 4, 8, 'cpu')\n"
         "    print(norm, sorted({type(x).__name__ for x in m.modules() if 'Norm' in type(x).__name__}))\n"
         "assert 'hydra' not in sys.modules and 'omegaconf' not in sys.modules\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    # this process's own import path first: the subprocess must import the same shiftlab
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [str(REPO)]),
+               TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -104,3 +106,52 @@ def test_bench_report_targets_from_partial_json(tmp_path):
 def test_gpu_proof_script_parses():
     r = subprocess.run(["bash", "-n", str(REPO / "kernels" / "gpu_proof.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_cpu_run_is_marked_not_meaningful(tmp_path):
+    """A CPU (interpreter / fallback) run: every target "not meaningful" (neither met nor
+    missed), the table and bench.md say so, and the figure is drawn on a log ratio axis."""
+    from shiftlab.kernels import bench_report
+
+    rows = [_row("bn", "bf16", [2, 3, 5, 7], 1.0, 152.0, 0.5), _row("ln", "bf16", [8, 1024], 1.0, 1e-4, 1.0)]
+    for r in rows:
+        r["eager_backend"] = "native"
+    meta = {"device": "cpu", "backend": "triton-interpreter", "copy_peak": {"gbs": 10.0}}
+    bench_report.write_outputs(tmp_path, meta, rows, final=True)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert all(t["met"] is None and "not meaningful" in t["note"] for t in data["targets"])
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("**CPU smoke run") and "**no**" not in md and "| yes |" not in md
+    assert "not meaningful" in bench_report.fmt_row(rows[0], smoke=True)
+    assert "not meaningful" not in bench_report.fmt_row(rows[0], smoke=False)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    # a GPU run with the same rows is judged against the targets
+    gpu = dict(meta, device="NVIDIA H100", backend="triton")
+    assert not bench_report.is_smoke(gpu) and bench_report.is_smoke(meta)
+    assert bench_report.check_targets(bench_report.summarize(rows), smoke=False)[0]["met"] is True
+
+
+def test_ratio_axis_limits_and_ticks():
+    from shiftlab.kernels.bench_report import _bar_limits, _ratio_ticks
+
+    lo, hi = _bar_limits([152.0, 0.5])
+    assert lo == pytest.approx(1 / hi) and hi > 152.0 and lo < 1 / 152.0
+    assert _ratio_ticks(lo, hi) == [0.01, 0.1, 1.0, 10.0, 100.0]
+    lo, hi = _bar_limits([1.1, 0.9])
+    assert (lo, hi) == pytest.approx((2 ** -1.25, 2 ** 1.25)) and _ratio_ticks(lo, hi) == [0.5, 1.0, 2.0]
+
+
+def test_gpu_stage_collects_without_hydra():
+    """gpu_proof.sh's pytest stage runs with --noconftest on a machine without hydra/omegaconf:
+    the kernel test files must collect there (tests/conftest.py would import Hydra)."""
+    code = BLOCKED_IMPORTS + (
+        "import pytest\n"
+        "sys.exit(pytest.main(['--noconftest', '-p', 'no:hydra_pytest', '-p', 'no:cacheprovider', '-m', 'gpu',\n"
+        "                      '--collect-only', '-q', 'tests/test_kernels_bn.py', 'tests/test_kernels_ln.py']))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in sys.path if p] + [str(REPO)]),
+               TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "test_gpu_matches_torch" in r.stdout and "test_gpu_layernorm" in r.stdout
+    assert "--noconftest" in (REPO / "kernels" / "gpu_proof.sh").read_text()

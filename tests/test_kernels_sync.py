@@ -60,9 +60,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, relu: bool, loc: flo
         m.stats_observer = lambda mean, var: seen.append((mean, var))
         y = m(xs, rs) if relu else m(xs)
         (y * dy[sl]).sum().backward()
-        torch.save({"y": y.detach(), "dx": xs.grad, "dr": rs.grad if relu else None,
-                    "dw": m.weight.grad, "db": m.bias.grad, "rm": m.running_mean, "rv": m.running_var,
-                    "obs": seen[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the torch-only norms reach the same merge (trainers/norms/_bn_common.py)
+        from shiftlab.trainers.norms._bn_common import synced_moments
+
+        t_mean, t_lo, t_var, t_n = synced_moments(xs.detach())
+        torch.save({"torch_path": (t_mean.double() + t_lo.double(), t_var, t_n), "y": y.detach(),
+                    "dx": xs.grad, "dr": rs.grad if relu else None, "dw": m.weight.grad,
+                    "db": m.bias.grad, "rm": m.running_mean, "rv": m.running_var, "obs": seen[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -101,10 +105,14 @@ def test_sync_bn_two_ranks_uneven_batches(tmp_path, relu, loc, scale, tol):
         mean, var = res[rank]["obs"]
         close(mean, x.double().mean(dim=(0, 2, 3)))
         close(var, x.double().var(dim=(0, 2, 3), unbiased=False))
+        t_mean, t_var, t_n = res[rank]["torch_path"]
+        assert float(t_n) == x.numel() / SHAPE[0]
+        close(t_mean, x.double().mean(dim=(0, 2, 3)))
+        close(t_var, x.double().var(dim=(0, 2, 3), unbiased=False))
 
 
 def test_merge_stats_is_exact_for_uneven_groups():
-    from shiftlab.kernels.batchnorm import merge_stats
+    from shiftlab.kernels.ops.stats_merge import merge_stats
 
     g = torch.Generator().manual_seed(1)
     parts = [torch.randn(n, 3, generator=g, dtype=torch.float64) * 3 + 100 for n in (1, 4, 9)]
@@ -116,3 +124,44 @@ def test_merge_stats_is_exact_for_uneven_groups():
     assert torch.equal(n, torch.full((3,), 14.0, dtype=torch.float64))
     assert torch.allclose(mu, full.mean(0), atol=1e-12, rtol=0)
     assert torch.allclose(M2, ((full - full.mean(0)) ** 2).sum(0), rtol=1e-12)
+
+
+def test_stats_merge_loads_without_triton():
+    """The torch norms import the shared merge; that must not import Triton or the kernels (it
+    would fix Triton's interpreter/compile choice before a test or user has made it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import shiftlab.trainers.norms._bn_common, shiftlab.kernels\n"
+            "bad = sorted(m for m in sys.modules if m == 'triton' or m.startswith('triton.')"
+            " or m in ('shiftlab.kernels._backend', 'shiftlab.kernels.ops.batchnorm'))\n"
+            "assert not bad, bad\n"
+            "from shiftlab.kernels import TritonBatchNorm2d\n"
+            "assert 'shiftlab.kernels.ops.batchnorm' in sys.modules\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_merge_across_ranks_one_rank_is_the_local_pair():
+    """World size 1: the merge returns the local statistics, the mean split as hi + lo."""
+    import torch.distributed as dist
+
+    from shiftlab.kernels.ops.stats_merge import merge_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        x = torch.randn(50, 3, dtype=torch.float64) * 1e-2 + 1e4
+        mu = x.mean(0)
+        hi = mu.float()
+        lo = (mu - hi.double()).float()
+        m2 = ((x - mu) ** 2).sum(0).float()
+        r = merge_across_ranks(50.0, hi, lo, m2)
+        assert r.count == 50.0 and r.mean.dtype == torch.float32
+        assert torch.equal(r.mean, hi) and torch.equal(r.mean_lo, lo)
+        assert torch.allclose(r.var.double(), x.var(0, unbiased=False), rtol=1e-6)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            merge_across_ranks(1.0, hi, lo, m2)
+    finally:
+        dist.destroy_process_group()

@@ -10,13 +10,11 @@ with Lightning's ``sync_batchnorm=True``: they already sync themselves.
 dicts load both ways with ``strict=True``.
 
 DDP sync (training mode, ``torch.distributed`` initialised, world size > 1, ``sync=True``): each
-rank packs per-channel ``sum(x - K)``, ``sum((x - K)^2)`` and its element count into one tensor,
-which is all-reduced once inside an autograd Function whose backward all-reduces the incoming
-gradient (the gradient of the global sums w.r.t. a rank's local sums is the sum of every rank's
-gradient). ``K`` is the running mean (identical on every rank), so the one-pass variance
-``E[(x-K)^2] - E[x-K]^2`` is computed around a point close to the mean rather than around 0;
-single-process training uses the two-pass ``torch.var_mean`` / native ``F.batch_norm`` instead.
-Uneven per-rank batches are weighted correctly because the count is reduced too.
+rank computes its two-pass ``(count, mean + mean_lo, M2)`` and hands it to the cross-rank merge
+that the Triton ``SyncBatchNorm`` uses too (``shiftlab.kernels.ops.stats_merge``: one fp64
+all-gather and a fixed-order exact merge forward, one all-reduce of the statistics' gradient
+backward). Uneven per-rank batches are weighted by their counts; single-process training uses
+the native ``F.batch_norm``. Importing the merge loads neither Triton nor the kernels.
 """
 from __future__ import annotations
 
@@ -26,27 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum a tensor over the ranks; backward sums the gradients over the ranks too."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, group) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        g = grad.contiguous().clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g, None
-
-
-def all_reduce_sum(t: Tensor, group=None) -> Tensor:
-    """Differentiable all-reduce (sum) of ``t`` over ``group``."""
-    return _AllReduceSum.apply(t, group)
+from shiftlab.kernels.ops.stats_merge import synced_moments as merged_moments
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -65,28 +43,15 @@ def distributed_world(group=None) -> int:
     return dist.get_world_size(group)
 
 
-def synced_moments(x: Tensor, shift: Tensor | None = None, group=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Global per-channel mean, biased variance and element count over every rank's ``x``.
+def synced_moments(x: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Global per-channel ``(mean, mean_lo, var, count)`` over every rank's ``x``.
 
-    Differentiable w.r.t. ``x``; one all-reduce forward, one backward. ``shift`` (per channel,
-    detached, identical on every rank) only improves the numerics.
-    """
-    dims = reduce_dims(x)
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    c = work.shape[1]
-    k = torch.zeros(c, dtype=work.dtype, device=work.device) if shift is None else shift.detach().to(work.dtype)
-    xs = work - channel_view(k, work)
-    n_local = torch.full((1,), float(work.numel() // max(c, 1)), dtype=work.dtype, device=work.device)
-    packed = torch.cat([xs.sum(dims), (xs * xs).sum(dims), n_local])
-    packed = all_reduce_sum(packed, group)
-    n = packed[-1]
-    if float(n.detach()) == 0:
-        raise ValueError("batch norm sync: every rank sent an empty batch")
-    s1 = packed[:c] / n
-    s2 = packed[c:2 * c] / n
-    mean = k + s1
-    var = (s2 - s1 * s1).clamp_min(0.0)
-    return mean, var, n
+    The mean is the pair ``mean + mean_lo``; differentiable w.r.t. ``x`` through this rank's
+    mean and M2 (see ``stats_merge.synced_moments``)."""
+    mean, var, n = local_moments(x)
+    with torch.no_grad():  # what the working dtype rounded off the local mean
+        lo = (x.to(mean.dtype) - channel_view(mean, x)).mean(reduce_dims(x))
+    return merged_moments(mean, lo, var * n, float(n), group)
 
 
 def local_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,7 +69,7 @@ class StatBatchNorm(_BatchNorm):
     Args:
         num_features: channels ``C`` of an ``(N, C, *)`` input.
         eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm*d``.
-        sync: all-reduce statistics across DDP ranks in training mode (no-op without DDP).
+        sync: merge statistics across DDP ranks in training mode (no-op without DDP).
         process_group: group to sync over (default: the world).
     """
 
@@ -139,7 +104,8 @@ class StatBatchNorm(_BatchNorm):
     def batch_moments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, biased variance, count of the (possibly global) training batch."""
         if self.should_sync():
-            return synced_moments(x, self.running_mean, self.process_group)
+            mean, lo, var, n = synced_moments(x, self.process_group)
+            return mean + lo, var, n
         return local_moments(x)
 
     @torch.no_grad()
@@ -167,9 +133,10 @@ class StatBatchNorm(_BatchNorm):
             return F.batch_norm(x, self.running_mean if track else None,
                                 self.running_var if track else None, w, b,
                                 self.uses_batch_stats(), factor, self.eps)
-        mean, var, n = self.batch_moments(x)
+        mean, lo, var, n = synced_moments(x, self.process_group)
         self.update_running(mean, var, n, factor)
-        y = (x - channel_view(mean, x).to(x.dtype)) * channel_view(torch.rsqrt(var + self.eps), x).to(x.dtype)
+        centred = (x - channel_view(mean, x).to(x.dtype)) - channel_view(lo, x).to(x.dtype)
+        y = centred * channel_view(torch.rsqrt(var + self.eps), x).to(x.dtype)
         if w is not None:
             y = y * channel_view(w, x) + channel_view(b, x)
         return y
