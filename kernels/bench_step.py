@@ -57,10 +57,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(norm: str, depth: int, width: int, image: int, device: str) -> nn.Module:
     """The project's CIFAR ResNet with the named norm from the project's norm registry."""
     from shiftlab.trainers.models.resnet import ResNet
-    from shiftlab.trainers.norms import NormFactory
+    from shiftlab.trainers.norms import norm_builder
 
     torch.manual_seed(0)  # same initial weights for every norm
-    return ResNet((3, image, image), 10, depth=depth, base_width=width, norm=NormFactory(norm)).to(device)
+    return ResNet((3, image, image), 10, depth=depth, base_width=width, norm=norm_builder(norm)).to(device)
 
 
 def speedups(rows: list[dict]) -> dict[str, float]:

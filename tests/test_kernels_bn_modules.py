@@ -100,16 +100,16 @@ def test_small_model_trained_with_triton_bn_tracks_torch_bn():
 
 def test_norm_registry_builds_triton_modules():
     pytest.importorskip("hydra")
-    from shiftlab.trainers.norms import NormFactory, norm_names
+    from shiftlab.trainers.norms import norm_builder, norm_names
 
     assert {"triton_bn", "triton_ln"} <= set(norm_names())
-    f = NormFactory("triton_bn", eps=1e-5, momentum=None)
+    f = norm_builder("triton_bn", eps=1e-5, momentum=None)
     m = f(6, 2)
     assert isinstance(m, TritonBatchNorm2d) and m.momentum is None
     assert isinstance(f(6, 0), TritonBatchNorm1d) and isinstance(f(6, 1), TritonBatchNorm1d)
-    assert isinstance(NormFactory("triton_ln")(6, 2), kernels.TritonChannelLayerNorm)
+    assert isinstance(norm_builder("triton_ln")(6, 2), kernels.TritonChannelLayerNorm)
     with pytest.raises(ValueError, match="norm.over"):
-        NormFactory("triton_ln", over="rows")(6, 2)
+        norm_builder("triton_ln", over="rows")(6, 2)
     with pytest.raises(ValueError, match="dims"):
         f(6, 7)
 

@@ -180,13 +180,13 @@ def test_convert_layernorm_and_rmsnorm():
 
 def test_triton_ln_norm_registry_modes():
     pytest.importorskip("hydra")
-    from shiftlab.trainers.norms import NormFactory
+    from shiftlab.trainers.norms import norm_builder
 
     x = randn((3, 4, 5, 5))
-    all_mode = NormFactory("triton_ln", over="all")(4, 2)
+    all_mode = norm_builder("triton_ln", over="all")(4, 2)
     ref = nn.GroupNorm(1, 4)
     assert rel_err(all_mode(x), ref(x)) < 1e-5
-    ch = NormFactory("triton_ln", over="channels")(4, 2)
+    ch = norm_builder("triton_ln", over="channels")(4, 2)
     assert rel_err(ch(x), F.layer_norm(x.movedim(1, -1), (4,)).movedim(-1, 1)) < 1e-5
 
 

@@ -80,8 +80,14 @@ def prepare_model(norm: Callable[..., nn.Module], model: nn.Module) -> nn.Module
     return hook(model) if callable(hook) else model
 
 
+def norm_builder(name: str, **kwargs: Any) -> Callable[[int, int], nn.Module]:
+    """The norm callable ``(num_features, dims) -> layer`` a config's partial gives, by registry name (for code
+    that picks a norm by name: benchmarks, tests)."""
+    entry = norm_registry().entry(name)  # fails early, listing the known names
+    return functools.partial(entry.builder, **{**entry.defaults, **kwargs})
+
+
 def NormFactory(name: str, **kwargs: Any) -> Callable[[int, int], nn.Module]:  # noqa: N802 - old config target
     """The old config target (``NormFactory`` + ``name``), kept so saved configs still build (the
     config check warns): the same partial the new form builds."""
-    entry = norm_registry().entry(name)  # fails early, listing the known names
-    return functools.partial(entry.builder, **{**entry.defaults, **kwargs})
+    return norm_builder(name, **kwargs)
