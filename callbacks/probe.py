@@ -18,8 +18,8 @@ subclass sets ``name`` and implements :meth:`Probe.measure`; this class does the
   callbacks); step probes go straight to every logger at ``trainer.global_step`` (Lightning's
   ``log_every_n_steps`` would drop most of them). The last values join ``summary.json``
   (:meth:`summary_items`, through :class:`Reporter`); the whole history goes to
-  ``<run>/probes/<name>.json`` at the end of training (rank 0), with a plot when :meth:`make_plot`
-  draws one;
+  ``<run>/probes/<name>.json`` at the end of training (rank 0, when the trainer has a logger), with a
+  plot when :meth:`make_plot` draws one;
 * **resume**: :meth:`state_dict` holds the history, the cost and the skip count (subclasses add
   their own via :meth:`extra_state`), so a resumed run continues the same series.
 """
@@ -146,8 +146,8 @@ class Probe(L.Callback, Reporter):
 
     # --- output ------------------------------------------------------------------------------------
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.is_global_zero or not self.history:
-            return
+        if not trainer.is_global_zero or not self.history or not trainer.loggers:
+            return  # a Trainer without loggers (logger=False) writes no files
         out = Path(getattr(trainer, "default_root_dir", None) or os.getcwd())
         (out / "probes").mkdir(parents=True, exist_ok=True)
         (out / "probes" / f"{self.name}.json").write_text(

@@ -8,8 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from shiftlab.callbacks.covariate_shift_callbacks import (ActivationDriftMonitor, GradientICSMonitor,
-                                                 LandscapeSmoothnessMonitor)
+from shiftlab.callbacks.activation_drift import ActivationDriftMonitor
+from shiftlab.callbacks.gradient_ics import GradientICSMonitor
+from shiftlab.callbacks.landscape import LandscapeSmoothnessMonitor
 
 
 class LossRecorder(L.Callback):
@@ -66,6 +67,7 @@ def test_probes_leave_training_bit_identical(tmp_path):
     with open(out / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert "activation_drift/net.2/in/p50" in header and "landscape/loss_range" in header
+    assert all(summary[f"probe_cost/{name}_s"] > 0 for name in ("activation_drift", "gradient_ics", "landscape"))
 
 
 def test_callback_state_round_trip_and_off_switch():
@@ -83,6 +85,7 @@ def test_callback_state_round_trip_and_off_switch():
     fresh = LandscapeSmoothnessMonitor(every_n_steps=5)
     fresh.load_state_dict(cb2.state_dict())
     assert fresh.history == cb2.history and fresh.summary_items()["landscape/loss_range"] == 0.5
+    assert fresh.summary_items()["probe_cost/landscape_s"] == 1.5
     assert LandscapeSmoothnessMonitor(eta_range=(1.0, 2.0), num_etas=3).etas(0.1) == pytest.approx([0.1, 0.15, 0.2])
 
 
