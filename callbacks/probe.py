@@ -171,6 +171,7 @@ class Probe(L.Callback, Reporter):
                      if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.history or self.skipped:
             items[f"probe_cost/{self.name}_s"] = round(self.seconds, 3)
+        if self.max_overhead is not None:
             items[f"probe_cost/{self.name}_skipped"] = self.skipped
         return items
 
