@@ -11,7 +11,6 @@ restores the RNG state (tested: bit-identical CPU loss trajectories).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -60,14 +59,12 @@ class ActivationDriftMonitor(Probe):
         return activation_drift(probe_model(pl_module), self._probe_batch(trainer, pl_module), layers=self.layers,
                                 unit=self.unit, train_mode=self.train_mode)
 
-    def make_plot(self, path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
+    def make_plot(self) -> Any:
         import matplotlib.pyplot as plt
 
         layers = sorted({k.rsplit("/", 2)[0] for h in self.history for k in h if k.endswith("/in/p50")})
         if not layers:
-            return
+            return None
         fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
         for ax, layer in zip(axes[0], layers):
             for p, style in (("p15", "--"), ("p50", "-"), ("p85", "--")):
@@ -76,6 +73,4 @@ class ActivationDriftMonitor(Probe):
             ax.set_title(layer, fontsize=8)
             ax.set_xlabel("step")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        return fig

@@ -12,7 +12,6 @@ Mini-batch regime only: it needs the step's batch.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -45,9 +44,7 @@ class GradientICSMonitor(Probe):
                            layers=self.layers)
         return {f"{name}/{k}": v for name, d in res.items() for k, v in d.items() if k != "index"}
 
-    def make_plot(self, path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
+    def make_plot(self) -> Any:
         import matplotlib.pyplot as plt
 
         layers = sorted({k[: -len("/l2")] for h in self.history for k in h if k.endswith("/l2")})
@@ -60,6 +57,4 @@ class GradientICSMonitor(Probe):
         for ax in (a, b):
             ax.set_xlabel("step")
         a.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        return fig

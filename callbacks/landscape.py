@@ -12,7 +12,6 @@ Mini-batch regime only: it needs the step's batch.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 from shiftlab.callbacks.covariate_shift import landscape_smoothness
@@ -54,9 +53,7 @@ class LandscapeSmoothnessMonitor(Probe):
         res = landscape_smoothness(probe_model(pl_module), loss_of(pl_module), batch[0], batch[1], self.etas(lr))
         return {k: v for k, v in res.items() if not isinstance(v, list)}
 
-    def make_plot(self, path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
+    def make_plot(self) -> Any:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
@@ -72,6 +69,4 @@ class LandscapeSmoothnessMonitor(Probe):
         axes[2].set_title("effective beta-smoothness")
         for ax in axes:
             ax.set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        return fig

@@ -77,8 +77,9 @@ class Probe(L.Callback, Reporter):
         """The probe's values now (``batch``: the step's batch for step probes); None: nothing measured."""
         raise NotImplementedError
 
-    def make_plot(self, path: Path) -> None:
-        """Draw the history into ``path`` (optional)."""
+    def make_plot(self) -> Any:
+        """A matplotlib figure of the history, or None (optional; the base saves and closes it)."""
+        return None
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -154,8 +155,17 @@ class Probe(L.Callback, Reporter):
             json.dumps({"seconds": self.seconds, "skipped": self.skipped, "history": self.history}, indent=1))
         if self.plot and type(self).make_plot is not Probe.make_plot:
             try:
-                (out / "plots").mkdir(parents=True, exist_ok=True)
-                self.make_plot(out / "plots" / f"{self.name}.png")
+                import matplotlib
+
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+
+                fig = self.make_plot()
+                if fig is not None:
+                    (out / "plots").mkdir(parents=True, exist_ok=True)
+                    fig.tight_layout()
+                    fig.savefig(out / "plots" / f"{self.name}.png", dpi=110)
+                    plt.close(fig)
             except Exception as e:  # a plot must never fail a run
                 rank_zero_warn(f"{self.name}: plot failed: {e}")
 
