@@ -1,8 +1,9 @@
 """Internal-covariate-shift and landscape measures as plain functions on a model and a batch.
 
 Why plain functions: each measure is checked in tests against an independent computation on a
-tiny network, with no Trainer involved; the Lightning callbacks in
-``callbacks/covariate_shift_callbacks.py`` only decide *when* to call them and where to log.
+tiny network, with no Trainer involved; the Lightning callbacks (``callbacks/activation_drift.py``,
+``gradient_ics.py``, ``landscape.py``, on :class:`shiftlab.callbacks.probe.Probe`) only decide *when*
+to call them and where to log.
 
 * :func:`activation_drift` -- Ioffe & Szegedy 2015, Fig. 1: percentiles (15/50/85), mean and std
   of each normalization layer's input and output.

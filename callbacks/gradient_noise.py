@@ -25,18 +25,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from shiftlab.callbacks.reporting import Reporter
-from shiftlab.callbacks.probe_utils import (
-    check_positive_int,
-    eval_mode,
-    is_probe_epoch,
-    probe_model,
-    train_split,
-    trainable_params,
-)
+from shiftlab.callbacks.probe import Probe
+from shiftlab.callbacks.probe_utils import check_positive_int, eval_mode, probe_model, train_split, trainable_params
 
 __all__ = [
     "NoiseScale",
@@ -166,7 +158,7 @@ def gradient_noise_scale(
     )
 
 
-class GradientNoiseScale(Callback, Reporter):
+class GradientNoiseScale(Probe):
     """Log ``noise/b_simple``, ``noise/tr_sigma`` and ``noise/grad_sq`` every few epochs.
 
     Args:
@@ -179,20 +171,15 @@ class GradientNoiseScale(Callback, Reporter):
         seed: seed of the batch sampler; the draw for epoch ``e`` uses ``seed + e``, so every rank
             computes the same number.
 
-    The model is probed in eval mode with cross-entropy on the training split; metrics are logged
-    with ``pl_module.log`` and the last values go to ``summary.json`` via :meth:`summary_items`.
+    The model is probed in eval mode with cross-entropy on the training split. Scheduling, cost,
+    summary and resume: :class:`~shiftlab.callbacks.probe.Probe`.
     """
 
-    def __init__(
-        self,
-        every_n_epochs: int = 1,
-        batch_size: int = 32,
-        num_batches: int = 16,
-        labels: str = "given",
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
+    name = "noise_scale"
+
+    def __init__(self, every_n_epochs: int = 1, batch_size: int = 32, num_batches: int = 16,
+                 labels: str = "given", seed: int = 0) -> None:
+        super().__init__(every_n_epochs=check_positive_int("every_n_epochs", every_n_epochs), log_prefix="noise")
         self.batch_size = check_positive_int("batch_size", batch_size)
         if num_batches < 2:
             raise ValueError(f"num_batches must be an integer >= 2, got {num_batches!r}")
@@ -201,32 +188,19 @@ class GradientNoiseScale(Callback, Reporter):
             raise ValueError(f"labels={labels!r} is unknown; allowed: given, true")
         self.labels = labels
         self.seed = seed
-        self.last: dict[str, float] = {}
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not is_probe_epoch(trainer, self.every_n_epochs):
-            return
+    def measure(self, trainer: Any, pl_module: Any, batch: Any = None) -> dict[str, float]:
         split = train_split(trainer)
         y = split.y if self.labels == "given" else split.y_true
         n = split.x.shape[0]
         k = min(self.num_batches, n // self.batch_size)
         if k < 2:
-            raise ValueError(
-                f"batch_size={self.batch_size} leaves fewer than 2 batches in {n} training samples"
-            )
+            raise ValueError(f"batch_size={self.batch_size} leaves fewer than 2 batches in {n} training samples")
         gen = torch.Generator().manual_seed(self.seed + trainer.current_epoch)
-        est = gradient_noise_scale(
-            probe_model(pl_module), split.x, y, self.batch_size, k, generator=gen
-        )
-        self.last = {"epoch": trainer.current_epoch, **est.as_dict()}
-        for key, value in est.as_dict().items():
-            pl_module.log(f"noise/{key}", value, on_step=False, on_epoch=True)
-
-    def summary_items(self) -> dict[str, float]:
-        return {f"noise/{k}": v for k, v in self.last.items() if k != "epoch"}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": dict(self.last)}
+        return gradient_noise_scale(probe_model(pl_module), split.x, y, self.batch_size, k, generator=gen).as_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last = dict(state_dict.get("last", {}))
+        if "last" in state_dict:  # checkpoints from before the Probe base kept the last values only
+            last = dict(state_dict["last"])
+            state_dict = {"history": [{"step": -1, **last}] if last else []}
+        super().load_state_dict(state_dict)

@@ -23,18 +23,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from shiftlab.callbacks.reporting import Reporter
-from shiftlab.callbacks.probe_utils import (
-    check_positive_int,
-    eval_mode,
-    fixed_subset,
-    is_probe_epoch,
-    probe_model,
-    train_split,
-)
+from shiftlab.callbacks.probe import Probe
+from shiftlab.callbacks.probe_utils import check_positive_int, eval_mode, fixed_subset, probe_model, train_split
 
 __all__ = ["memorization_metrics", "predict_logits", "MemorizationMonitor"]
 
@@ -87,7 +79,7 @@ def predict_logits(model: nn.Module, x: Tensor, chunk_size: int = 1024) -> Tenso
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-class MemorizationMonitor(Callback, Reporter):
+class MemorizationMonitor(Probe):
     """Log the clean / corrupted split of training accuracy and loss (see the module docstring).
 
     Args:
@@ -97,49 +89,23 @@ class MemorizationMonitor(Callback, Reporter):
         seed: seed of the fixed subset (identical on every rank).
 
     Needs ``trainer.datamodule.train_set`` with ``.x``, ``.y``, ``.y_true`` and ``.corrupted``.
-    The last values go to ``summary.json`` via :meth:`summary_items`; the whole curve is kept in
-    ``self.history`` (also saved in checkpoints).
+    Scheduling, cost, summary and resume: :class:`~shiftlab.callbacks.probe.Probe`.
     """
 
-    def __init__(
-        self,
-        every_n_epochs: int = 1,
-        max_samples: int | None = None,
-        chunk_size: int = 1024,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
-        self.max_samples = (
-            None if not max_samples else check_positive_int("max_samples", max_samples)
-        )
+    name = "memorization"
+
+    def __init__(self, every_n_epochs: int = 1, max_samples: int | None = None, chunk_size: int = 1024,
+                 seed: int = 0) -> None:
+        super().__init__(every_n_epochs=check_positive_int("every_n_epochs", every_n_epochs), log_prefix="mem")
+        self.max_samples = None if not max_samples else check_positive_int("max_samples", max_samples)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.seed = seed
-        self.history: list[dict[str, float]] = []
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not is_probe_epoch(trainer, self.every_n_epochs):
-            return
+    def measure(self, trainer: Any, pl_module: Any, batch: Any = None) -> dict[str, float]:
         split = train_split(trainer)
         for attr in ("y_true", "corrupted"):
             if getattr(split, attr, None) is None:
                 raise RuntimeError(f"MemorizationMonitor needs train_set.{attr}; none found")
         idx = fixed_subset(len(split.x), self.max_samples, self.seed)
         logits = predict_logits(probe_model(pl_module), split.x[idx], self.chunk_size)
-        metrics = memorization_metrics(
-            logits, split.y[idx].cpu(), split.y_true[idx].cpu(), split.corrupted[idx].cpu()
-        )
-        self.history.append({"epoch": float(trainer.current_epoch), **metrics})
-        for key, value in metrics.items():
-            pl_module.log(f"mem/{key}", value, on_step=False, on_epoch=True)
-
-    def summary_items(self) -> dict[str, float]:
-        if not self.history:
-            return {}
-        return {f"mem/{k}": v for k, v in self.history[-1].items() if k != "epoch"}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(h) for h in state_dict.get("history", [])]
+        return memorization_metrics(logits, split.y[idx].cpu(), split.y_true[idx].cpu(), split.corrupted[idx].cpu())

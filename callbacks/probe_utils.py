@@ -1,4 +1,4 @@
-"""Small helpers shared by the batch-regime probes (memorization, sharpness, gradient noise).
+"""Small helpers shared by the probes (:class:`shiftlab.callbacks.probe.Probe` and its subclasses).
 
 Why: every probe evaluates the model on a fixed piece of the *training* set at epoch end, in eval
 mode, without touching ``.grad`` (the full-batch regime accumulates gradients there) and without
@@ -7,9 +7,11 @@ disturbing the training RNG. Keeping that in one place keeps the probes consiste
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -17,6 +19,11 @@ def probe_model(pl_module: nn.Module) -> nn.Module:
     """The network a LightningModule wraps (``module.model``), else the module itself."""
     model = getattr(pl_module, "model", None)
     return model if isinstance(model, nn.Module) else pl_module
+
+
+def loss_of(pl_module: Any) -> Callable:
+    """The module's training loss (``pl_module.loss_fn``), else cross-entropy."""
+    return getattr(pl_module, "loss_fn", None) or F.cross_entropy
 
 
 def train_split(trainer: Any) -> Any:
@@ -29,6 +36,16 @@ def train_split(trainer: Any) -> Any:
             "fit with a TensorDataModule"
         )
     return split
+
+
+def train_split_or_batch(trainer: Any) -> Any:
+    """:func:`train_split`, or (no ``TensorSplit`` train set) the first training batch as ``.x``/``.y``."""
+    dm = getattr(trainer, "datamodule", None)
+    split = getattr(dm, "train_set", None) if dm is not None else None
+    if split is not None and hasattr(split, "x"):
+        return split
+    x, y = next(iter(trainer.train_dataloader))[:2]
+    return SimpleNamespace(x=x, y=y)
 
 
 @contextlib.contextmanager
@@ -53,6 +70,27 @@ def fixed_subset(n: int, size: int | None, seed: int) -> Tensor:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:size].sort().values
+
+
+SUBSETS = ("first", "random")
+
+
+def probe_indices(n: int, size: int | None, seed: int, subset: str = "random") -> Tensor:
+    """The fixed probe subset of ``range(n)``: the first ``size`` indices, or a random draw seeded by
+    ``seed`` (:func:`fixed_subset`); the same on every call and every rank (all if None/0)."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset={subset!r} is unknown; allowed: {', '.join(SUBSETS)}")
+    if subset == "first":
+        return torch.arange(min(n, size) if size else n)
+    return fixed_subset(n, size, seed)
+
+
+def rank0_value(trainer: Any, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the value itself outside DDP), so ranks decide alike."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None and getattr(trainer, "world_size", 1) > 1:
+        return strategy.broadcast(value, src=0)
+    return value
 
 
 def is_probe_epoch(trainer: Any, every_n_epochs: int) -> bool:

@@ -3,7 +3,7 @@
 1. Training throughput (samples/s) of ``batching=full`` vs ``batching=mini`` at the same chunk size
    (full batch accumulates the gradient over chunks of ``chunk_size`` samples and steps once per
    epoch; mini-batch steps after each batch of the same size). Target: full >= 0.9x mini.
-2. Overhead of the sharpness probe (``shiftlab.callbacks.batch_regime_probes.SharpnessProbe``) at its
+2. Overhead of the sharpness probe (``shiftlab.callbacks.sharpness.SharpnessMonitor``) at its
    default settings from ``configs/callbacks/batch_noise.yaml``, as a fraction of training time,
    in both regimes; also without its overhead budget (``max_overhead=null``). Target: <= 10%.
 
@@ -37,7 +37,7 @@ def time_run(regime: list[str], epochs: int, probe: dict[str, Any] | None, devic
     callbacks = []
     probe_cb = None
     if probe is not None:
-        node = dict(cfg.callbacks.sharpness_probe)
+        node = dict(cfg.callbacks.sharpness)
         node.update(probe)
         probe_cb = instantiate(node)
         callbacks.append(probe_cb)
@@ -110,7 +110,7 @@ def configs_default_every() -> int:
 
     from shiftlab.trainers.compose import CONFIG_DIR
 
-    return int(OmegaConf.load(CONFIG_DIR / "callbacks" / "batch_noise.yaml").sharpness_probe.every_n_epochs)
+    return int(OmegaConf.load(CONFIG_DIR / "callbacks" / "batch_noise.yaml").sharpness.every_n_epochs)
 
 
 if __name__ == "__main__":

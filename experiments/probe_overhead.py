@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(float(s["wall_time_s"]))
                     steps = int(s.get("global_step", 0))
                     if name.startswith("on"):
-                        probe_s = {k: s.get(f"{k}/seconds", 0.0) for k in DEFAULT_PERIODS}
+                        probe_s = {k: s.get(f"probe_cost/{k}_s", 0.0) for k in DEFAULT_PERIODS}
             best = {k: min(v) for k, v in times.items()}  # fastest repeat: the least disturbed by load
             entry = {"steps": steps, "fit_seconds_min": best, "all_seconds": times,
                      "ratio_on_vs_absent": best["on"] / best["absent"],

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab.callbacks.batch_regime_probes import SharpnessProbe
 from shiftlab.callbacks.gradient_noise import GradientNoiseScale
 from shiftlab.experiments import batch_noise as bn
 from shiftlab.trainers.train import train
@@ -33,7 +32,7 @@ def _fake(split, epoch=0, max_epochs=5):
     return trainer, Module()
 
 
-def test_probes_on_fake_trainer_log_and_respect_overhead_budget():
+def test_noise_probe_on_fake_trainer_logs():  # the sharpness budget: tests/test_early_stopping_sharpness.py
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 3, generator=g)
     y = (x[:, 0] > 0).long()  # a learnable signal, so |G|^2 is well above its estimation noise
@@ -44,19 +43,7 @@ def test_probes_on_fake_trainer_log_and_respect_overhead_budget():
     assert module.logged["noise/grad_sq"] > 0
     assert module.logged["noise/b_simple"] == pytest.approx(
         module.logged["noise/tr_sigma"] / module.logged["noise/grad_sq"])
-    probe = SharpnessProbe(every_n_epochs=1, subset_size=64, power_iters=5, trace_samples=2,
-                           epsilon_sharpness=True, eps_steps=2, max_overhead=0.1)
-    probe.on_train_start(trainer, module)
-    probe.on_train_epoch_end(trainer, module)  # first probe: no time spent yet
-    assert {"sharpness/top_eigenvalue", "sharpness/trace", "sharpness/eps_sharpness"} <= set(module.logged)
-    probe.seconds = 1e6  # pretend probing has cost far more than training
-    trainer.current_epoch = 1
-    probe.on_train_epoch_end(trainer, module)
-    assert probe.skipped == 1 and len(probe.history) == 1
-    trainer.current_epoch = 4  # the last epoch is probed whatever the budget
-    probe.on_train_epoch_end(trainer, module)
-    assert len(probe.history) == 2
-    assert probe.summary_items()["sharpness/probes_skipped"] == 1
+    assert module.logged["probe_cost/noise_scale_s"] > 0
 
 
 def _write_launch(run_dir: Path, phase: str, regime: str, lr: float, noise: float, seed: int) -> None:
@@ -76,8 +63,8 @@ def sweep_dir(tmp_path_factory):
             "mini32": ["batching=mini", "batching.batch_size=32", "optimizer.lr=0.05"]}
     common = ["experiment=batch_noise", "data=synthetic", "~data.as_sequence", "data.num_samples=400", "data.label_noise=0.3",
               "model.hidden=[16]", "trainer.max_epochs=3", "callbacks.noise_scale.every_n_epochs=1",
-              "callbacks.sharpness_probe.every_n_epochs=1", "callbacks.sharpness_probe.subset_size=64",
-              "callbacks.sharpness_probe.power_iters=5", "callbacks.sharpness_probe.trace_samples=2",
+              "callbacks.sharpness.every_n_epochs=1", "callbacks.sharpness.subset_size=64",
+              "callbacks.sharpness.power_iters=5", "callbacks.sharpness.trace_samples=2",
               "callbacks.model_checkpoint=null", "callbacks.rich_progress_bar=null",
               "callbacks.model_summary=null", "print_config=false", "trainer.enable_progress_bar=false",
               "trainer.enable_model_summary=false", "trainer.accelerator=cpu", "test=true"]
@@ -161,7 +148,7 @@ def test_every_regime_composes_for_both_experiments(experiment, tmp_path):
         batching = build_batching(cfg)
         assert batching.kind == ("full" if regime.startswith("full") else "mini")
         names = {type(c).__name__ for c in build_callbacks(cfg)}
-        assert {"MemorizationMonitor", "GradientNoiseScale", "SharpnessProbe"} <= names
+        assert {"MemorizationMonitor", "GradientNoiseScale", "SharpnessMonitor"} <= names
 
 
 def test_quick_run_has_its_own_output_folder(tmp_path, monkeypatch, capsys):

@@ -243,3 +243,45 @@ def test_every_option_trains_under_a_fast_debug_config(run_cfg, group, option, e
     summary = train(run_cfg(f"{group}={option}", *extra, "debug=fdr"))
     assert summary["status"] == "completed", summary.get("stop_reason")
     assert summary["epochs_run"] == 1
+
+
+# --- the callbacks group composes: an option holds only its own node(s) and adds to callbacks/base --------
+BASE = {"model_checkpoint", "last_checkpoint", "model_summary", "rich_progress_bar", "diagnosis"}
+COV = {"activation_drift", "gradient_ics", "landscape"}
+BATCH = {"memorization", "noise_scale", "sharpness"}
+COMPOSE = [(["callbacks=default"], BASE), (["callbacks=none"], set()), (["callbacks=sharpness"], BASE | {"sharpness"}),
+           (["callbacks=[sharpness,landscape]"], BASE | {"sharpness", "landscape"}),
+           (["callbacks=[none,sharpness]"], {"sharpness"}), (["~callbacks/base", "callbacks=landscape"], {"landscape"}),
+           (["callbacks=covariate_shift"], BASE | COV), (["callbacks=[batch_noise,gradient_ics]"], BASE | BATCH | {"gradient_ics"}),
+           (["callbacks=[batch_noise,sharpness]"], BASE | BATCH), (["callbacks=[patience_stop,sharpness]"], BASE | {"patience_stop", "sharpness"}),
+           (["experiment=batch_noise"], BASE | BATCH), (["experiment=santurkar2018"], BASE | COV),
+           (["experiment=learning_curve"], set())]
+
+
+@pytest.mark.parametrize("overrides,nodes", COMPOSE, ids=[" ".join(o) for o, _ in COMPOSE])
+def test_callbacks_options_compose(overrides, nodes):
+    from conftest import compose_cfg
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(overrides)
+    assert set(cfg.callbacks) == nodes
+    for name in set(cfg.callbacks) - BASE:  # every probe node instantiates as composed
+        assert instantiate(cfg.callbacks[name]) is not None
+
+
+def test_batch_noise_keeps_its_sharpness_definition_when_combined():
+    from conftest import compose_cfg
+
+    for overrides in (["callbacks=batch_noise"], ["callbacks=[sharpness,batch_noise]"]):
+        node = compose_cfg(overrides).callbacks.sharpness
+        assert (node.subset, node.seed_policy, node.every_n_epochs, node.max_overhead) == ("random", "per_epoch", 10, 0.1)
+    assert compose_cfg(["callbacks=sharpness"]).callbacks.sharpness.subset == "first"
+
+
+@pytest.mark.parametrize("option", [o for o in _options("callbacks") if not o.endswith("_stop")])  # *_stop: stop owner
+def test_callbacks_option_does_not_reinclude_the_base_set(option):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(CONFIGS / "callbacks" / f"{option}.yaml")
+    defaults = [str(d) for d in node.get("defaults", [])]
+    assert "default" not in defaults and not any("base" in d and "override" not in d for d in defaults), defaults

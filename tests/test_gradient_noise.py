@@ -120,3 +120,12 @@ def test_bad_arguments():
         GradientNoiseScale(labels="noisy")
     with pytest.raises(ValueError, match="exceeds"):
         per_batch_gradients(_Centre(2), torch.zeros(10, 2), torch.zeros(10), 4, 3, loss=_centre_loss)
+
+
+def test_callback_state_round_trip_and_old_checkpoint_state():
+    old = GradientNoiseScale()
+    old.load_state_dict({"last": {"epoch": 3, "b_simple": 2.0, "tr_sigma": 4.0, "grad_sq": 2.0}})  # before Probe
+    assert old.summary_items()["noise/b_simple"] == 2.0 and old.history[-1]["epoch"] == 3
+    fresh = GradientNoiseScale()
+    fresh.load_state_dict(old.state_dict())
+    assert fresh.history == old.history and fresh.summary_items() == old.summary_items()

@@ -8,8 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from shiftlab.callbacks.covariate_shift_callbacks import (ActivationDriftMonitor, GradientICSMonitor,
-                                                 LandscapeSmoothnessMonitor)
+from shiftlab.callbacks.activation_drift import ActivationDriftMonitor
+from shiftlab.callbacks.gradient_ics import GradientICSMonitor
+from shiftlab.callbacks.landscape import LandscapeSmoothnessMonitor
 
 
 class LossRecorder(L.Callback):
@@ -66,6 +67,7 @@ def test_probes_leave_training_bit_identical(tmp_path):
     with open(out / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert "activation_drift/net.2/in/p50" in header and "landscape/loss_range" in header
+    assert all(summary[f"probe_cost/{name}_s"] > 0 for name in ("activation_drift", "gradient_ics", "landscape"))
 
 
 def test_callback_state_round_trip_and_off_switch():
@@ -83,6 +85,7 @@ def test_callback_state_round_trip_and_off_switch():
     fresh = LandscapeSmoothnessMonitor(every_n_steps=5)
     fresh.load_state_dict(cb2.state_dict())
     assert fresh.history == cb2.history and fresh.summary_items()["landscape/loss_range"] == 0.5
+    assert fresh.summary_items()["probe_cost/landscape_s"] == 1.5
     assert LandscapeSmoothnessMonitor(eta_range=(1.0, 2.0), num_etas=3).etas(0.1) == pytest.approx([0.1, 0.15, 0.2])
 
 
@@ -95,10 +98,15 @@ def test_callbacks_reject_bad_values():
         LandscapeSmoothnessMonitor(eta_range=(0.0, 1.0))
 
 
+SHARPNESS = ["callbacks=[covariate_shift,sharpness]", "callbacks.sharpness.subset_size=64",
+             "callbacks.sharpness.power_iters=3", "callbacks.sharpness.trace_samples=1"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_probes_under_two_process_cpu_ddp_with_synced_bn(tmp_path):
-    """Lightning ddp_spawn (gloo, 2 CPU ranks), norm=batch_renorm syncing in-layer, all probes on:
+    """Lightning ddp_spawn (gloo, 2 CPU ranks), norm=batch_renorm syncing in-layer, all probes (and the
+    sharpness callback) on:
     no deadlock (every rank runs the probes' forwards), probe files written by rank 0."""
     from conftest import QUIET, compose_cfg
     from shiftlab.trainers.train import train
@@ -107,9 +115,11 @@ def test_probes_under_two_process_cpu_ddp_with_synced_bn(tmp_path):
     out = tmp_path / "ddp"
     cfg = compose_cfg(quiet + ["trainer=ddp_sim", "trainer.strategy=ddp_spawn", "norm=batch_renorm", "norm.warmup_steps=1", "norm.r_max_steps=3",
                                "norm.d_max_steps=3", "trainer.max_epochs=1", "+trainer.limit_train_batches=4",
-                               "+trainer.limit_val_batches=1", "test=false"] + PROBES, out)
+                               "+trainer.limit_val_batches=1", "test=false"] + PROBES + SHARPNESS, out)
     summary = train(cfg)
     assert summary["status"] == "completed", summary
+    sharp = json.loads((out / "probes" / "sharpness.json").read_text())["history"]  # an epoch probe too
+    assert [h["epoch"] for h in sharp] == [0] and sharp[0]["top_eigenvalue"] > 0
     hist = json.loads((out / "probes" / "gradient_ics.json").read_text())["history"]
     assert [h["step"] for h in hist] == [0, 3]
     assert all(0 < h["net.4/grad_norm"] for h in hist)

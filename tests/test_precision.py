@@ -76,5 +76,5 @@ def test_16_mixed_is_refused_on_cpu(run_cfg):
 
 
 def test_64_true_with_a_float32_probe_is_refused(run_cfg):
-    with pytest.raises(ConfigError, match="trainer.precision=64-true is not allowed with callbacks.memorization"):
+    with pytest.raises(ConfigError, match=r"trainer.precision=64-true is not allowed with callbacks\.(memorization|noise_scale|sharpness) "):
         check_config(run_cfg("trainer.precision=64-true", "callbacks=batch_noise"))

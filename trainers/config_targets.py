@@ -26,8 +26,8 @@ PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed")
 # Callbacks that read the data module's float32 tensors straight into the model: under
 # precision=64-true (a float64 model) they would fail at their first probe.
 FLOAT32_PROBE_MODULES = ("shiftlab.callbacks.memorization", "shiftlab.callbacks.gradient_noise",
-                         "shiftlab.callbacks.batch_regime_probes",
-                         "shiftlab.callbacks.covariate_shift_callbacks", "shiftlab.callbacks.sharpness_monitor")
+                         "shiftlab.callbacks.sharpness", "shiftlab.callbacks.activation_drift",
+                         "shiftlab.callbacks.gradient_ics", "shiftlab.callbacks.landscape")
 # summary.json keys every run writes (trainers/summary.py build_summary), besides the module's own.
 SUMMARY_CORE = ("epochs_run", "global_step", "wall_time_s", "train/loss_epoch_mean", "train/acc_epoch_mean",
                 "val/loss", "val/acc")
