@@ -117,8 +117,8 @@ def _model(cfg: dict[str, Any], dm):
     from shiftlab.trainers.models.cnn import CNN
     from shiftlab.trainers.models.mlp import MLP
     from shiftlab.trainers.models.resnet import ResNet
-    from shiftlab.trainers.pgm.crf import LinearChainCRF, PositionSoftmax
-    from shiftlab.trainers.pgm.hmm import HMM
+    from shiftlab.trainers.models.crf import LinearChainCRF, PositionSoftmax
+    from shiftlab.trainers.models.hmm import HMM
 
     big = cfg["width"] == "large"
     if cfg["model"] == "mlp":

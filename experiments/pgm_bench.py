@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from shiftlab.experiments.harness import describe_machine, machine
-from shiftlab.trainers.pgm import chain
-from shiftlab.trainers.pgm.hmm import hmm_unary, make_hmm
+from shiftlab.trainers.models.chain import inference as chain
+from shiftlab.trainers.models.hmm import hmm_unary, make_hmm
 
 
 def _time_pair(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int = 2

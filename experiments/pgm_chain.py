@@ -23,8 +23,8 @@ import lightning as L
 import torch
 
 from shiftlab.experiments import harness
-from shiftlab.trainers.pgm import em, metrics
-from shiftlab.trainers.pgm.hmm import HMM, true_model_scores
+from shiftlab.trainers.models.chain import em, metrics
+from shiftlab.trainers.models.hmm import HMM, true_model_scores
 
 
 # (label, overrides) of the gradient-descent variants in part (a). Learning rates from a short

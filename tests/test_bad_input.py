@@ -255,7 +255,7 @@ def test_declared_metric_names_match_what_a_run_logs(tmp_path):
 
     from conftest import compose_cfg
 
-    from shiftlab.trainers.module import ClassificationModule
+    from shiftlab.trainers.modules.classification import ClassificationModule
     from shiftlab.trainers.train import train
 
     summary = train(compose_cfg(QUIET + ["trainer.max_epochs=1", "data.label_noise=0.2"], tmp_path / "run"))

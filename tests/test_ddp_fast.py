@@ -4,7 +4,7 @@ Why: the exact full-batch step shards the training set over ranks, divides every
 the *global* sample (or token) count and sums the gradients over ranks. Dividing by the local
 count, averaging instead of summing, or sharding the wrong way still trains; only a comparison
 with one process over all samples catches it. The slow end-to-end test (test_spine_ddp.py) runs
-the real launcher; this one drives the modules' own ``_full_gradient`` with a stand-in trainer,
+the real launcher; this one drives the modules' own full-batch gradient with a stand-in trainer,
 in two spawned processes, in seconds.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from torch import nn
 
 from shiftlab.trainers.batching import FullBatch
 from shiftlab.trainers.data.base import TensorSplit
-from shiftlab.trainers.module import ClassificationModule
-from shiftlab.trainers.pgm import chain
-from shiftlab.trainers.pgm.crf import LinearChainCRF
-from shiftlab.trainers.pgm_module import SequenceModule
+from shiftlab.trainers.modules.classification import ClassificationModule
+from shiftlab.trainers.models.chain import inference as chain
+from shiftlab.trainers.models.crf import LinearChainCRF
+from shiftlab.trainers.modules.sequence import SequenceModule
 
 N, CHUNK = 13, 4  # uneven shards (7 and 6 samples) and an uneven last chunk
 
@@ -71,7 +71,7 @@ def _stand_in_trainer(split: TensorSplit, world: int, rank: int) -> SimpleNamesp
 def _full_gradient(module, split, world: int, rank: int):
     module.trainer = _stand_in_trainer(split, world, rank)
     params = [p for p in module.model.parameters() if p.requires_grad]
-    loss = module._full_gradient(params, record=False)
+    loss = module.full_batch.gradient(module, params, record=False)
     return float(loss), [p.grad.detach().clone() for p in params]
 
 

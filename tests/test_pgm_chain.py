@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from shiftlab.trainers.pgm import chain
+from shiftlab.trainers.models.chain import inference as chain
 
 
 def _problem(B: int, T: int, K: int, seed: int, with_end: bool):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from shiftlab.trainers.data.hmm_sequences import HMMSequenceDataModule, sample_hmm_dataset
-from shiftlab.trainers.pgm import calibration, chain, em, metrics
-from shiftlab.trainers.pgm.crf import LinearChainCRF, PositionSoftmax
-from shiftlab.trainers.pgm.hmm import HMM, make_hmm, true_model_scores
-from shiftlab.trainers.pgm.matching import apply_permutation, best_permutation, permute_marginals
+from shiftlab.trainers.models.chain import calibration, em, inference as chain, metrics
+from shiftlab.trainers.models.crf import LinearChainCRF, PositionSoftmax
+from shiftlab.trainers.models.hmm import HMM, make_hmm, true_model_scores
+from shiftlab.trainers.models.chain.matching import apply_permutation, best_permutation, permute_marginals
 
 
 def _data(n=300, T=12, K=3, V=6, noise=0.3, seed=0):
@@ -169,7 +169,7 @@ def test_bayes_ceiling_beats_trained_models():
 
 
 def test_matched_accuracy_metric():
-    from shiftlab.trainers.pgm_module import MatchedAccuracy
+    from shiftlab.trainers.modules.sequence import MatchedAccuracy
 
     target = torch.tensor([[0, 1, 2, 2, chain.PAD]])
     pred = torch.tensor([[1, 2, 0, 0, 0]])  # a relabelling of the truth

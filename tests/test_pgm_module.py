@@ -64,5 +64,11 @@ def test_softmax_baseline_runs_with_sgd(run_cfg):
 
 
 def test_chain_model_refuses_the_classifier_module(run_cfg):
-    with pytest.raises(RuntimeError, match="module=sequence"):
+    """The model declares its task; a module for another task is a config error (one line, before
+    any training), in both directions."""
+    from shiftlab.trainers.config_checks import ConfigError
+
+    with pytest.raises(ConfigError, match="^module=classification is not allowed .*allowed: module=sequence$"):
         train(run_cfg("experiment=pgm_crf", *SMALL, "module=classification"))
+    with pytest.raises(ConfigError, match="^module=sequence is not allowed .*allowed: module=classification$"):
+        train(run_cfg("data=synthetic", "module=sequence"))

@@ -19,9 +19,9 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
 from shiftlab.callbacks.hessian import epsilon_sharpness
-from shiftlab.trainers.pgm import calibration, chain
-from shiftlab.trainers.pgm.crf import LinearChainCRF, PositionSoftmax
-from shiftlab.trainers.pgm.matching import confusion
+from shiftlab.trainers.models.chain import calibration, inference as chain
+from shiftlab.trainers.models.crf import LinearChainCRF, PositionSoftmax
+from shiftlab.trainers.models.chain.matching import confusion
 from shiftlab.trainers.summary import evaluate_split
 from shiftlab.trainers.train import train
 
@@ -242,8 +242,8 @@ def test_unsupervised_hmm_confusion_rows_are_true_states_after_matching():
     """An HMM whose state ``s`` is true state ``perm[s]``: after Hungarian matching, the reported
     confusion must be the Bayes decoder's ``(true, predicted)`` matrix in the *true* labels."""
     from shiftlab.trainers.data.hmm_sequences import HMMSequenceDataModule
-    from shiftlab.trainers.pgm.hmm import HMM
-    from shiftlab.trainers.pgm_module import SequenceModule
+    from shiftlab.trainers.models.hmm import HMM
+    from shiftlab.trainers.modules.sequence import SequenceModule
     from shiftlab.trainers.batching import MiniBatch
 
     dm = HMMSequenceDataModule(num_sequences=120, length=8, min_length=4, num_states=3, num_symbols=6,

@@ -66,7 +66,7 @@ def test_test_metrics_match_scikit_learn():
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     from shiftlab.trainers.batching import MiniBatch
-    from shiftlab.trainers.module import ClassificationModule
+    from shiftlab.trainers.modules.classification import ClassificationModule
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 5, (400,), generator=g)

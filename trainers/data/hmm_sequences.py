@@ -16,7 +16,7 @@ import torch
 
 from shiftlab.trainers.data.base import TensorDataModule, TensorSplit
 from shiftlab.trainers.data.label_noise import corrupt_labels
-from shiftlab.trainers.pgm.hmm import HMMParams, make_hmm
+from shiftlab.trainers.models.hmm import HMMParams, make_hmm
 
 
 def sample_hmm_dataset(num_sequences: int, length: int, min_length: int | None, num_states: int,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shiftlab.trainers.pgm import chain
+from shiftlab.trainers.models.chain import inference as chain
 
 
 @dataclass
@@ -107,6 +107,7 @@ class HMM(nn.Module):
     """
 
     supervised = False
+    task = "sequence"  # trained by module=sequence (the per-token NLL), refused by module=classification
 
     def __init__(self, num_symbols: int, num_states: int | None = None, init_scale: float = 1.0,
                  input_shape: Sequence[int] | None = None, num_classes: int | None = None,
@@ -162,16 +163,7 @@ class HMM(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Log posterior marginals as (B, K, T): PyTorch's (N, C, d) layout, so classifier code
         (``F.cross_entropy(out, y)`` with ``PAD`` = ignore_index) works on it unchanged."""
-        require_sequence_module(self)
         return self.log_marginals(x, x >= 0 if mask is None else mask).transpose(1, 2)
-
-
-def require_sequence_module(model: nn.Module) -> None:
-    """Training a chain model through a per-position classifier loss would silently optimize the
-    wrong objective; :class:`shiftlab.trainers.pgm_module.SequenceModule` marks the models it wraps."""
-    if model.training and not getattr(model, "wrapped_by_sequence_module", False):
-        raise RuntimeError(f"{type(model).__name__} must be trained with module=sequence "
-                           "(e.g. experiment=pgm_hmm|pgm_crf|pgm_softmax, or add module=sequence)")
 
 
 def true_model_scores(params: HMMParams, x: Tensor, mask: Tensor, y: Tensor | None = None

@@ -17,13 +17,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from shiftlab.trainers.pgm import calibration
-from shiftlab.trainers.pgm.hmm import HMMParams, true_model_scores
-from shiftlab.trainers.pgm.matching import apply_permutation, best_permutation, permute_marginals
+from shiftlab.trainers.models.chain import calibration
+from shiftlab.trainers.models.hmm import HMMParams, true_model_scores
+from shiftlab.trainers.models.chain.matching import apply_permutation, best_permutation, permute_marginals
 
 
 class ChainModel(Protocol):
     supervised: bool
+    task: str  # "sequence": the module that trains it
     num_states: int
 
     def loss(self, x: Tensor, y: Tensor, mask: Tensor) -> Tensor: ...

@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from shiftlab.trainers.models import default_norm, make_activation
-from shiftlab.trainers.pgm import chain
-from shiftlab.trainers.pgm.hmm import require_sequence_module
+from shiftlab.trainers.models.chain import inference as chain
 
 
 class SequenceEncoder(nn.Module):
@@ -54,6 +53,7 @@ class SequenceEncoder(nn.Module):
 
 class _Tagger(nn.Module):
     supervised = True
+    task = "sequence"  # trained by module=sequence (the per-token NLL), refused by module=classification
 
     def __init__(self, num_symbols: int, input_shape: Sequence[int] | None = None,
                  num_classes: int | None = None, num_tags: int | None = None,
@@ -67,7 +67,6 @@ class _Tagger(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Log posterior marginals as (B, K, T) (PyTorch's (N, C, d) classifier layout)."""
-        require_sequence_module(self)
         return self.log_marginals(x, x >= 0 if mask is None else mask).transpose(1, 2)
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from shiftlab.trainers.pgm import chain
-from shiftlab.trainers.pgm.hmm import HMMParams, hmm_unary
+from shiftlab.trainers.models.chain import inference as chain
+from shiftlab.trainers.models.hmm import HMMParams, hmm_unary
 
 
 @dataclass

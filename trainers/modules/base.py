@@ -1,0 +1,184 @@
+"""The machinery every task shares: mini-batch steps, full-batch steps (delegated to
+:class:`~shiftlab.trainers.full_batch.FullBatchLoop`), the logging policy, optimizer and
+scheduler configuration, and the evaluation / test-report skeleton.
+
+A task (``module=classification|sequence``) supplies only what differs: its loss, how many units
+(samples, tokens) a split holds, its accuracy metric and update, and its test report. The contract
+with the model is declared, not patched in: a model's ``task`` attribute names the module that
+trains it (``"classification"`` when absent), and a module refuses any other.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import lightning as L
+from torch import Tensor, nn
+from torchmetrics import CatMetric, MeanMetric, Metric
+
+from shiftlab.trainers.batching import FullBatch, MiniBatch
+from shiftlab.trainers.full_batch import FullBatchLoop
+
+
+class TaskLoss(NamedTuple):
+    """A task's loss on one batch or chunk."""
+
+    value: Tensor  # the loss to backpropagate (a mean, or a chunk's sum / the split's count)
+    units: Tensor | int  # samples or tokens in the batch: the weight of ``value`` in epoch means
+    output: Any = None  # the forward pass's output, handed to ``update_accuracy``
+    per_unit: Tensor | None = None  # per-unit losses (evaluation only; ``val/loss_se``)
+
+
+class TaskModule(L.LightningModule):
+    """Trains ``model`` on one task under either batching regime.
+
+    Args:
+        model: the network (built from the ``model`` and ``norm`` groups).
+        optimizer: ``params -> Optimizer`` (the ``optimizer`` group, ``_partial_``).
+        scheduler: ``(optimizer, max_epochs) -> LRScheduler`` or None.
+        batching: :class:`MiniBatch` or :class:`FullBatch`.
+        num_classes: number of classes (or hidden states / tags).
+    """
+
+    task: str = ""  # the model's ``task`` this module trains; the config option's name
+    # What a module logs during fit (callbacks' ``monitor`` keys are checked against it before
+    # training) and the metric keys it adds to summary.json (``optimized_metric`` is checked
+    # against them); tests/test_bad_input.py runs a fit and compares.
+    logged_metrics: tuple[str, ...] = ("train/loss", "train/acc", "val/loss", "val/acc")
+    summary_metrics: tuple[str, ...] = ()
+    track_train_acc: bool = True
+
+    def __init__(self, model: nn.Module, optimizer: Callable, scheduler: Callable | None,
+                 batching: MiniBatch | FullBatch, num_classes: int) -> None:
+        super().__init__()
+        wants = getattr(model, "task", "classification")
+        if wants != self.task:
+            raise ValueError(f"module={self.task} is not allowed for model {type(model).__name__}; "
+                             f"allowed: module={wants}")
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.batching = batching
+        self.num_classes = num_classes
+        self.full_batch = FullBatchLoop(batching) if isinstance(batching, FullBatch) else None
+        self.automatic_optimization = self.full_batch is None
+        self.train_acc = self.make_accuracy(train=True)
+        self.val_acc = self.make_accuracy(train=False)
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_sample_losses = CatMetric()  # per-unit losses -> val/loss_se (early stopping)
+        self.test_report: dict[str, Any] = {}
+        self.last_loss: Tensor | None = None
+
+    # ---------------------------------------------------------------- what a task supplies
+    def loss(self, x: Tensor, y: Tensor, total: int | None = None) -> TaskLoss:
+        """Training loss: the mean over the batch's units, or (``total`` given, a full-batch chunk)
+        the sum over its units divided by ``total``."""
+        raise NotImplementedError
+
+    def eval_loss(self, x: Tensor, y: Tensor) -> TaskLoss:
+        """Validation / test loss (mean over the batch's units)."""
+        raise NotImplementedError
+
+    def count_units(self, x: Tensor) -> int:
+        """Units (samples, tokens) in a split: the divisor of the full-batch mean."""
+        raise NotImplementedError
+
+    def make_accuracy(self, train: bool) -> Metric:
+        raise NotImplementedError
+
+    def update_accuracy(self, metric: Metric, x: Tensor, y: Tensor, output: Any) -> None:
+        """Add the batch's predictions to an accuracy metric (``output`` from the loss's forward)."""
+        raise NotImplementedError
+
+    def update_test_metrics(self, x: Tensor, y: Tensor, output: Any) -> None:
+        """Per-batch test metrics besides the loss (none by default)."""
+
+    def finish_test(self) -> dict[str, Any]:
+        """Log the test figures and return the test report (``test/*`` in summary.json)."""
+        return {}
+
+    def final_train_metrics(self, split) -> dict[str, float]:
+        """Figures of the final model on the whole training split, for ``summary.json``."""
+        return {}
+
+    # ---------------------------------------------------------------- training
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def on_fit_start(self) -> None:
+        if self.full_batch is not None:
+            self.full_batch.on_fit_start(self)
+
+    def on_train_epoch_start(self) -> None:
+        self.train_loss.reset()
+        self.train_acc.reset()
+
+    def training_step(self, batch, batch_idx: int):
+        if self.full_batch is not None:
+            self.last_loss = self.full_batch.step(self)
+            self.train_loss.update(self.last_loss)
+            self._log_train_epoch()
+            return None
+        x, y = batch
+        out = self.loss(x, y)
+        self.last_loss = out.value.detach()
+        self.train_loss.update(self.last_loss, weight=out.units)
+        if self.track_train_acc:
+            self.update_accuracy(self.train_acc, x, y, out.output)
+        if batch_idx + 1 >= self.trainer.num_training_batches:
+            self._log_train_epoch()
+        return out.value
+
+    def _log_train_epoch(self) -> None:
+        """Log the epoch's train loss / accuracy once, from the last training step.
+
+        Why not ``self.log`` every step: Lightning's per-call logging cost is about a millisecond,
+        as much as a whole step of a small model. Logging from the last step (rather than from
+        ``on_train_epoch_end``) makes the values visible to every callback's epoch-end hook.
+        ``compute()`` reduces across DDP ranks.
+        """
+        self.log("train/loss", self.train_loss.compute(), on_step=False, on_epoch=True, prog_bar=True)
+        if self.track_train_acc:
+            self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_train_epoch_end(self) -> None:
+        if self.full_batch is not None:
+            self.full_batch.on_train_epoch_end(self)
+
+    # ---------------------------------------------------------------- evaluation
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        out = self.eval_loss(x, y)
+        self.val_loss.update(out.value, weight=out.units)
+        if out.per_unit is not None:
+            self.val_sample_losses.update(out.per_unit.detach())
+        self.update_accuracy(self.val_acc, x, y, out.output)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss_se``: standard error of ``val/loss`` over the validation units (all ranks;
+        stopping rules read it as the noise level of the curve)."""
+        if self.val_sample_losses.update_count:
+            losses = self.val_sample_losses.compute().flatten()
+            if losses.numel() > 1:
+                self.log("val/loss_se", losses.std() / losses.numel() ** 0.5)
+        self.val_sample_losses.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        out = self.eval_loss(x, y)
+        self.test_loss.update(out.value, weight=out.units)
+        self.update_test_metrics(x, y, out.output)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_report = self.finish_test()
+
+    # ---------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.model.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        sch = self.scheduler_factory(opt, max_epochs=self.trainer.max_epochs)
+        # Epoch-wise; with manual optimization (full batch) FullBatchLoop steps it.
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "epoch"}}
