@@ -150,22 +150,22 @@ class Probe(L.Callback, Reporter):
         if not trainer.is_global_zero or not self.history or not trainer.loggers:
             return  # a Trainer without loggers (logger=False) writes no files
         out = Path(getattr(trainer, "default_root_dir", None) or os.getcwd())
-        (out / "probes").mkdir(parents=True, exist_ok=True)
-        (out / "probes" / f"{self.name}.json").write_text(
-            json.dumps({"seconds": self.seconds, "skipped": self.skipped, "history": self.history}, indent=1))
+        from shiftlab.trainers.checkpoint_io import atomic_write_text
+        from shiftlab.trainers.plots import save_png
+
+        atomic_write_text(out / "probes" / f"{self.name}.json",
+                          json.dumps({"seconds": self.seconds, "skipped": self.skipped, "history": self.history},
+                                     indent=1))
         if self.plot and type(self).make_plot is not Probe.make_plot:
             try:
                 import matplotlib
 
                 matplotlib.use("Agg")
-                import matplotlib.pyplot as plt
 
                 fig = self.make_plot()
                 if fig is not None:
-                    (out / "plots").mkdir(parents=True, exist_ok=True)
                     fig.tight_layout()
-                    fig.savefig(out / "plots" / f"{self.name}.png", dpi=110)
-                    plt.close(fig)
+                    save_png(fig, out / "plots" / f"{self.name}.png")
             except Exception as e:  # a plot must never fail a run
                 rank_zero_warn(f"{self.name}: plot failed: {e}")
 

@@ -106,3 +106,16 @@ def test_test_figures_come_from_the_checkpoint_summary_names(run_cfg, which):
 def test_without_checkpoints_the_summary_says_final_weights(run_cfg):
     summary = train(run_cfg("trainer.max_epochs=1"))  # QUIET has callbacks=none: no checkpoint callbacks
     assert summary["test/weights"].startswith("final:")
+
+
+def test_label_noise_run_reports_clean_and_corrupted_accuracy_without_a_callbacks_option(run_cfg):
+    cfg = run_cfg("trainer.max_epochs=2", "data.label_noise=0.4")  # QUIET: callbacks=none
+    summary = train(cfg)
+    for key in ("mem/clean_acc", "mem/corrupt_acc_given", "mem/corrupt_acc_true"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["mem/frac_corrupted"] == pytest.approx(0.4, abs=0.05)
+    # per epoch too: the learning-curve plot draws these from the run history
+    rows = [ln for ln in (Path(cfg.paths.output_dir) / "metrics.csv").read_text().splitlines()]
+    assert "mem/clean_acc" in rows[0]
+    clean = train(run_cfg("trainer.max_epochs=1"))
+    assert "mem/clean_acc" not in clean

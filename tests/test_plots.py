@@ -33,7 +33,7 @@ def test_learning_curves_axes(captured, tmp_path):
 
 
 def test_label_noise_curves_are_drawn_when_recorded(captured, tmp_path):
-    hist = [dict(h, **{"train/acc_clean": 0.9, "train/acc_corrupted": 0.1}) for h in _history(4)]
+    hist = [dict(h, **{"mem/clean_acc": 0.9, "mem/corrupt_acc_given": 0.1, "mem/corrupt_acc_true": 0.5}) for h in _history(4)]
     plots.plot_learning_curves(hist, tmp_path / "c.png")
     labels = [ln.get_label() for ln in captured[0].axes[1].lines]
     assert "train, clean samples" in labels and any("corrupted" in lb for lb in labels)

@@ -52,14 +52,15 @@ def plot_learning_curves(history: list[dict], path: Path, title: str = "", note:
     for ax, metric in zip(axes, ("loss", "acc")):
         series = [("train", f"train/{metric}", "-"), ("val", f"val/{metric}", "--")]
         if metric == "acc":
-            series += [("train, clean samples", "train/acc_clean", ":"),
-                       ("train, corrupted samples (given labels)", "train/acc_corrupted", "-.")]
+            series += [("train, clean samples", "mem/clean_acc", ":"),
+                       ("train, corrupted vs given labels", "mem/corrupt_acc_given", "-."),
+                       ("train, corrupted vs true labels", "mem/corrupt_acc_true", (0, (1, 3)))]
         drawn = []
         for label, key, style in series:
             ys = [h.get(key, np.nan) for h in history]
             if all(y is None or not np.isfinite(y) for y in ys):
                 continue
-            ax.plot(epochs, ys, style, marker=marker, ms=3, label=label)
+            ax.plot(epochs, ys, linestyle=style, marker=marker, ms=3, label=label)
             drawn += [y for y in ys if y is not None]
         if metric == "loss" and wants_log_scale(drawn):
             ax.set_yscale("log")

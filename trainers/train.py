@@ -64,6 +64,24 @@ def _fit(trainer: L.Trainer, contract: RunContract, fit: Any) -> tuple[str, str 
     return "completed", None, None
 
 
+# With label noise, every run probes up to this many training samples each epoch (clean vs corrupted).
+LABEL_NOISE_PROBE_SAMPLES = 4096
+
+
+def label_noise_probe(cfg: DictConfig, module: L.LightningModule, callbacks: list) -> list[L.Callback]:
+    """A memorization probe for a classification run with label noise that has none configured: training
+    accuracy on clean and on corrupted samples, against the given and the true labels, every epoch (on a fixed
+    subset of at most LABEL_NOISE_PROBE_SAMPLES samples, so its cost stays bounded on large data sets)."""
+    from shiftlab.callbacks.memorization import MemorizationMonitor
+
+    noise = float((cfg.get("data") or {}).get("label_noise") or 0.0)
+    if noise <= 0 or getattr(module, "task", "") != "classification":
+        return []
+    if any(isinstance(cb, MemorizationMonitor) for cb in callbacks):
+        return []
+    return [MemorizationMonitor(every_n_epochs=1, max_samples=LABEL_NOISE_PROBE_SAMPLES)]
+
+
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train, test and write one run directory; return the summary dict.
 
@@ -86,7 +104,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         dm.setup("fit")
         module = build_module(cfg, dm)
         guard = DivergenceGuard(**(cfg.get("divergence") or {}))
-        callbacks = build_callbacks(cfg) + list(extra_callbacks or []) + [history_cb, guard, contract]
+        callbacks = build_callbacks(cfg) + list(extra_callbacks or [])
+        callbacks += label_noise_probe(cfg, module, callbacks) + [history_cb, guard, contract]
         trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
         log_config(trainer.loggers, cfg)
         if cfg.get("print_config") and trainer.is_global_zero:
