@@ -117,6 +117,17 @@ def test_ece_separates_calibrated_from_overconfident():
     assert ece_cal < 0.02 < 0.1 < ece_over
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reliability_bins_agree_with_torchmetrics_calibration_error(seed):
+    """The diagram's bins (hand-binned) and the ECE (torchmetrics) describe the same calibration."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(3000, 5, generator=g) * 3, -1)
+    target = torch.randint(0, 5, (3000,), generator=g)
+    r = calibration.reliability_bins(probs, target, 15)
+    from_bins = float((r["count"] / r["count"].sum() * (r["accuracy"] - r["confidence"]).abs()).sum())
+    assert calibration.expected_calibration_error(probs, target, 15) == pytest.approx(from_bins, abs=1e-6)
+
+
 def test_reliability_plot_writes_png(tmp_path):
     probs = torch.softmax(torch.randn(500, 4), -1)
     target = torch.randint(0, 4, (500,))

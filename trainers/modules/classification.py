@@ -34,6 +34,14 @@ class ClassificationModule(TaskModule):
             "confusion_matrix": MulticlassConfusionMatrix(k),
         })
 
+    def setup(self, stage: str) -> None:
+        """One training sample as ``example_input_array``: the model summary then shows input/output sizes
+        and real FLOPs instead of "FLOPs 0"."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        split = getattr(dm, "train_set", None)
+        if self.example_input_array is None and getattr(split, "x", None) is not None and len(split.x):
+            self.example_input_array = split.x[:1].clone()
+
     def loss(self, x: Tensor, y: Tensor, total: int | None = None) -> TaskLoss:
         logits = self.model(x)
         value = F.cross_entropy(logits, y) if total is None else \

@@ -26,10 +26,17 @@ def reliability_bins(probs: Tensor, target: Tensor, num_bins: int = 15) -> dict[
 
 
 def expected_calibration_error(probs: Tensor, target: Tensor, num_bins: int = 15) -> float:
-    """ECE = sum_b (n_b / n) |acc_b - conf_b| (Guo et al. 2017, equal-width bins)."""
-    r = reliability_bins(probs, target, num_bins)
-    n = r["count"].sum().clamp_min(1)
-    return float((r["count"] / n * (r["accuracy"] - r["confidence"]).abs()).sum())
+    """ECE = sum_b (n_b / n) |acc_b - conf_b| (Guo et al. 2017, equal-width bins), by torchmetrics'
+    ``multiclass_calibration_error`` (L1 norm); :func:`reliability_bins` gives the same bins for the diagram
+    (tests/test_pgm_models.py checks that the two agree)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    if num_bins < 1:
+        raise ValueError(f"num_bins={num_bins} must be >= 1")
+    if target.numel() == 0:
+        return 0.0
+    return float(multiclass_calibration_error(probs.double(), target.long(), num_classes=probs.shape[-1],
+                                              n_bins=num_bins, norm="l1", validate_args=False))
 
 
 def flatten_valid(marginals: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,13 +46,11 @@ def flatten_valid(marginals: Tensor, target: Tensor, mask: Tensor) -> tuple[Tens
 
 def plot_reliability(curves: dict[str, dict[str, Tensor]], path: str | Path, title: str = "") -> Path:
     """Reliability diagram, one line per named curve (e.g. model vs true model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from shiftlab.trainers.plots import save_png
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     for name, r in curves.items():
@@ -58,6 +63,5 @@ def plot_reliability(curves: dict[str, dict[str, Tensor]], path: str | Path, tit
     ax.set_title(title or "reliability diagram")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
