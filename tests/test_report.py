@@ -28,10 +28,9 @@ def _run(root: Path, name: str, *, summary: dict | None = None, trial: dict | No
     return d
 
 
-@pytest.fixture()
-def sweep_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "sw"
-    root.mkdir()
+def build_sweep(root: Path) -> Path:
+    """A sweep directory as shiftlab-sweep leaves it: two complete trials, one pruned, one failed."""
+    root.mkdir(parents=True)
     (root / "sweep.json").write_text(json.dumps({
         "metric": "val/loss", "direction": "minimize",
         "settings": {"params": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1, "log": True},
@@ -50,6 +49,42 @@ def sweep_dir(tmp_path: Path) -> Path:
     _run(root, "trials/0003", trial=trial(3, "failed", None, 0.5, "batchnorm", "RuntimeError: CUDA out of memory"))
     (root / "ray").mkdir()  # Tune's own directory is not a run
     return root
+
+
+def build_multirun(root: Path) -> Path:
+    """A plain Hydra multirun (no trial records): the parameters come from .hydra/overrides.yaml."""
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0", "hydra.run.dir=x"], config=cfg)
+    _run(root, "1", summary={"status": "completed", "val/acc": 0.9}, overrides=["optimizer.lr=0.01", "seed=0"], config=cfg)
+    _run(root, "2", summary={"status": "diverged", "stop_reason": "loss is nan at epoch 2"},
+         overrides=["optimizer.lr=10.0", "seed=0"], config=cfg)
+    return root
+
+
+def build_mixed(root: Path) -> Path:
+    """Awkward cells: integers next to missing values, pipes and newlines in reasons, a NaN metric,
+    booleans, a quoted override, a parameter only some runs set, a tie on the metric."""
+    cfg = {"optimized_metric": "val/loss", "optimized_metric_mode": "min"}
+    _run(root, "a", summary={"status": "completed", "val/loss": 0.5, "epochs_run": 3, "wall_time_s": 1.25,
+                             "flag": True, "note": "x|y", "stop_reason": "patience | 3\nepochs"},
+         overrides=["model.width=64", "norm=none", "+extra='a b'"], config=cfg)
+    _run(root, "b", summary={"status": "completed", "val/loss": 0.5, "epochs_run": 4},
+         overrides=["model.width=128", "norm=batchnorm"], config=cfg)
+    _run(root, "c", summary={"status": "completed", "val/loss": "nan", "epochs_run": 2},
+         overrides=["model.width=32", "norm=none"], config=cfg)
+    _run(root, "d", summary={"status": "interrupted", "stop_reason": "SIGINT", "epochs_run": 1, "val/loss": 0.1},
+         overrides=["model.width=16", "norm=none", "optimizer=adam"], config=cfg)
+    _run(root, "e", trial={"state": "pruned", "value": 0.7, "reason": "pruned", "params": {"model.width": 8}},
+         config=cfg)
+    return root
+
+
+BUILDERS = {"sweep": build_sweep, "multirun": build_multirun, "mixed": build_mixed}
+
+
+@pytest.fixture()
+def sweep_dir(tmp_path: Path) -> Path:
+    return build_sweep(tmp_path / "sw")
 
 
 def test_table_csv_plots_and_best_run(sweep_dir: Path) -> None:
@@ -80,12 +115,7 @@ def test_metric_and_direction_from_the_command_line(sweep_dir: Path, capsys) -> 
 
 
 def test_plain_hydra_multirun_without_trial_records(tmp_path: Path) -> None:
-    root = tmp_path / "multirun"
-    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
-    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0", "hydra.run.dir=x"], config=cfg)
-    _run(root, "1", summary={"status": "completed", "val/acc": 0.9}, overrides=["optimizer.lr=0.01", "seed=0"], config=cfg)
-    _run(root, "2", summary={"status": "diverged", "stop_reason": "loss is nan at epoch 2"},
-         overrides=["optimizer.lr=10.0", "seed=0"], config=cfg)
+    root = build_multirun(tmp_path / "multirun")
     out = report.make_report(root)
     assert out["best"] == "1" and out["direction"] == "maximize"
     md = out["markdown"].read_text()

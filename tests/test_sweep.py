@@ -512,3 +512,31 @@ def test_cli_exit_code_after_preemption(tmp_path: Path, monkeypatch, capsys) -> 
     monkeypatch.setattr(shiftlab.trainers.train, "train", preempted)
     assert sw.main(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"]) == 143
     assert "trial 0 preempted" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna's trials data frame gives the records the hand-built loop gave
+# --------------------------------------------------------------------------------------------
+def mixed_study() -> optuna.Study:
+    """Every trial state, int / float / str parameters, a parameter only some trials have."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(direction="maximize")
+    dists = {"lr": FloatDistribution(1e-4, 1.0, log=True), "width": IntDistribution(16, 128, step=16),
+             "norm": CategoricalDistribution(["batchnorm", "none"])}
+    fixed = [({"lr": 0.01, "width": 64, "norm": "none"}, 0.9, TrialState.COMPLETE, "max_epochs=3 reached"),
+             ({"lr": 0.3, "width": 16, "norm": "batchnorm"}, None, TrialState.PRUNED, "pruned by MedianPruner"),
+             ({"lr": 0.9, "width": 128}, None, TrialState.FAIL, None),
+             ({"lr": 0.001, "width": 32, "norm": "batchnorm"}, 0.95, TrialState.COMPLETE, None)]
+    for n, (params, value, state, reason) in enumerate(fixed):
+        attrs = {"run_dir": f"/sweeps/s/trials/{n:04d}"} | ({"reason": reason} if reason else {})
+        study.add_trial(create_trial(params=params, distributions={k: dists[k] for k in params}, value=value,
+                                     state=state, user_attrs=attrs, intermediate_values={0: 0.4, 1: 0.6}))
+    study.enqueue_trial({"lr": 0.002, "width": 48, "norm": "none"})
+    running = study.ask()
+    for k, d in dists.items():
+        running.suggest_float(k, d.low, d.high, log=d.log) if k == "lr" else (
+            running.suggest_int(k, d.low, d.high, step=d.step) if k == "width" else running.suggest_categorical(k, d.choices))
+    study.enqueue_trial({"lr": 0.005})  # WAITING: enqueued, never started
+    return study
