@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shiftlab.trainers import report
+from shiftlab.trainers.orchestration import report
 
 
 def _run(root: Path, name: str, *, summary: dict | None = None, trial: dict | None = None,
@@ -142,3 +142,61 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     _run(tmp_path / "nometric", "a", summary={"status": "completed", "x": 1})
     assert report.main([str(tmp_path / "nometric")]) == 2
     assert "pass --metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_pandas_tables_equal_the_string_built_ones(name: str, tmp_path: Path) -> None:
+    """runs.csv and report.md byte for byte as the former csv-module / string-join report wrote
+    them for the same run directories (tests/golden/report/, written by commit c894504)."""
+    root = BUILDERS[name](tmp_path / name)
+    out = report.make_report(root)
+    golden = Path(__file__).parent / "golden" / "report" / name
+    assert out["csv"].read_bytes() == (golden / "runs.csv").read_bytes()
+    assert out["markdown"].read_text() == (golden / "report.md").read_text()
+
+
+def _seed_runs(root: Path, table: dict[tuple, float], keys: tuple[str, ...]) -> Path:
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    for i, (values, acc) in enumerate(table.items()):
+        overrides = [f"{k}={v}" for k, v in zip(keys, values)]
+        _run(root, str(i), summary={"status": "completed", "val/acc": acc, "epochs_run": 3}, overrides=overrides,
+             config=cfg)
+    return root
+
+
+def test_seeds_only_multirun_reports_mean_and_spread_not_a_best_seed(tmp_path: Path, capsys) -> None:
+    import statistics
+
+    accs = {(0,): 0.90, (1,): 0.94, (2,): 0.92}
+    root = _seed_runs(tmp_path / "seeds", accs, ("seed",))
+    _run(root, "3", summary={"status": "diverged", "stop_reason": "loss is nan"}, overrides=["seed=3"],
+         config={"optimized_metric": "val/acc"})
+    out = report.make_report(root)
+    mean, std = statistics.mean(accs.values()), statistics.stdev(accs.values())
+    assert out["best"] is None and len(out["across_seeds"]) == 1
+    spread = out["across_seeds"][0]
+    assert spread["n"] == 3 and spread["mean"] == pytest.approx(mean) and spread["std"] == pytest.approx(std)
+    md = out["markdown"].read_text()
+    assert f"**Across seeds: val/acc = {mean:.4g} ± {std:.4g} (mean ± sample std over n=3 seeds; " in md
+    assert "The runs differ only in their seed (0, 1, 2, 3): no run is best." in md
+    assert "Best run" not in md and "(best)" not in md
+    assert out["plots"] == []  # no val/acc-vs-seed figure
+    assert report.main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "best: none (runs repeat seeds; val/acc mean 0.92 ± 0.02 over n=3" in printed
+
+
+def test_seeds_with_a_knob_rank_configurations_by_their_mean(tmp_path: Path) -> None:
+    accs = {(0.1, 0): 0.80, (0.1, 1): 0.99, (0.01, 0): 0.93, (0.01, 1): 0.95}  # the best single run has lr=0.1
+    root = _seed_runs(tmp_path / "grid", accs, ("optimizer.lr", "seed"))
+    out = report.make_report(root)
+    assert out["best"] is None
+    rows = {r["optimizer.lr"]: r for r in out["across_seeds"]}
+    assert [r["optimizer.lr"] for r in out["across_seeds"]] == [0.01, 0.1]  # best mean first
+    assert rows[0.01]["mean"] == pytest.approx(0.94) and rows[0.1]["mean"] == pytest.approx(0.895)
+    assert rows[0.01]["n"] == rows[0.1]["n"] == 2
+    md = out["markdown"].read_text()
+    assert "**Best configuration: optimizer.lr=0.01** -- val/acc = 0.94 ± 0.01414" in md
+    assert "## Across seeds" in md and "| optimizer.lr | mean | std | n | min | max |" in md
+    assert "(best)" not in md
+    assert [p.name for p in out["plots"]] == ["val_acc_vs_optimizer_lr.png"]
