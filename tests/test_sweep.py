@@ -444,8 +444,7 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
             "grace_period_s=2", "trainer.max_epochs=8",  # a few seconds per trial: the kill lands mid-trial
             "print_config=false", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "test=false", "report=true"]
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # shiftlab as this interpreter imports it
     proc = subprocess.Popen([sys.executable, "-m", "shiftlab.trainers.orchestration.sweep", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "trials" / "0001" / "trial.json"
