@@ -200,3 +200,27 @@ def test_seeds_with_a_knob_rank_configurations_by_their_mean(tmp_path: Path) -> 
     assert "## Across seeds" in md and "| optimizer.lr | mean | std | n | min | max |" in md
     assert "(best)" not in md
     assert [p.name for p in out["plots"]] == ["val_acc_vs_optimizer_lr.png"]
+
+
+def test_seeds_without_a_completed_run_still_report(tmp_path: Path, capsys) -> None:
+    cfg = {"optimized_metric": "val/acc"}
+    for i, lr in enumerate((0.1, 0.01)):
+        for seed in (0, 1):
+            _run(tmp_path / "s", f"{i}{seed}", summary={"status": "diverged", "stop_reason": "nan"},
+                 overrides=[f"optimizer.lr={lr}", f"seed={seed}"], config=cfg)
+    assert report.main([str(tmp_path / "s")]) == 0
+    assert "best: none (runs repeat seeds; no configuration completed)" in capsys.readouterr().out
+    md = (tmp_path / "s" / "report" / "report.md").read_text()
+    assert "**Across seeds: no run completed with a finite metric.**" in md
+
+
+def test_overrides_are_read_with_hydras_grammar(tmp_path: Path) -> None:
+    """``1e-3`` is a float on Hydra's command line; YAML 1.1 (the former reader) made it the string '1e-3'."""
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    _run(tmp_path / "m", "0", summary={"status": "completed", "val/acc": 0.9}, config=cfg,
+         overrides=["optimizer.lr=1e-3", "+tags=[a,b]", "model='mlp'", "~callbacks.x"])
+    _run(tmp_path / "m", "1", summary={"status": "completed", "val/acc": 0.8}, config=cfg,
+         overrides=["optimizer.lr=1e-1", "+tags=[a,b]", "model='mlp'"])
+    rows = {r["run"]: r["params"] for r in report.collect(tmp_path / "m")}
+    assert rows["0"] == {"optimizer.lr": 0.001, "tags": ["a", "b"], "model": "mlp"}
+    assert rows["1"]["optimizer.lr"] == 0.1

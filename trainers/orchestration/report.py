@@ -210,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as e:
         print(f"shiftlab-report: error: {e}", file=sys.stderr)
         return 2
-    if result["across_seeds"] is not None:
+    if result["across_seeds"] is not None and not result["across_seeds"]:
+        best = "none (runs repeat seeds; no configuration completed)"
+    elif result["across_seeds"] is not None:
         top = result["across_seeds"][0]
         best = (f"none (runs repeat seeds; {result['metric']} mean {_fmt(top['mean'])} ± {_fmt(top['std']) or 'n/a'}"
                 f" over n={top['n']} for the best configuration)")

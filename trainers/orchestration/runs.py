@@ -52,18 +52,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _overrides(run_dir: Path) -> dict[str, Any]:
-    """``key=value`` overrides of a Hydra run (``.hydra/overrides.yaml``), values parsed as yaml."""
+    """``key=value`` overrides of a Hydra run (``.hydra/overrides.yaml``), read with Hydra's own
+    override grammar (quoting, lists, dicts as on the command line); deletions (``~key``) skipped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         return {}
+    parser = OverridesParser.create()
     out = {}
     for item in yaml.safe_load(path.read_text()) or []:
-        key, sep, value = str(item).lstrip("+~").partition("=")
-        if sep:
-            try:
-                out[key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                out[key] = value
+        try:
+            override = parser.parse_override(str(item))
+        except Exception:  # noqa: BLE001 - Hydra raises its own OverrideParseException; not a knob then
+            continue
+        if override.is_delete() or override.is_sweep_override():
+            continue
+        out[override.get_key_element().lstrip("+~")] = override.value()
     return out
 
 
