@@ -224,3 +224,11 @@ def test_overrides_are_read_with_hydras_grammar(tmp_path: Path) -> None:
     rows = {r["run"]: r["params"] for r in report.collect(tmp_path / "m")}
     assert rows["0"] == {"optimizer.lr": 0.001, "tags": ["a", "b"], "model": "mlp"}
     assert rows["1"]["optimizer.lr"] == 0.1
+
+
+def test_out_dir_elsewhere_links_the_plots_next_to_the_report(sweep_dir: Path, tmp_path: Path) -> None:
+    out = report.make_report(sweep_dir, out_dir=tmp_path / "elsewhere" / "rep")
+    md = out["markdown"].read_text()
+    assert md.startswith("# Sweep report: sw\n")
+    links = [line[line.index("](") + 2:-1] for line in md.splitlines() if line.startswith("![")]
+    assert len(links) == 2 and all((out["markdown"].parent / link).is_file() for link in links)

@@ -110,11 +110,13 @@ def _spread_text(row: Mapping[str, Any], metric: str) -> str:
             f"min {_fmt(row['min'])}, max {_fmt(row['max'])})")
 
 
-def markdown(frame: pd.DataFrame, metric: str, direction: str, source: str, plots: Sequence[Path], root: Path,
-             best: pd.Series | None, spread: tuple[list[str], pd.DataFrame] | None) -> str:
+def markdown(frame: pd.DataFrame, metric: str, direction: str, source: str, plots: Sequence[Path], out: Path,
+             title: str, best: pd.Series | None, spread: tuple[list[str], pd.DataFrame] | None) -> str:
+    """``report.md`` (written into ``out``): the headline (best run, or mean ± std over seeds), the
+    counts, the spread per configuration when seeds repeat, every run, and links to the plots."""
     params = param_names_of(frame)
     counts = frame["state"].value_counts()
-    lines = [f"# Sweep report: {root.name}", ""]
+    lines = [f"# Sweep report: {title}", ""]
     if spread is not None:
         knobs, table = spread
         seeds = ", ".join(sorted({_fmt(v) for k in SEED_KEYS if k in frame for v in frame[k] if v is not None}))
@@ -142,7 +144,7 @@ def markdown(frame: pd.DataFrame, metric: str, direction: str, source: str, plot
     lines += _table(frame, ["run", "state", metric, *params, *extra, "reason"], first=marked)
     if plots:
         lines += ["", "## Metric against each swept parameter", ""]
-        lines += [f"![{p.stem}]({p.relative_to(root / 'report').as_posix()})" for p in plots]
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]  # next to report.md
     return "\n".join(lines) + "\n"
 
 
@@ -187,8 +189,7 @@ def make_report(root: Path | str, metric: str | None = None, direction: str | No
                                 log_hint=_searched_on_log_scale(specs.get(p)),
                                 spread=spread[1] if one_knob else None))
     write_csv(frame, out / "runs.csv")
-    md = markdown(frame, metric, direction, source, plots, root if out == root / "report" else out.parent,
-                  best, spread)
+    md = markdown(frame, metric, direction, source, plots, out, root.name, best, spread)
     (out / "report.md").write_text(md)
     across = None if spread is None else spread[1].to_dict("records")
     return {"csv": out / "runs.csv", "markdown": out / "report.md", "plots": plots,
