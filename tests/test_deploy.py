@@ -254,17 +254,18 @@ def test_pytorchjob_matches_its_trainer_overrides(overlay) -> None:
 
 def test_manifest_commands_compose_with_the_real_configs(overlay) -> None:
     """The overrides in the manifests must name config keys and groups that exist."""
-    from shiftlab.trainers import sweep as sw
+    from shiftlab.trainers.orchestration.settings import SweepSettings
+    from shiftlab.trainers.orchestration.trial import compose_config, route_overrides
 
     _, docs = overlay
     job = _by_kind(docs, "PyTorchJob")[0]
     args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"][2:]
-    cfg = sw.compose_config(args)
+    cfg = compose_config(args)
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
     entry = shlex.split(_by_kind(docs, "RayJob")[0]["spec"]["entrypoint"])
     assert entry[0] == "shiftlab-sweep"
-    settings = sw.SweepSettings.from_cfg(sw.compose_config(sw.route_overrides(entry[1:])))
-    assert settings.backend == "ray" and settings.ray["address"] == "auto"
+    settings = SweepSettings.from_cfg(compose_config(route_overrides(entry[1:])))
+    assert settings.backend == "ray" and settings.ray.address == "auto"
     assert str(settings.dir) == "/outputs/sweeps/digits_mlp"
     assert _by_kind(docs, "RayJob")[0]["spec"]["clusterSelector"] == {"ray.io/cluster": "shiftlab-ray"}
 

@@ -1,4 +1,4 @@
-"""shiftlab.trainers.pipeline evaluate: checkpoints load weights-only (finding 8)."""
+"""shiftlab.trainers.orchestration.pipeline evaluate: checkpoints load weights-only (finding 8)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from shiftlab.trainers import pipeline
+from shiftlab.trainers.orchestration import pipeline
 
 
 class _RunsCommand:

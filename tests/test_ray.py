@@ -109,7 +109,7 @@ def ray_head(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_two_trial_sweep_on_a_ray_head(ray_head: str, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "shiftlab.trainers.sweep", "hparams_search=digits_mlp", "n_trials=2", "backend=ray",
+    cmd = [sys.executable, "-m", "shiftlab.trainers.orchestration.sweep", "hparams_search=digits_mlp", "n_trials=2", "backend=ray",
            f"ray.address={ray_head}", "ray.max_concurrent=1", f"sweep.dir={out}", "trainer.max_epochs=3",
            "print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
            "test=false", "sweep.pruner_args={n_startup_trials:1,n_warmup_steps:0}",
@@ -144,7 +144,7 @@ def test_two_trial_sweep_on_a_ray_head(ray_head: str, tmp_path: Path) -> None:
 def test_one_run_data_parallel_over_ray_train_workers(ray_head: str, tmp_path: Path) -> None:
     """Ray Train + Lightning's RayDDPStrategy: 2 workers, each sees half of every epoch."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "shiftlab.trainers.ray_ddp", f"ray.address={ray_head}", "ray.num_workers=2",
+    cmd = [sys.executable, "-m", "shiftlab.trainers.orchestration.ray_ddp", f"ray.address={ray_head}", "ray.num_workers=2",
            "trainer.max_epochs=1", "batching.batch_size=64", "print_config=false",
            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.output_dir={out}"]
     env = dict(os.environ, **RAY_ENV, SHIFTLAB_ROOT=str(tmp_path), WANDB_MODE="disabled")
@@ -159,17 +159,42 @@ def test_one_run_data_parallel_over_ray_train_workers(ray_head: str, tmp_path: P
 
 
 def test_ray_ddp_settings_and_config(tmp_path: Path) -> None:
-    from shiftlab.trainers import ray_ddp
-    from shiftlab.trainers.sweep import compose_config
+    from shiftlab.trainers.compose import compose
+    from shiftlab.trainers.orchestration import ray_ddp
+    from shiftlab.trainers.orchestration.ray_settings import RaySettings, RaySettingsError
 
-    overrides, cfg = ray_ddp.split_overrides(["ray.num_workers=4", "ray.use_gpu=true", "optimizer.lr=0.1"])
-    assert overrides == ["optimizer.lr=0.1"] and cfg["num_workers"] == 4 and cfg["use_gpu"] is True
-    with pytest.raises(ValueError, match="ray.workers is unknown; allowed: ray.address, ray.num_workers"):
+    overrides, settings = ray_ddp.split_overrides(["ray.num_workers=4", "ray.use_gpu=true", "optimizer.lr=0.1"])
+    assert overrides == ["optimizer.lr=0.1"]
+    assert settings == RaySettings(num_workers=4, use_gpu=True)  # the rest at their defaults
+    with pytest.raises(RaySettingsError, match=r"^ray.workers=2 is not allowed; allowed: ray.address, ray.num_workers, "
+                                              r"ray.use_gpu, ray.cpus_per_worker$"):
         ray_ddp.split_overrides(["ray.workers=2"])
-    with pytest.raises(ValueError, match="ray.num_workers=0 is not allowed"):
+    with pytest.raises(RaySettingsError, match="ray.num_workers=0 is not allowed; allowed: an integer >= 1"):
         ray_ddp.split_overrides(["ray.num_workers=0"])
-    run = ray_ddp.ray_config(compose_config(["trainer=ddp"]), use_gpu=False, run_dir=tmp_path)
+    with pytest.raises(RaySettingsError, match="ray.use_gpu='yes please' is not allowed; allowed: true or false"):
+        ray_ddp.split_overrides(["ray.use_gpu=yes please"])
+    # a sweep's key is not the launcher's (and the other way round: tests/test_sweep.py)
+    with pytest.raises(RaySettingsError, match="ray.max_concurrent=2 is not allowed"):
+        ray_ddp.split_overrides(["ray.max_concurrent=2"])
+    run = ray_ddp.ray_config(compose(["trainer=ddp"]), use_gpu=False, run_dir=tmp_path)
     assert run.trainer.strategy == {"_target_": "ray.train.lightning.RayDDPStrategy"}
     assert run.trainer.plugins == [{"_target_": "ray.train.lightning.RayLightningEnvironment"}]
     assert run.paths.output_dir == str(tmp_path) and run.cluster_env == "none" and run.trainer.accelerator == "cpu"
     assert ray_ddp.main(["ray.bogus=1"]) == 2
+
+
+def test_sweep_and_ddp_read_ray_settings_through_one_parser() -> None:
+    """Both entry points get a RaySettings from ray_settings.parse_ray_settings, with the same
+    defaults and checks for the keys they share."""
+    from shiftlab.trainers.orchestration import ray_ddp
+    from shiftlab.trainers.orchestration.ray_settings import RaySettings
+    from shiftlab.trainers.orchestration.settings import SweepSettings
+    from shiftlab.trainers.orchestration.trial import compose_config
+
+    sweep = SweepSettings.from_cfg(compose_config(["hparams_search=digits_mlp", "sweep.ray.address=auto",
+                                                   "sweep.ray.cpus_per_trial=2"]))
+    _, ddp = ray_ddp.split_overrides(["ray.address=auto", "ray.cpus_per_worker=2"])
+    assert isinstance(sweep.ray, RaySettings) and isinstance(ddp, RaySettings)
+    assert sweep.ray.address == ddp.address == "auto"
+    assert (sweep.ray.max_concurrent, sweep.ray.cpus_per_trial, sweep.ray.gpus_per_trial) == (2, 2.0, 0.0)
+    assert (ddp.num_workers, ddp.use_gpu, ddp.cpus_per_worker) == (2, False, 2.0)

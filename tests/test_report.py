@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shiftlab.trainers import report
+from shiftlab.trainers.orchestration import report
 
 
 def _run(root: Path, name: str, *, summary: dict | None = None, trial: dict | None = None,
@@ -28,10 +28,9 @@ def _run(root: Path, name: str, *, summary: dict | None = None, trial: dict | No
     return d
 
 
-@pytest.fixture()
-def sweep_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "sw"
-    root.mkdir()
+def build_sweep(root: Path) -> Path:
+    """A sweep directory as shiftlab-sweep leaves it: two complete trials, one pruned, one failed."""
+    root.mkdir(parents=True)
     (root / "sweep.json").write_text(json.dumps({
         "metric": "val/loss", "direction": "minimize",
         "settings": {"params": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1, "log": True},
@@ -50,6 +49,42 @@ def sweep_dir(tmp_path: Path) -> Path:
     _run(root, "trials/0003", trial=trial(3, "failed", None, 0.5, "batchnorm", "RuntimeError: CUDA out of memory"))
     (root / "ray").mkdir()  # Tune's own directory is not a run
     return root
+
+
+def build_multirun(root: Path) -> Path:
+    """A plain Hydra multirun (no trial records): the parameters come from .hydra/overrides.yaml."""
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0", "hydra.run.dir=x"], config=cfg)
+    _run(root, "1", summary={"status": "completed", "val/acc": 0.9}, overrides=["optimizer.lr=0.01", "seed=0"], config=cfg)
+    _run(root, "2", summary={"status": "diverged", "stop_reason": "loss is nan at epoch 2"},
+         overrides=["optimizer.lr=10.0", "seed=0"], config=cfg)
+    return root
+
+
+def build_mixed(root: Path) -> Path:
+    """Awkward cells: integers next to missing values, pipes and newlines in reasons, a NaN metric,
+    booleans, a quoted override, a parameter only some runs set, a tie on the metric."""
+    cfg = {"optimized_metric": "val/loss", "optimized_metric_mode": "min"}
+    _run(root, "a", summary={"status": "completed", "val/loss": 0.5, "epochs_run": 3, "wall_time_s": 1.25,
+                             "flag": True, "note": "x|y", "stop_reason": "patience | 3\nepochs"},
+         overrides=["model.width=64", "norm=none", "+extra='a b'"], config=cfg)
+    _run(root, "b", summary={"status": "completed", "val/loss": 0.5, "epochs_run": 4},
+         overrides=["model.width=128", "norm=batchnorm"], config=cfg)
+    _run(root, "c", summary={"status": "completed", "val/loss": "nan", "epochs_run": 2},
+         overrides=["model.width=32", "norm=none"], config=cfg)
+    _run(root, "d", summary={"status": "interrupted", "stop_reason": "SIGINT", "epochs_run": 1, "val/loss": 0.1},
+         overrides=["model.width=16", "norm=none", "optimizer=adam"], config=cfg)
+    _run(root, "e", trial={"state": "pruned", "value": 0.7, "reason": "pruned", "params": {"model.width": 8}},
+         config=cfg)
+    return root
+
+
+BUILDERS = {"sweep": build_sweep, "multirun": build_multirun, "mixed": build_mixed}
+
+
+@pytest.fixture()
+def sweep_dir(tmp_path: Path) -> Path:
+    return build_sweep(tmp_path / "sw")
 
 
 def test_table_csv_plots_and_best_run(sweep_dir: Path) -> None:
@@ -80,12 +115,7 @@ def test_metric_and_direction_from_the_command_line(sweep_dir: Path, capsys) -> 
 
 
 def test_plain_hydra_multirun_without_trial_records(tmp_path: Path) -> None:
-    root = tmp_path / "multirun"
-    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
-    _run(root, "0", summary={"status": "completed", "val/acc": 0.8}, overrides=["optimizer.lr=0.1", "seed=0", "hydra.run.dir=x"], config=cfg)
-    _run(root, "1", summary={"status": "completed", "val/acc": 0.9}, overrides=["optimizer.lr=0.01", "seed=0"], config=cfg)
-    _run(root, "2", summary={"status": "diverged", "stop_reason": "loss is nan at epoch 2"},
-         overrides=["optimizer.lr=10.0", "seed=0"], config=cfg)
+    root = build_multirun(tmp_path / "multirun")
     out = report.make_report(root)
     assert out["best"] == "1" and out["direction"] == "maximize"
     md = out["markdown"].read_text()
@@ -112,3 +142,93 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     _run(tmp_path / "nometric", "a", summary={"status": "completed", "x": 1})
     assert report.main([str(tmp_path / "nometric")]) == 2
     assert "pass --metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_pandas_tables_equal_the_string_built_ones(name: str, tmp_path: Path) -> None:
+    """runs.csv and report.md byte for byte as the former csv-module / string-join report wrote
+    them for the same run directories (tests/golden/report/, written by commit c894504)."""
+    root = BUILDERS[name](tmp_path / name)
+    out = report.make_report(root)
+    golden = Path(__file__).parent / "golden" / "report" / name
+    assert out["csv"].read_bytes() == (golden / "runs.csv").read_bytes()
+    assert out["markdown"].read_text() == (golden / "report.md").read_text()
+
+
+def _seed_runs(root: Path, table: dict[tuple, float], keys: tuple[str, ...]) -> Path:
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    for i, (values, acc) in enumerate(table.items()):
+        overrides = [f"{k}={v}" for k, v in zip(keys, values)]
+        _run(root, str(i), summary={"status": "completed", "val/acc": acc, "epochs_run": 3}, overrides=overrides,
+             config=cfg)
+    return root
+
+
+def test_seeds_only_multirun_reports_mean_and_spread_not_a_best_seed(tmp_path: Path, capsys) -> None:
+    import statistics
+
+    accs = {(0,): 0.90, (1,): 0.94, (2,): 0.92}
+    root = _seed_runs(tmp_path / "seeds", accs, ("seed",))
+    _run(root, "3", summary={"status": "diverged", "stop_reason": "loss is nan"}, overrides=["seed=3"],
+         config={"optimized_metric": "val/acc"})
+    out = report.make_report(root)
+    mean, std = statistics.mean(accs.values()), statistics.stdev(accs.values())
+    assert out["best"] is None and len(out["across_seeds"]) == 1
+    spread = out["across_seeds"][0]
+    assert spread["n"] == 3 and spread["mean"] == pytest.approx(mean) and spread["std"] == pytest.approx(std)
+    md = out["markdown"].read_text()
+    assert f"**Across seeds: val/acc = {mean:.4g} ± {std:.4g} (mean ± sample std over n=3 seeds; " in md
+    assert "The runs differ only in their seed (0, 1, 2, 3): no run is best." in md
+    assert "Best run" not in md and "(best)" not in md
+    assert out["plots"] == []  # no val/acc-vs-seed figure
+    assert report.main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "best: none (runs repeat seeds; val/acc mean 0.92 ± 0.02 over n=3" in printed
+
+
+def test_seeds_with_a_knob_rank_configurations_by_their_mean(tmp_path: Path) -> None:
+    accs = {(0.1, 0): 0.80, (0.1, 1): 0.99, (0.01, 0): 0.93, (0.01, 1): 0.95}  # the best single run has lr=0.1
+    root = _seed_runs(tmp_path / "grid", accs, ("optimizer.lr", "seed"))
+    out = report.make_report(root)
+    assert out["best"] is None
+    rows = {r["optimizer.lr"]: r for r in out["across_seeds"]}
+    assert [r["optimizer.lr"] for r in out["across_seeds"]] == [0.01, 0.1]  # best mean first
+    assert rows[0.01]["mean"] == pytest.approx(0.94) and rows[0.1]["mean"] == pytest.approx(0.895)
+    assert rows[0.01]["n"] == rows[0.1]["n"] == 2
+    md = out["markdown"].read_text()
+    assert "**Best configuration: optimizer.lr=0.01** -- val/acc = 0.94 ± 0.01414" in md
+    assert "## Across seeds" in md and "| optimizer.lr | mean | std | n | min | max |" in md
+    assert "(best)" not in md
+    assert [p.name for p in out["plots"]] == ["val_acc_vs_optimizer_lr.png"]
+
+
+def test_seeds_without_a_completed_run_still_report(tmp_path: Path, capsys) -> None:
+    cfg = {"optimized_metric": "val/acc"}
+    for i, lr in enumerate((0.1, 0.01)):
+        for seed in (0, 1):
+            _run(tmp_path / "s", f"{i}{seed}", summary={"status": "diverged", "stop_reason": "nan"},
+                 overrides=[f"optimizer.lr={lr}", f"seed={seed}"], config=cfg)
+    assert report.main([str(tmp_path / "s")]) == 0
+    assert "best: none (runs repeat seeds; no configuration completed)" in capsys.readouterr().out
+    md = (tmp_path / "s" / "report" / "report.md").read_text()
+    assert "**Across seeds: no run completed with a finite metric.**" in md
+
+
+def test_overrides_are_read_with_hydras_grammar(tmp_path: Path) -> None:
+    """``1e-3`` is a float on Hydra's command line; YAML 1.1 (the former reader) made it the string '1e-3'."""
+    cfg = {"optimized_metric": "val/acc", "optimized_metric_mode": "max"}
+    _run(tmp_path / "m", "0", summary={"status": "completed", "val/acc": 0.9}, config=cfg,
+         overrides=["optimizer.lr=1e-3", "+tags=[a,b]", "model='mlp'", "~callbacks.x"])
+    _run(tmp_path / "m", "1", summary={"status": "completed", "val/acc": 0.8}, config=cfg,
+         overrides=["optimizer.lr=1e-1", "+tags=[a,b]", "model='mlp'"])
+    rows = {r["run"]: r["params"] for r in report.collect(tmp_path / "m")}
+    assert rows["0"] == {"optimizer.lr": 0.001, "tags": ["a", "b"], "model": "mlp"}
+    assert rows["1"]["optimizer.lr"] == 0.1
+
+
+def test_out_dir_elsewhere_links_the_plots_next_to_the_report(sweep_dir: Path, tmp_path: Path) -> None:
+    out = report.make_report(sweep_dir, out_dir=tmp_path / "elsewhere" / "rep")
+    md = out["markdown"].read_text()
+    assert md.startswith("# Sweep report: sw\n")
+    links = [line[line.index("](") + 2:-1] for line in md.splitlines() if line.startswith("![")]
+    assert len(links) == 2 and all((out["markdown"].parent / link).is_file() for link in links)

@@ -12,14 +12,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shiftlab.callbacks.optuna_pruning import OptunaPruning, OptunaReporter, active_reporter, current_reporter
-from shiftlab.trainers import sweep as sw
+from shiftlab.trainers.orchestration.optuna_backend import create_study, run_local
+from shiftlab.trainers.orchestration.ray_tune import ray_records
+from shiftlab.trainers.orchestration.records import best_trial, finish, study_trials, sync_trial_records
+from shiftlab.trainers.orchestration.settings import PRUNING_CALLBACK, SweepError, SweepSettings
+from shiftlab.trainers.orchestration.space import build_pruner, build_sampler, parse_search_space, sampler_seed
+from shiftlab.trainers.orchestration.sweep import main as sweep_main
+from shiftlab.trainers.orchestration.trial import (SweepInterrupted, compose_config, format_override, route_overrides,
+                                                   run_trial, trial_config)
 
 
 # --------------------------------------------------------------------------------------------
 # search space and overrides
 # --------------------------------------------------------------------------------------------
 def test_mapping_search_space() -> None:
-    space = sw.parse_search_space({
+    space = parse_search_space({
         "optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
         "model.width": {"type": "int", "low": 16, "high": 128, "step": 16},
         "norm": {"type": "categorical", "choices": ["batchnorm", "none"]},
@@ -32,7 +39,7 @@ def test_mapping_search_space() -> None:
 
 
 def test_hydra_sweeper_syntax_is_accepted() -> None:
-    space = sw.parse_search_space({
+    space = parse_search_space({
         "optimizer": "choice(sgd, adam)",
         "optimizer.lr": "tag(log, interval(1e-4, 0.3))",
         "seed": "range(0, 10, 2)",
@@ -54,14 +61,14 @@ def test_hydra_sweeper_syntax_is_accepted() -> None:
     (3, "is not a search space"),
 ])
 def test_bad_search_space_names_the_key(spec, needle) -> None:
-    with pytest.raises(sw.SweepError, match=None) as err:
-        sw.parse_search_space({"x": spec})
+    with pytest.raises(SweepError, match=None) as err:
+        parse_search_space({"x": spec})
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_route_overrides_moves_short_sweep_keys() -> None:
-    routed = sw.route_overrides(["backend=ray", "ray.address=127.0.0.1:6379", "n_trials=4", "optimizer.lr=0.1",
+    routed = route_overrides(["backend=ray", "ray.address=127.0.0.1:6379", "n_trials=4", "optimizer.lr=0.1",
                                  "+sampler_args.n_startup_trials=2", "hparams_search=digits_mlp", "seed=3"])
     assert routed == ["sweep.backend=ray", "sweep.ray.address=127.0.0.1:6379", "sweep.n_trials=4", "optimizer.lr=0.1",
                       "+sweep.sampler_args.n_startup_trials=2", "hparams_search=digits_mlp", "seed=3"]
@@ -71,7 +78,7 @@ def test_route_overrides_moves_short_sweep_keys() -> None:
 def test_format_override_round_trips_through_hydra(value) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_override(sw.format_override("k", value)).value()
+    parsed = OverridesParser.create().parse_override(format_override("k", value)).value()
     assert parsed == value
 
 
@@ -86,7 +93,7 @@ def _cfg(**sweep):
 
 
 def test_settings_derive_direction_from_metric_mode() -> None:
-    s = sw.SweepSettings.from_cfg(_cfg())
+    s = SweepSettings.from_cfg(_cfg())
     assert s.direction == "maximize" and s.metric == "val/acc" and s.backend == "local"
 
 
@@ -103,66 +110,71 @@ def test_settings_derive_direction_from_metric_mode() -> None:
     ({"heartbeat_interval_s": 5, "grace_period_s": 5}, "sweep.grace_period_s=5 is not allowed; allowed: an integer > "
                                                         "sweep.heartbeat_interval_s=5"),
     ({"max_retry": -1}, "sweep.max_retry=-1 is not allowed; allowed: an integer >= 0 or null"),
+    # sweep.ray is checked by the same code as the Ray DDP launcher's ray.* (orchestration/ray_settings.py)
+    ({"ray": {"num_workers": 2}}, "sweep.ray.num_workers=2 is not allowed; allowed: sweep.ray.address, "
+                                  "sweep.ray.max_concurrent, sweep.ray.cpus_per_trial, sweep.ray.gpus_per_trial"),
+    ({"ray": {"max_concurrent": 0}}, "sweep.ray.max_concurrent=0 is not allowed; allowed: an integer >= 1"),
+    ({"ray": {"gpus_per_trial": -1}}, "sweep.ray.gpus_per_trial=-1 is not allowed; allowed: a number >= 0"),
 ])
 def test_bad_settings_name_the_key(sweep, needle) -> None:
-    with pytest.raises(sw.SweepError) as err:
-        sw.SweepSettings.from_cfg(_cfg(**sweep))
+    with pytest.raises(SweepError) as err:
+        SweepSettings.from_cfg(_cfg(**sweep))
     assert needle in str(err.value)
 
 
 def test_missing_hparams_search_lists_the_available_ones() -> None:
     cfg = OmegaConf.create({"optimized_metric": "val/acc"})
-    with pytest.raises(sw.SweepError, match="hparams_search=<name> is required.*digits_mlp"):
-        sw.SweepSettings.from_cfg(cfg)
+    with pytest.raises(SweepError, match="hparams_search=<name> is required.*digits_mlp"):
+        SweepSettings.from_cfg(cfg)
 
 
 def test_sampler_is_seeded_and_pruner_built_from_args() -> None:
-    s = sw.SweepSettings.from_cfg(_cfg(sampler="random", pruner="median", pruner_args={"n_startup_trials": 7}))
-    a, b = sw.build_sampler(s), sw.build_sampler(s)
+    s = SweepSettings.from_cfg(_cfg(sampler="random", pruner="median", pruner_args={"n_startup_trials": 7}))
+    a, b = build_sampler(s), build_sampler(s)
     dist = optuna.distributions.FloatDistribution(0, 1)
     draws = [optuna.create_study(sampler=x).ask({"p": dist}).params["p"] for x in (a, b)]
     assert draws[0] == draws[1]
-    assert sw.build_pruner(s)._n_startup_trials == 7
-    with pytest.raises(sw.SweepError, match="sweep.pruner_args=.*do not fit MedianPruner"):
-        sw.build_pruner(sw.SweepSettings.from_cfg(_cfg(pruner_args={"bogus": 1})))
+    assert build_pruner(s)._n_startup_trials == 7
+    with pytest.raises(SweepError, match="sweep.pruner_args=.*do not fit MedianPruner"):
+        build_pruner(SweepSettings.from_cfg(_cfg(pruner_args={"bogus": 1})))
 
 
 def test_sampler_seed_differs_per_resumption_but_is_reproducible() -> None:
-    assert sw.sampler_seed(7, 0) == 7  # a fresh study uses the run seed itself
-    seeds = [sw.sampler_seed(7, n) for n in range(0, 50)]
-    assert len(set(seeds)) == 50 and seeds == [sw.sampler_seed(7, n) for n in range(0, 50)]
-    assert sw.sampler_seed(7, 3) != sw.sampler_seed(8, 3)
-    s = sw.SweepSettings.from_cfg(_cfg(sampler="random", sampler_args={"seed": 5}))
+    assert sampler_seed(7, 0) == 7  # a fresh study uses the run seed itself
+    seeds = [sampler_seed(7, n) for n in range(0, 50)]
+    assert len(set(seeds)) == 50 and seeds == [sampler_seed(7, n) for n in range(0, 50)]
+    assert sampler_seed(7, 3) != sampler_seed(8, 3)
+    s = SweepSettings.from_cfg(_cfg(sampler="random", sampler_args={"seed": 5}))
     dist = optuna.distributions.FloatDistribution(0, 1)
 
     def first_draw(n_existing: int) -> float:
-        return optuna.create_study(sampler=sw.build_sampler(s, n_existing)).ask({"p": dist}).params["p"]
+        return optuna.create_study(sampler=build_sampler(s, n_existing)).ask({"p": dist}).params["p"]
 
     assert first_draw(4) == first_draw(4) and first_draw(4) != first_draw(0)
 
 
 def test_cli_rejects_bad_input_with_one_line(capsys) -> None:
-    assert sw.main(["hparams_search=digits_mlp", "backend=slurm"]) == 2
+    assert sweep_main(["hparams_search=digits_mlp", "backend=slurm"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "shiftlab-sweep: error: sweep.backend='slurm' is not allowed; allowed: local, ray"
-    assert sw.main(["hparams_search=nope"]) == 2
+    assert sweep_main(["hparams_search=nope"]) == 2
     assert "hparams_search" in capsys.readouterr().err
-    assert sw.main(["n_trials=2"]) == 2
+    assert sweep_main(["n_trials=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("shiftlab-sweep: error: hparams_search=<name> is required (it defines sweep.params); "
                           "available: ") and "digits_mlp" in err and "\n" not in err
-    assert sw.main(["hparams_search=digits_mlp", "optimizer.lr=-1"]) == 2
+    assert sweep_main(["hparams_search=digits_mlp", "optimizer.lr=-1"]) == 2
     assert "optimizer.lr=-1" in capsys.readouterr().err
 
 
 def test_trial_config_adds_the_pruning_callback(tmp_path: Path) -> None:
-    cfg = sw.trial_config(["hparams_search=digits_mlp"], {"optimizer.lr": 0.05, "batching.batch_size": 32},
+    cfg = trial_config(["hparams_search=digits_mlp"], {"optimizer.lr": 0.05, "batching.batch_size": 32},
                           tmp_path / "t0", "val/acc")
     assert cfg.optimizer.lr == 0.05 and cfg.batching.batch_size == 32
     assert cfg.paths.output_dir == str(tmp_path / "t0")
-    assert cfg.callbacks.optuna_pruning == {"_target_": sw.PRUNING_CALLBACK, "monitor": "val/acc"}
-    with pytest.raises(sw.SweepError, match="optimizer.lr is both overridden on the command line and swept"):
-        sw.trial_config(["optimizer.lr=0.1"], {"optimizer.lr": 0.05}, tmp_path / "t1", "val/acc")
+    assert cfg.callbacks.optuna_pruning == {"_target_": PRUNING_CALLBACK, "monitor": "val/acc"}
+    with pytest.raises(SweepError, match="optimizer.lr is both overridden on the command line and swept"):
+        trial_config(["optimizer.lr=0.1"], {"optimizer.lr": 0.05}, tmp_path / "t1", "val/acc")
 
 
 def test_failing_trial_is_recorded_not_raised(tmp_path: Path) -> None:
@@ -172,13 +184,13 @@ def test_failing_trial_is_recorded_not_raised(tmp_path: Path) -> None:
     def boom(cfg):
         raise RuntimeError("out of memory\nsecond line")
 
-    rec = sw.run_trial([], {"optimizer.lr": 0.1}, tmp_path / "t", OptunaReporter(trial), "val/acc",
+    rec = run_trial([], {"optimizer.lr": 0.1}, tmp_path / "t", OptunaReporter(trial), "val/acc",
                        meta={"number": 0}, train_fn=boom)
     assert rec["state"] == "failed" and rec["reason"] == "RuntimeError: out of memory"
     on_disk = json.loads((tmp_path / "t" / "trial.json").read_text())
     assert on_disk["state"] == "failed" and "Traceback" in (tmp_path / "t" / "error.log").read_text()
 
-    rec = sw.run_trial([], {"optimizer.lr": 0.1}, tmp_path / "u", OptunaReporter(study.ask()), "val/acc",
+    rec = run_trial([], {"optimizer.lr": 0.1}, tmp_path / "u", OptunaReporter(study.ask()), "val/acc",
                        train_fn=lambda cfg: {"status": "completed", "val/acc": "nan"})
     assert rec["state"] == "failed" and "must be a finite number" in rec["reason"]
 
@@ -273,7 +285,7 @@ def test_callback_with_a_real_optuna_pruner() -> None:
 @pytest.mark.slow
 def test_study_with_a_pruned_trial_end_to_end(tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    code = sw.main([
+    code = sweep_main([
         "hparams_search=digits_mlp", "n_trials=2", "storage=null", f"sweep.dir={out}",
         "sweep.pruner_args={n_startup_trials:1,n_warmup_steps:0}",
         "sweep.enqueue=[{optimizer.lr:0.01,batching.batch_size:64},{optimizer.lr:1.0e-6,batching.batch_size:64}]",
@@ -306,12 +318,12 @@ def _fake_train(cfg):
 
 
 def test_sqlite_study_resumes_across_invocations(tmp_path: Path) -> None:
-    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2",
+    cfg = compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2",
                              "sweep.sampler=random"])
-    settings = sw.SweepSettings.from_cfg(cfg)
+    settings = SweepSettings.from_cfg(cfg)
     assert settings.storage == f"sqlite:///{tmp_path / 's'}/study.db"
-    first = sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
-    second = sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+    first = run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+    second = run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
     assert first["counts"] == {"complete": 2} and second["counts"] == {"complete": 4}
     assert sorted(p.name for p in (tmp_path / "s" / "trials").iterdir()) == ["0000", "0001", "0002", "0003"]
     study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
@@ -319,17 +331,17 @@ def test_sqlite_study_resumes_across_invocations(tmp_path: Path) -> None:
     assert second["best"]["value"] == max(t.value for t in study.trials)
     # an in-memory study cannot continue in a directory that already has trials
     settings.storage = None
-    with pytest.raises(sw.SweepError, match="already holds trials of an in-memory study"):
-        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+    with pytest.raises(SweepError, match="already holds trials of an in-memory study"):
+        run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
 
 
 def test_resumed_study_draws_new_parameters(tmp_path: Path) -> None:
     """Finding 7: every invocation used to re-seed the sampler identically and repeat the first draws."""
-    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"])
-    settings = sw.SweepSettings.from_cfg(cfg)
+    cfg = compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"])
+    settings = SweepSettings.from_cfg(cfg)
     assert settings.sampler == "tpe"
     for _ in range(3):
-        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
+        run_local(settings, ["hparams_search=digits_mlp"], train_fn=_fake_train)
     study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(params) == 6 and len(set(params)) == 6
@@ -338,7 +350,7 @@ def test_resumed_study_draws_new_parameters(tmp_path: Path) -> None:
 def test_ray_records_fill_in_failed_and_scheduler_stopped_trials(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    settings = sw.SweepSettings.from_cfg(_cfg(dir=str(tmp_path)))
+    settings = SweepSettings.from_cfg(_cfg(dir=str(tmp_path)))
     running = tmp_path / "trials" / "abc123"
     running.mkdir(parents=True)
     (running / "trial.json").write_text(json.dumps({"trial_id": "abc123", "state": "running", "params": {"x": 1}}))
@@ -354,7 +366,7 @@ def test_ray_records_fill_in_failed_and_scheduler_stopped_trials(tmp_path: Path)
         SimpleNamespace(metrics={"trial_id": "ok1", "training_iteration": 5, "objective": 0.9}, error=None,
                         config={"x": 2}, path=str(tmp_path / "ray" / "_ray_trial_ok1")),
     ]
-    rows = {r["trial_id"]: r for r in sw._ray_records(grid, settings, "ASHAScheduler")}
+    rows = {r["trial_id"]: r for r in ray_records(grid, settings, "ASHAScheduler")}
     assert rows["abc123"]["state"] == "failed" and rows["abc123"]["reason"] == "RuntimeError: worker died"
     assert rows["zz9"]["state"] == "pruned" and rows["zz9"]["params"] == {"x": 3}
     assert rows["zz9"]["reason"] == "stopped by ASHAScheduler after epoch 1 (val/acc=0.5)"
@@ -394,10 +406,10 @@ def _states(storage: str, name: str) -> dict[int, str]:
 
 def test_trial_records_follow_the_study(tmp_path: Path) -> None:
     """study.db wins over trial.json: a kill can land between a trial's last write and Optuna's tell."""
-    from shiftlab.trainers.report import make_report
+    from shiftlab.trainers.orchestration.report import make_report
 
-    settings = sw.SweepSettings.from_cfg(_cfg(dir=str(tmp_path), storage=f"sqlite:///{tmp_path}/study.db"))
-    study = sw._create_study(settings)
+    settings = SweepSettings.from_cfg(_cfg(dir=str(tmp_path), storage=f"sqlite:///{tmp_path}/study.db"))
+    study = create_study(settings)
     dist = {"optimizer.lr": optuna.distributions.CategoricalDistribution([0.1, 0.01, 0.001])}
     done, stale, never = (study.ask(dist) for _ in range(3))
     study.tell(done, 0.9)
@@ -407,13 +419,13 @@ def test_trial_records_follow_the_study(tmp_path: Path) -> None:
     (tmp_path / "trials" / "0001" / "trial.json").write_text(json.dumps({"state": "complete", "value": 0.8}))
     study.tell(stale, state=optuna.trial.TrialState.FAIL)
     study.tell(never, state=optuna.trial.TrialState.FAIL)  # killed before its directory existed
-    assert sw.sync_trial_records(settings, study) == 3
-    assert sw.sync_trial_records(settings, study) == 0
+    assert sync_trial_records(settings, study) == 3
+    assert sync_trial_records(settings, study) == 0
     records = [json.loads((tmp_path / "trials" / f"{i:04d}" / "trial.json").read_text()) for i in range(3)]
     assert [r["state"] for r in records] == ["complete", "failed", "failed"]
     assert records[0]["value"] == 0.9 and records[1]["value"] is None
     assert records[2]["reason"].startswith("stale: ") and records[2]["params"] == never.params
-    sw._finish(settings, sw.study_trials(study), 0.0)
+    finish(settings, study_trials(study), 0.0)
     assert "3 runs: 1 complete, 2 failed." in make_report(tmp_path)["markdown"].read_text()
 
 
@@ -432,9 +444,8 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
             "grace_period_s=2", "trainer.max_epochs=8",  # a few seconds per trial: the kill lands mid-trial
             "print_config=false", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "test=false", "report=true"]
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shiftlab.trainers.sweep", *args], cwd=tmp_path, env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # shiftlab as this interpreter imports it
+    proc = subprocess.Popen([sys.executable, "-m", "shiftlab.trainers.orchestration.sweep", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "trials" / "0001" / "trial.json"
     deadline = time.monotonic() + 120
@@ -454,7 +465,7 @@ def test_killed_sweep_restarts_fails_and_retries_the_stale_trial(tmp_path: Path)
     assert json.loads(second.read_text())["state"] == "running"
 
     time.sleep(3.0)  # older than grace_period_s=2: the killed trial's heartbeat is stale now
-    assert sw.main(args) == 0
+    assert sweep_main(args) == 0
 
     study = optuna.load_study(study_name=name, storage=storage)
     trials = {t.number: t for t in study.trials}
@@ -488,15 +499,15 @@ def test_preempted_trial_stops_the_sweep_and_runs_first_on_restart(tmp_path: Pat
             return {"status": "preempted", "stop_reason": "preempted by SIGTERM at epoch 0, step 3"}
         return _fake_train(cfg)
 
-    cfg = sw.compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=3",
+    cfg = compose_config(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=3",
                              "sweep.sampler=random"])
-    settings = sw.SweepSettings.from_cfg(cfg)
-    with pytest.raises(sw.SweepInterrupted) as e:
-        sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
+    settings = SweepSettings.from_cfg(cfg)
+    with pytest.raises(SweepInterrupted) as e:
+        run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
     assert e.value.status == "preempted" and e.value.number == 1 and len(calls) == 2
     record = json.loads((tmp_path / "s" / "trials" / "0001" / "trial.json").read_text())
     assert record["state"] == "failed" and record["interrupted"] == "preempted"
-    sw.run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
+    run_local(settings, ["hparams_search=digits_mlp"], train_fn=preempted_once)
     assert calls[2] == calls[1]  # the interrupted parameters run first
     study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
     states = [t.state.name for t in study.trials]
@@ -510,5 +521,79 @@ def test_cli_exit_code_after_preemption(tmp_path: Path, monkeypatch, capsys) -> 
     import shiftlab.trainers.train
 
     monkeypatch.setattr(shiftlab.trainers.train, "train", preempted)
-    assert sw.main(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"]) == 143
+    assert sweep_main(["hparams_search=digits_mlp", f"sweep.dir={tmp_path / 's'}", "sweep.n_trials=2"]) == 143
     assert "trial 0 preempted" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna's trials data frame gives the records the hand-built loop gave
+# --------------------------------------------------------------------------------------------
+def mixed_study() -> optuna.Study:
+    """Every trial state, int / float / str parameters, a parameter only some trials have."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(direction="maximize")
+    dists = {"lr": FloatDistribution(1e-4, 1.0, log=True), "width": IntDistribution(16, 128, step=16),
+             "norm": CategoricalDistribution(["batchnorm", "none"])}
+    fixed = [({"lr": 0.01, "width": 64, "norm": "none"}, 0.9, TrialState.COMPLETE, "max_epochs=3 reached"),
+             ({"lr": 0.3, "width": 16, "norm": "batchnorm"}, None, TrialState.PRUNED, "pruned by MedianPruner"),
+             ({"lr": 0.9, "width": 128}, None, TrialState.FAIL, None),
+             ({"lr": 0.001, "width": 32, "norm": "batchnorm"}, 0.95, TrialState.COMPLETE, None)]
+    for n, (params, value, state, reason) in enumerate(fixed):
+        attrs = {"run_dir": f"/sweeps/s/trials/{n:04d}"} | ({"reason": reason} if reason else {})
+        study.add_trial(create_trial(params=params, distributions={k: dists[k] for k in params}, value=value,
+                                     state=state, user_attrs=attrs, intermediate_values={0: 0.4, 1: 0.6}))
+    study.enqueue_trial({"lr": 0.002, "width": 48, "norm": "none"})
+    running = study.ask()
+    for k, d in dists.items():
+        running.suggest_float(k, d.low, d.high, log=d.log) if k == "lr" else (
+            running.suggest_int(k, d.low, d.high, step=d.step) if k == "width" else running.suggest_categorical(k, d.choices))
+    study.enqueue_trial({"lr": 0.005})  # WAITING: enqueued, never started
+    return study
+
+
+def test_study_trials_from_the_data_frame_match_the_hand_built_records() -> None:
+    """records.study_trials reads study.trials_dataframe(); tests/golden/study_trials.json holds what
+    the former loop over study.trials returned for the same study (commit c894504)."""
+    golden = json.loads((Path(__file__).parent / "golden" / "study_trials.json").read_text())
+    rows = study_trials(mixed_study())
+    # compared as JSON text: 64 and 64.0 differ there (a column with a gap is float in the frame)
+    assert json.dumps(rows, sort_keys=True) == json.dumps(golden["trials"], sort_keys=True)
+    assert json.dumps(best_trial(rows, "maximize"), sort_keys=True) == json.dumps(golden["best"], sort_keys=True)
+    assert study_trials(optuna.create_study()) == []
+
+
+def test_help_lists_each_search_with_what_it_searches(capsys) -> None:
+    assert sweep_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    searches = sorted(p.stem for p in (Path(__file__).parent.parent / "configs" / "hparams_search").glob("*.yaml"))
+    assert searches and all(f"\n  {name}: " in out for name in searches)
+    assert "digits_mlp: val/acc (max), 20 trials over optimizer.lr, optimizer.weight_decay, batching.batch_size" in out
+    assert "digits_optimizers: val/loss (min), 24 trials over optimizer, norm, optimizer.lr" in out
+
+
+@pytest.mark.parametrize("argv", [["-m", "hparams_search=digits_mlp"],
+                                  ["--multirun", "+hparams_search=digits_mlp", "seed=1,2"]])
+def test_train_multirun_with_a_search_points_to_shiftlab_sweep(argv, monkeypatch, capsys) -> None:
+    """shiftlab-train -m hparams_search=... used to run one job and ignore sweep.params."""
+    import sys
+
+    from shiftlab.trainers.train import main as train_main
+
+    monkeypatch.setattr(sys, "argv", ["shiftlab-train", *argv])
+    with pytest.raises(SystemExit) as end:
+        train_main()
+    assert end.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("shiftlab: error: hparams_search=digits_mlp is not allowed with -m; allowed: shiftlab-sweep "
+                   "hparams_search=digits_mlp [overrides...] (shiftlab-train -m would run one job: Hydra's sweeper "
+                   "ignores sweep.params)")
+
+
+def test_train_without_multirun_or_without_a_search_is_not_refused() -> None:
+    from shiftlab.trainers.cli_checks import check_search_needs_sweep
+
+    check_search_needs_sweep(["hparams_search=digits_mlp"], multirun=False)
+    check_search_needs_sweep(["hparams_search=null", "seed=1,2"], multirun=True)
+    check_search_needs_sweep(["optimizer=sgd,adam"], multirun=True)

@@ -219,6 +219,15 @@ def compose_checked(name: str, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def check_search_needs_sweep(overrides: Sequence[str], multirun: bool) -> None:
+    """``-m hparams_search=<name>`` is refused: Hydra's basic sweeper does not read the search's
+    ``sweep.params`` and would quietly run one job; the search runs through ``shiftlab-sweep``."""
+    line = next((o.lstrip("+") for o in overrides if _split(o)[0].lstrip("+") == "hparams_search"), None)
+    if multirun and line is not None and _split(line)[1] not in ("", "null"):
+        raise ConfigError(f"{line} is not allowed with -m; allowed: shiftlab-sweep {line} [overrides...] "
+                          "(shiftlab-train -m would run one job: Hydra's sweeper ignores sweep.params)")
+
+
 def preflight(argv: Sequence[str], config_dir: str, config_name: str = "train") -> None:
     """Check the command line ``argv`` before Hydra runs; raise ConfigError on the first mistake.
 
@@ -234,6 +243,7 @@ def preflight(argv: Sequence[str], config_dir: str, config_name: str = "train") 
         return
     name = args.config_name or config_name
     overrides = list(args.overrides)
+    check_search_needs_sweep(overrides, args.multirun)
     if args.multirun and any(o.split("=", 1)[0] in ("hydra/sweeper", "+hydra/sweeper") for o in overrides):
         return  # another sweeper expands the overrides its own way
     with hydra_context(config_dir):

@@ -81,15 +81,15 @@ def step_argv(step: str, params: dict[str, Any], dag_id: str, run_id: str, pytho
     root = f"{params['output_root'].rstrip('/')}/{dag_id}/{run_slug(run_id)}"
     overrides = check_overrides(list(params.get("overrides") or []))
     if step == "prepare_data":
-        return [python, "-m", "shiftlab.trainers.pipeline", "prepare", "--out", root, *overrides]
+        return [python, "-m", "shiftlab.trainers.orchestration.pipeline", "prepare", "--out", root, *overrides]
     if step == "train":
         return [python, "-m", "shiftlab.trainers.train", *overrides, f"hydra.run.dir={root}/train", "print_config=false",
                 "trainer.enable_progress_bar=false"]
     if step == "evaluate":
-        return [python, "-m", "shiftlab.trainers.pipeline", "evaluate", f"{root}/train",
+        return [python, "-m", "shiftlab.trainers.orchestration.pipeline", "evaluate", f"{root}/train",
                 "--min-test-acc", str(float(params.get("min_test_acc", 0.0)))]
     if step == "publish_report":
-        return [python, "-m", "shiftlab.trainers.report", root]
+        return [python, "-m", "shiftlab.trainers.orchestration.report", root]
     raise KeyError(f"step {step!r} is unknown; allowed: {', '.join(STEPS)}")
 
 

@@ -1,4 +1,4 @@
-"""``python -m shiftlab.trainers.ray_ddp``: one run, data-parallel over the workers of a Ray cluster.
+"""One run, data-parallel over the workers of a Ray cluster (``python -m shiftlab.trainers.orchestration.ray_ddp``).
 
 The multi-node alternative to torchrun / a PyTorchJob when a Ray cluster is what you have: Ray
 Train's ``TorchTrainer`` starts ``ray.num_workers`` processes (one per GPU with
@@ -8,7 +8,8 @@ config: ``trainer.strategy`` = ``ray.train.lightning.RayDDPStrategy``, ``trainer
 ``[RayLightningEnvironment]`` (Ray supplies ranks and world size). The run directory must be on
 storage every worker sees (rank 0 writes ``summary.json``, checkpoints and plots).
 
-    python -m shiftlab.trainers.ray_ddp experiment=<name> ray.address=auto ray.num_workers=4 ray.use_gpu=true
+    python -m shiftlab.trainers.orchestration.ray_ddp experiment=<name> ray.address=auto \\
+        ray.num_workers=4 ray.use_gpu=true
 """
 from __future__ import annotations
 
@@ -20,26 +21,14 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-RAY_KEYS = {"address": None, "num_workers": 2, "use_gpu": False, "cpus_per_worker": 1}
+from shiftlab.trainers.orchestration.ray_settings import (DDP_KEYS, RaySettings, RaySettingsError, ray_session,
+                                                          split_ray_args)
 
 
-def split_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """Hydra overrides for the run, and the ``ray.*`` settings of this launcher."""
-    import yaml
-
-    overrides, ray_cfg = [], dict(RAY_KEYS)
-    for arg in args:
-        if arg.startswith("ray."):
-            key, _, value = arg[4:].partition("=")
-            if key not in RAY_KEYS:
-                raise ValueError(f"ray.{key} is unknown; allowed: {', '.join('ray.' + k for k in RAY_KEYS)}")
-            ray_cfg[key] = yaml.safe_load(value)
-        else:
-            overrides.append(arg)
-    n = ray_cfg["num_workers"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"ray.num_workers={n!r} is not allowed; allowed: an integer >= 1")
-    return overrides, ray_cfg
+def split_overrides(args: Sequence[str]) -> tuple[list[str], RaySettings]:
+    """Hydra overrides for the run, and the ``ray.*`` settings of this launcher (checked by
+    :mod:`.ray_settings`, the same code that checks a sweep's ``sweep.ray``)."""
+    return split_ray_args(args, DDP_KEYS)
 
 
 def ray_config(cfg: DictConfig, use_gpu: bool, run_dir: Path) -> DictConfig:
@@ -62,34 +51,27 @@ def _worker(config: dict) -> None:
     train(OmegaConf.create(config["cfg"]))
 
 
-def run(overrides: Sequence[str], ray_cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    import ray
+def run(overrides: Sequence[str], settings: RaySettings, run_dir: Path) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from shiftlab.trainers.sweep import compose_config
+    from shiftlab.trainers.compose import compose
 
-    cfg = ray_config(compose_config(list(overrides)), bool(ray_cfg["use_gpu"]), run_dir)
+    cfg = ray_config(compose(list(overrides), job_name="ray_ddp"), settings.use_gpu, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ".hydra").mkdir(exist_ok=True)
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=ray_cfg["address"], include_dashboard=False if ray_cfg["address"] is None else None)
-    try:
+    with ray_session(settings):
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=False)},
-            scaling_config=ScalingConfig(num_workers=int(ray_cfg["num_workers"]), use_gpu=bool(ray_cfg["use_gpu"]),
-                                         resources_per_worker={"CPU": float(ray_cfg["cpus_per_worker"])}),
+            scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                         resources_per_worker={"CPU": settings.cpus_per_worker}),
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray")),
         )
         start = time.perf_counter()
         trainer.fit()
         wall = time.perf_counter() - start
-    finally:
-        if started_here:
-            ray.shutdown()
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["ray_wall_time_s"] = round(wall, 3)
     return summary
@@ -98,17 +80,17 @@ def run(overrides: Sequence[str], ray_cfg: dict[str, Any], run_dir: Path) -> dic
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        overrides, ray_cfg = split_overrides(args)
-    except ValueError as e:
+        overrides, settings = split_overrides(args)
+    except RaySettingsError as e:
         print(f"ray_ddp: error: {e}", file=sys.stderr)
         return 2
     run_dir = next((Path(a.split("=", 1)[1]) for a in overrides if a.startswith("paths.output_dir=")), None)
     overrides = [a for a in overrides if not a.startswith("paths.output_dir=")]
     if run_dir is None:
         run_dir = Path("outputs") / "ray_ddp" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    summary = run(overrides, ray_cfg, run_dir.resolve())
+    summary = run(overrides, settings, run_dir.resolve())
     print(f"{summary.get('status')}: {run_dir} val/acc={summary.get('val/acc')} in {summary['ray_wall_time_s']} s "
-          f"on {ray_cfg['num_workers']} Ray workers")
+          f"on {settings.num_workers} Ray workers")
     return 0 if summary.get("status") == "completed" else 1
 
 

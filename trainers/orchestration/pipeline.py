@@ -1,9 +1,9 @@
 """Pipeline steps around ``shiftlab-train`` for schedulers (the Airflow DAG in deploy/airflow).
 
-``python -m shiftlab.trainers.pipeline prepare --out DIR [overrides...]``
+``python -m shiftlab.trainers.orchestration.pipeline prepare --out DIR [overrides...]``
     Compose the train config, download / generate and split the data once (``prepare_data`` +
     ``setup``), write ``DIR/data.json``. Later steps on the same volume reuse the data.
-``python -m shiftlab.trainers.pipeline evaluate RUN_DIR [--checkpoint best] [--min-test-acc X]``
+``python -m shiftlab.trainers.orchestration.pipeline evaluate RUN_DIR [--checkpoint best] [--min-test-acc X]``
     Reload a finished run from its ``.hydra/config.yaml`` and checkpoint, score the test and
     validation splits without a Trainer, write ``RUN_DIR/eval.json``; exit 1 below the gate.
 
@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 
 def prepare(overrides: Sequence[str], out: Path) -> dict[str, Any]:
     from shiftlab.trainers.build import build_datamodule
-    from shiftlab.trainers.sweep import compose_config
+    from shiftlab.trainers.compose import compose
 
-    cfg = compose_config(list(overrides))
+    cfg = compose(list(overrides), job_name="pipeline")
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -74,7 +74,8 @@ def evaluate(run_dir: Path, checkpoint: str = "best") -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shiftlab.trainers.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shiftlab.trainers.orchestration.pipeline",
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare", help="download/generate and split the data")
     p.add_argument("--out", type=Path, required=True)
