@@ -85,6 +85,14 @@ def test_statistics_match_the_papers_formulas(seed):
     assert set(expect) == set(gs.STATISTICS)
     for name, fn in gs.STATISTICS.items():
         assert fn(moments) == pytest.approx(expect[name], rel=1e-9), name
+    # B_simple is the noise-scale callback's estimator with batches of one example
+    from shiftlab.callbacks.gradient_noise import b_simple_from_batch_grads
+
+    assert gs.b_simple(moments) == pytest.approx(b_simple_from_batch_grads(G, 1).b_simple, rel=1e-9)
+    # float32 gradients: float64 accumulation keeps the statistics close to the float64 ones
+    m32 = gs.gradient_moments(G.float())
+    for name, fn in gs.STATISTICS.items():
+        assert fn(m32) == pytest.approx(expect[name], rel=1e-4), name
 
 
 def test_statistics_in_known_regimes():

@@ -171,7 +171,7 @@ def test_lanczos_top_k_and_unconverged_flag(problem):
     _, params, loss_fn, dense = problem
     truth = torch.linalg.eigvalsh(dense).flip(0)
     res = lanczos_eigenvalues(loss_fn, params, k=3, tol=1e-8)
-    assert res.converged and res.hvps >= 20
+    assert res.converged and res.hvps >= 8
     torch.testing.assert_close(torch.tensor(res.values, dtype=torch.double), truth[:3],
                                rtol=1e-6, atol=1e-9)
     # the residual is recomputed, so a starved run cannot claim convergence
