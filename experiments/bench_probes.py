@@ -165,9 +165,9 @@ def trace_row(model: nn.Module, x, y, mode: str, seeds: int, exact: bool) -> dic
 
 
 # ------------------------------------------------------------------------------------ cost
-def probe_sets(x, y) -> dict[str, Callable[[nn.Module, Any, Any, int], dict[str, float]]]:
+def probe_sets(x, y, subset: int = SUBSET) -> dict[str, Callable[[nn.Module, Any, Any, int], dict[str, float]]]:
     """Each returns the seconds of its quantities for one probe on batch (xb, yb) at a step."""
-    sub_x, sub_y = x[:SUBSET], y[:SUBSET]
+    sub_x, sub_y = x[:subset], y[:subset]
 
     def timed(out: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
@@ -230,9 +230,9 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
             "ms_per_probe": {k: 1e3 * statistics.median(v) for k, v in costs.items()}}
 
 
-def cost_section(x, y, steps: int) -> dict[str, Any]:
+def cost_section(x, y, steps: int, subset: int = SUBSET) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    sets = probe_sets(x, y)
+    sets = probe_sets(x, y, subset)
     for bn in (False, True):
         tag = "bn" if bn else "plain"
         base = min(timed_run(bn, x, y, steps, None)["seconds"] for _ in range(2))
@@ -288,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     x, y = load_data()
-    checkpoints = [0, 20] if args.quick else [0, 100, 200, 500]
+    checkpoints = [0, 10] if args.quick else [0, 100, 200, 500]
     seeds = 2 if args.quick else 5
-    steps = 40 if args.quick else 200
-    sx, sy = x[:SUBSET], y[:SUBSET]
+    steps = 20 if args.quick else 200
+    subset = 64 if args.quick else SUBSET
+    sx, sy = x[:subset], y[:subset]
     acc: dict[str, dict[int, Any]] = {}
     for bn in (False, True):
         states = train_checkpoints(bn, x, y, checkpoints)
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(variant, step, json.dumps({k: v for k, v in row["eig"].items()
                                                  if not isinstance(v, list)}), flush=True)
     res: dict[str, Any] = {"machine": machine(), "quick": args.quick, "checkpoints": checkpoints,
-                           "accuracy": acc, "cost": cost_section(x, y, steps), "cost_steps": steps,
+                           "accuracy": acc, "cost": cost_section(x, y, steps, subset), "cost_steps": steps,
+                           "subset": subset,
                            "published_cockpit": PUBLISHED_COCKPIT, "cockpit": None}
     if not args.no_cockpit:
         from shiftlab.experiments import bench_probes_cockpit as ck
