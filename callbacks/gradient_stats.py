@@ -52,6 +52,9 @@ __all__ = [
     "b_simple",
     "alpha_from_fit",
     "alpha_from_gradients",
+    "alpha_from_projections",
+    "snapshot",
+    "per_example_directional",
     "STATISTICS",
 ]
 
@@ -102,16 +105,14 @@ class GradientMoments:
 
 
 def gradient_moments(G: Tensor) -> GradientMoments:
-    """One pass over ``G``: float64 accumulation without a float64 copy of ``G`` (that copy cost
-    more than all the statistics on a 128 x 23k batch)."""
+    """One pass over ``G`` in its own dtype (a float64 copy of a 128 x 23k ``G`` cost more than
+    all the statistics); the reduced vectors are returned in float64."""
     if G.dim() != 2 or G.shape[0] < 2:
         raise ValueError(f"per-example gradients must have shape (N>=2, D), got {tuple(G.shape)}")
-    n = G.shape[0]
-    mean = G.sum(0, dtype=torch.float64) / n
-    sq = G * G
-    dots = G @ mean.to(G.dtype)
-    return GradientMoments(n, G.shape[1], mean, sq.sum(1, dtype=torch.float64), dots.double(),
-                           sq.sum(0, dtype=torch.float64) / n)
+    mean = G.mean(0)
+    return GradientMoments(G.shape[0], G.shape[1], mean.double(),
+                           torch.linalg.vector_norm(G, dim=1).double() ** 2, (G @ mean).double(),
+                           G.square().mean(0).double())
 
 
 def _nan_if_zero(den: float) -> float:
@@ -201,8 +202,47 @@ def alpha_from_gradients(step: Tensor, losses0: Tensor, G0: Tensor, losses1: Ten
     if t == 0.0:
         return -1.0
     u = step.double() / t
-    p0, p1 = G0.double() @ u, G1.double() @ u
+    return alpha_from_projections(t, losses0, G0.double() @ u, losses1, G1.double() @ u)
+
+
+def alpha_from_projections(t: float, losses0: Tensor, p0: Tensor, losses1: Tensor,
+                           p1: Tensor) -> float:
+    """:func:`alpha_from_fit` from per-example losses and projected gradients at both ends."""
+    if t == 0.0:
+        return -1.0
     return alpha_from_fit(t, (float(losses0.mean()), float(losses1.mean())),
                           (float(p0.mean()), float(p1.mean())),
                           (float(losses0.var()), float(losses1.var())),
                           (float(p0.var()), float(p1.var())))
+
+
+def snapshot(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Copies of the trainable parameters and of everything else the forward pass reads
+    (frozen parameters, buffers), to evaluate the model later at this point."""
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "fixed": {**{n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad},
+                      **{n: b.clone() for n, b in model.named_buffers()}}}
+
+
+def per_example_directional(model: nn.Module, x: Tensor, y: Tensor, direction: dict[str, Tensor],
+                            loss: Loss = F.cross_entropy,
+                            at: dict[str, dict[str, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+    """``(losses, <g_i, direction>)`` for every example in one forward-mode pass (``jvp``), at the
+    model's current point or at a :func:`snapshot` ``at``.
+
+    Why: alpha needs the per-example gradients only projected on the update, and a
+    Jacobian-vector product gives those projections at the cost of about one forward pass,
+    without forming the ``N x P`` per-example gradients.
+    """
+    point = at or snapshot(model)
+
+    def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return loss(functional_call(model, {**point["fixed"], **p}, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    def losses(p: dict[str, Tensor]) -> Tensor:
+        return vmap(one, in_dims=(None, 0, 0))(p, x, y)
+
+    tangent = {n: direction[n].to(v.dtype) for n, v in point["params"].items()}
+    with torch.enable_grad():
+        values, proj = torch.func.jvp(losses, (point["params"],), (tangent,))
+    return values.detach(), proj.detach()

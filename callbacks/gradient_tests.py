@@ -36,10 +36,6 @@ __all__ = ["GradientTests", "QUANTITIES"]
 QUANTITIES = (*gs.STATISTICS, "alpha")
 
 
-def _flat_params(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
 class GradientTests(L.Callback, Reporter):
     """Log the gradient tests of the training batch every ``every_n_steps`` optimizer steps.
 
@@ -126,10 +122,7 @@ class GradientTests(L.Callback, Reporter):
             self._alpha_start = None
             if step == start["step"] + 1:  # the end point of the previous probe's step
                 t = time.perf_counter()
-                with eval_mode(model):
-                    G1, l1 = gs.per_example_gradients(model, x, y, loss, self.chunk_size)
-                a = gs.alpha_from_gradients(_flat_params(model) - start["theta"], start["losses"],
-                                            start["G"], l1, G1)
+                a = self._alpha(model, start, x, y, loss)
                 self._record_alpha(trainer, start["step"], a, time.perf_counter() - t)
         if self.every_n_steps and step % self.every_n_steps == 0 and (
                 not self.history or self.history[-1]["step"] != step):
@@ -151,9 +144,9 @@ class GradientTests(L.Callback, Reporter):
 
     def _probe(self, trainer: L.Trainer, model: torch.nn.Module, x: torch.Tensor,
                y: torch.Tensor, loss: Any, step: int) -> None:
-        values, cost, (losses, G) = self.measure(model, x, y, loss)
+        values, cost, _ = self.measure(model, x, y, loss)
         if "alpha" in self.quantities:
-            self._alpha_start = {"step": step, "theta": _flat_params(model), "losses": losses, "G": G}
+            self._alpha_start = {"step": step, "at": gs.snapshot(model), "x": x, "y": y}
         for k, v in cost.items():
             self.costs[k] = self.costs.get(k, 0.0) + v
         row = {"step": step, **values, **{f"cost/{k}": v for k, v in cost.items()}}
@@ -166,6 +159,22 @@ class GradientTests(L.Callback, Reporter):
             if stop and self.stop_reason is None:
                 self.stop_reason = f"gradient tests stopped at step {step}: {self.rule.reason}"
                 trainer.should_stop = True
+
+    @staticmethod
+    def _alpha(model: torch.nn.Module, start: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+               loss: Any) -> float:
+        """Alpha of the step just taken: losses and gradients projected on it, at its start (the
+        stored batch and point) and at its end (this batch), by forward-mode products."""
+        end = gs.snapshot(model)
+        d = {n: end["params"][n] - v for n, v in start["at"]["params"].items()}
+        t = float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+        if t == 0.0:
+            return -1.0
+        unit = {n: v / t for n, v in d.items()}
+        with eval_mode(model):
+            l0, p0 = gs.per_example_directional(model, start["x"], start["y"], unit, loss, at=start["at"])
+            l1, p1 = gs.per_example_directional(model, x, y, unit, loss, at=end)
+        return gs.alpha_from_projections(t, l0, p0, l1, p1)
 
     def _record_alpha(self, trainer: L.Trainer, step: int, alpha: float, seconds: float) -> None:
         self.costs["alpha"] = self.costs.get("alpha", 0.0) + seconds

@@ -210,8 +210,8 @@ def probe_sets(x, y, subset: int = SUBSET) -> dict[str, Callable[[nn.Module, Any
 
 
 def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = False) -> dict[str, Any]:
-    """Wall time of ``steps`` SGD steps with ``probe`` every EVERY steps (alpha: one extra
-    per-example gradient pass at the step after each probe, as GradientTests does)."""
+    """Wall time of ``steps`` SGD steps with ``probe`` every EVERY steps (alpha: GradientTests'
+    end point at the step after each probe, two forward-mode passes)."""
     model = make_model(bn)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     costs: dict[str, list[float]] = {}
@@ -220,11 +220,12 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
         if probe is not None and step % EVERY == 0:
             for k, v in probe(model, xb, yb, step).items():
                 costs.setdefault(k, []).append(v)
+        if alpha and step % EVERY == 0:
+            start = {"step": step, "at": gs.snapshot(model), "x": xb, "y": yb}
         if alpha and step % EVERY == 1:
             t = time.perf_counter()
-            with probe_mode(model, "eval") as m:
-                gs.per_example_gradients(m, xb, yb)
-            costs.setdefault("alpha_end_point", []).append(time.perf_counter() - t)
+            GradientTests._alpha(model, start, xb, yb, F.cross_entropy)
+            costs.setdefault("alpha", []).append(time.perf_counter() - t)
         sgd_step(model.train(), opt, xb, yb)
     return {"seconds": time.perf_counter() - t0,
             "ms_per_probe": {k: 1e3 * statistics.median(v) for k, v in costs.items()}}

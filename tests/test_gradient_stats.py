@@ -137,3 +137,27 @@ def test_alpha_from_per_example_gradients():
         a = gs.alpha_from_gradients(step, *point(theta0), *point(theta0 + step))
         assert a == pytest.approx(want, abs=1e-9)
     assert gs.alpha_from_gradients(torch.zeros(4), *point(theta0), *point(theta0)) == -1.0
+
+
+def test_alpha_by_forward_mode_matches_per_example_gradients():
+    model, x0, y0 = _model_batch(3)
+    start = gs.snapshot(model)
+    G0, l0 = gs.per_example_gradients(model, x0, y0)
+    with torch.no_grad():  # an SGD-like step, then a fresh batch
+        for p, g in zip([p for p in model.parameters() if p.requires_grad],
+                        torch.split(G0.mean(0), [p.numel() for p in model.parameters() if p.requires_grad])):
+            p -= 0.5 * g.view_as(p)
+    x1, y1 = torch.randn_like(x0), torch.randint(0, 3, (x0.shape[0],))
+    G1, l1 = gs.per_example_gradients(model, x1, y1)
+    end = gs.snapshot(model)
+    d = {n: end["params"][n] - start["params"][n] for n in start["params"]}
+    flat = torch.cat([v.reshape(-1) for v in d.values()])
+    t = float(flat.norm())
+    unit = {n: v / t for n, v in d.items()}
+    dl0, p0 = gs.per_example_directional(model, x0, y0, unit, at=start)
+    dl1, p1 = gs.per_example_directional(model, x1, y1, unit)
+    torch.testing.assert_close(p0, G0 @ (flat / t))
+    torch.testing.assert_close(p1, G1 @ (flat / t))
+    torch.testing.assert_close(dl0, l0)
+    assert gs.alpha_from_projections(t, dl0, p0, dl1, p1) == pytest.approx(
+        gs.alpha_from_gradients(flat, l0, G0, l1, G1), rel=1e-9)
