@@ -281,6 +281,55 @@ def plot(res: dict[str, Any], path: Path) -> None:
     p.close(fig)
 
 
+def tables(res: dict[str, Any]) -> str:
+    """The accuracy and cost tables as markdown (also written to SUMMARY.md)."""
+    lines = [f"Machine: {res['machine']} (shared with other jobs: timings are noisy)", "",
+             "| model/mode | step | reference (lambda_min) | power worst err | Lanczos worst err | "
+             "Lanczos HVPs | converged |", "|---|---|---|---|---|---|---|"]
+    for variant, rows in res["accuracy"].items():
+        for step, r in rows.items():
+            e = r["eig"]
+            lines.append(f"| {variant} | {step} | {e['reference']:.4g} ({e['lambda_min']:.3g}) | "
+                         f"{100 * e['power_max_rel_err']:.2f}% | {100 * e['lanczos_max_rel_err']:.1e}% | "
+                         f"{e['lanczos_hvps']:.0f} | {e['lanczos_converged']} |")
+    lines += ["", "| model/mode | step | exact trace | Hutchinson-10 median err | adaptive (5% SE) median err "
+              "| median probes | median SE | within 2 SE |", "|---|---|---|---|---|---|---|---|"]
+    for variant, rows in res["accuracy"].items():
+        for step, r in rows.items():
+            t = r.get("trace")
+            if not t:
+                continue
+            ex = "n/a" if t["exact"] is None else f"{t['exact']:.4g}"
+            fmt = lambda k: f"{100 * t[k]:.1f}%" if k in t else "n/a"  # noqa: E731
+            lines.append(f"| {variant} | {step} | {ex} | {fmt('hutch10_median_rel_err')} | "
+                         f"{fmt('adaptive_median_rel_err')} | {t['adaptive_median_samples']:.0f} | "
+                         f"{100 * t['adaptive_median_rel_se']:.1f}% | {t.get('adaptive_within_2se', 'n/a')} |")
+    lines += ["", f"Cost, {res['cost_steps']} SGD steps, a probe every {EVERY} steps "
+              "(ratio = wall time / unprobed run; ms = median per probe):", ""]
+    probes = len(range(0, res["cost_steps"], EVERY))
+    for tag, rows in res["cost"].items():
+        for k, v in rows.items():
+            if isinstance(v, dict):
+                ms = ", ".join(f"{a} {b:.1f}" for a, b in v["ms_per_probe"].items() if b >= 0.05)
+                added = 1e3 * (v["seconds"] - rows["unprobed_seconds"]) / probes
+                lines.append(f"- {tag} / {k}: ratio {v['ratio']:.2f}, {added:.0f} ms added per probe; ms: {ms}")
+    ck = res.get("cockpit")
+    if ck and ck.get("available"):
+        lines += ["", f"Cockpit measured here (plain model; its own loop's unprobed run "
+                  f"{ck['unprobed_seconds_backpack_model']:.2f} s vs shiftlab's {ck['unprobed_seconds_shiftlab_loop']:.2f} s): "
+                  + ", ".join(f"{k} {v:.2f}x ({1e3 * (v - 1) * ck['unprobed_seconds_backpack_model'] / ck['probes']:.0f} "
+                              "ms added per probe)" for k, v in ck["ratios"].items()),
+                  "Cockpit ms per probe (run time minus unprobed, per probe): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in ck["ms_per_probe"].items()),
+                  f"Shared quantities, largest relative difference shiftlab vs Cockpit: {ck['max_rel_diff_shared']:.1e}; "
+                  f"top eigenvalue median error vs reference: Cockpit {100 * ck['median_eig_rel_err']['cockpit']:.2f}%, "
+                  f"shiftlab Lanczos {100 * ck['median_eig_rel_err']['shiftlab_lanczos']:.1e}%"]
+    else:
+        lines += ["", f"Cockpit not importable here ({(ck or {}).get('reason', 'skipped')}); published in "
+                  f"issue 17 (not measured here): {PUBLISHED_COCKPIT}"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0], "bench_probes")
     p.add_argument("--no-cockpit", action="store_true", help="skip the Cockpit comparison")
@@ -288,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    if args.reuse and (args.out / "results.json").exists():
+        res = json.loads((args.out / "results.json").read_text())
+        plot(res, args.out / "bench_probes.png")
+        (args.out / "SUMMARY.md").write_text(tables(res) + "\n")
+        print(tables(res))
+        return 0
     x, y = load_data()
     checkpoints = [0, 10] if args.quick else [0, 100, 200, 500]
     seeds = 2 if args.quick else 5
@@ -320,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_seconds"] = time.perf_counter() - t_all
     (args.out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     plot(res, args.out / "bench_probes.png")
+    (args.out / "SUMMARY.md").write_text(tables(res) + "\n")
+    print(tables(res))
     print(f"wrote {args.out / 'results.json'} and bench_probes.png ({res['wall_seconds']:.0f} s)")
     return 0
 
