@@ -50,12 +50,15 @@ class GradientTests(L.Callback, Reporter):
         stop_rule_kwargs: arguments of the rule (``threshold``, ``smoothing``, ``patience``,
             ``warmup``).
         chunk_size: ``vmap`` chunk for the per-example gradients (``None``: whole batch at once).
+        max_examples: probe at most the first this many examples of the batch (the full-batch
+            regime would otherwise form ``N x P`` per-example gradients for the whole data set);
+            the statistics then describe a batch of that size. ``None``: the whole batch.
     """
 
     def __init__(self, every_n_steps: int = 10, quantities: Sequence[str] = QUANTITIES,
                  max_overhead: float | None = 1.0, stop_rule: str | None = None,
                  stop_rule_kwargs: dict[str, Any] | None = None, chunk_size: int | None = None,
-                 log_prefix: str = "grad_tests/") -> None:
+                 max_examples: int | None = 512, log_prefix: str = "grad_tests/") -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 0:
             raise ValueError(f"callbacks.gradient_tests.every_n_steps={every_n_steps} is not allowed; "
@@ -71,6 +74,10 @@ class GradientTests(L.Callback, Reporter):
         if stop_rule not in (None, "evidence"):
             raise ValueError(f"callbacks.gradient_tests.stop_rule={stop_rule} is not allowed; "
                              "allowed: evidence, null")
+        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 2):
+            raise ValueError(f"callbacks.gradient_tests.max_examples={max_examples} is not allowed; "
+                             "allowed: an integer >= 2 or null")
+        self.max_examples = max_examples
         self.quantities = list(dict.fromkeys(quantities))
         if stop_rule and "eb_criterion" not in self.quantities:
             self.quantities.append("eb_criterion")
@@ -116,7 +123,7 @@ class GradientTests(L.Callback, Reporter):
         step = int(trainer.global_step)
         model = probe_model(pl_module)
         loss = getattr(pl_module, "loss_fn", None) or F.cross_entropy
-        x, y = batch[0], batch[1]
+        x, y = batch[0][: self.max_examples], batch[1][: self.max_examples]
         start = self._alpha_start
         if start is not None and step > start["step"]:
             self._alpha_start = None

@@ -81,8 +81,16 @@ def _drive(cb, steps, step_seconds=0.0, noise=False):
 
 
 def test_budget_skips_probes_and_is_measured():
-    free = GradientTests(every_n_steps=1, max_overhead=None)
+    free = GradientTests(every_n_steps=1, max_overhead=None, max_examples=16)
     _drive(free, 12, step_seconds=0.001)
+    small = GradientTests(every_n_steps=1, max_overhead=None, max_examples=16, quantities=["b_simple"])
+    x, model = torch.randn(32, 6), nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    y = (x[:, 0] > 0).long()
+    small.on_train_batch_start(_fake_trainer(), model, (x, y), 0)
+    from shiftlab.callbacks import gradient_stats as gs
+
+    first16 = gs.b_simple(gs.gradient_moments(gs.per_example_gradients(model, x[:16], y[:16])[0]))
+    assert small.history[-1]["b_simple"] == pytest.approx(first16)
     assert len(free.history) == 12 and free.skipped == 0 and free.overhead > 0
     tight = GradientTests(every_n_steps=1, max_overhead=0.05)
     _drive(tight, 12, step_seconds=0.001)
@@ -103,7 +111,8 @@ def test_state_round_trip_and_bad_values():
     for kwargs, key in [({"quantities": ["alpha", "tic"]}, "quantities="),
                         ({"max_overhead": 0}, "max_overhead=0"),
                         ({"stop_rule": "patience"}, "stop_rule=patience"),
-                        ({"every_n_steps": -1}, "every_n_steps=-1")]:
+                        ({"every_n_steps": -1}, "every_n_steps=-1"),
+                        ({"max_examples": 1}, "max_examples=1")]:
         with pytest.raises(ValueError, match="allowed") as err:
             GradientTests(**kwargs)
         assert str(err.value).startswith(f"callbacks.gradient_tests.{key}"), err.value
