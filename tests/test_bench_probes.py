@@ -37,7 +37,6 @@ def test_exact_trace_of_a_piecewise_linear_net_matches_the_dense_hessian(bn):
         float(torch.trace(dense)), rel=1e-9)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_run_writes_results(tmp_path):
     assert bp.main(["--quick", "--no-cockpit", "--out", str(tmp_path)]) == 0
