@@ -34,6 +34,7 @@ __all__ = [
     "NoiseScale",
     "b_simple_from_batch_grads",
     "b_simple_two_batch",
+    "b_simple_from_moments",
     "per_batch_gradients",
     "gradient_noise_scale",
     "GradientNoiseScale",
@@ -76,6 +77,15 @@ def b_simple_from_batch_grads(
     mean = g.mean(0)
     s = float(((g - mean) ** 2).sum() / (k - 1))  # sample variance of batch gradients (trace)
     mean_sq = float((mean**2).sum())
+    return b_simple_from_moments(s, mean_sq, k, batch_size, population_size)
+
+
+def b_simple_from_moments(
+    s: float, mean_sq: float, k: int, batch_size: int, population_size: int | None = None
+) -> NoiseScale:
+    """The estimator of :func:`b_simple_from_batch_grads` from its two moments: ``s`` the sample
+    variance (trace) of the ``k`` batch gradients and ``mean_sq`` the squared norm of their mean.
+    (Callers that already hold these, e.g. the per-example gradient tests, skip a copy of G.)"""
     if population_size is None:
         tr_sigma = s * batch_size
         grad_sq = mean_sq - s / k

@@ -1,0 +1,232 @@
+"""Gradient tests every few training steps (``callbacks=gradient_tests``), within a cost budget.
+
+Why a callback of its own: these statistics describe the very mini-batch gradient a training step
+is about to use (the norm / inner-product / orthogonality tests of adaptive-batch methods, the
+gradient SNR, the evidence-based stopping criterion, B_simple, Cockpit's alpha), so they are
+measured in ``on_train_batch_start`` on that batch, at the parameters the step starts from. The
+math is in :mod:`shiftlab.callbacks.gradient_stats`: one ``torch.func`` pass gives the per-example
+gradients, every statistic is a reduction of them.
+
+Cost budget (``max_overhead``): the wall time of the probes and of the training steps (from the
+end of a ``on_train_batch_start`` to ``on_train_batch_end``) are both measured; a due probe is
+skipped while ``probe seconds > max_overhead * training-step seconds``, so on average the probes
+cost at most that fraction of training. Each quantity's own seconds are logged under
+``<prefix>cost/<name>`` (``per_example_gradients`` is shared by all), the running ratio under
+``<prefix>overhead``.
+
+The model is probed in eval mode (BatchNorm with running statistics, no dropout): per-example
+gradients are not defined for a BatchNorm layer in train mode, whose output couples the examples.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from shiftlab.callbacks import gradient_stats as gs
+from shiftlab.callbacks.evidence_stopping import EvidenceRule
+from shiftlab.callbacks.probe_utils import eval_mode, probe_model
+from shiftlab.callbacks.reporting import Reporter
+
+__all__ = ["GradientTests", "QUANTITIES"]
+
+QUANTITIES = (*gs.STATISTICS, "alpha")
+
+
+class GradientTests(L.Callback, Reporter):
+    """Log the gradient tests of the training batch every ``every_n_steps`` optimizer steps.
+
+    Args:
+        every_n_steps: probe period in optimizer steps (0: off).
+        quantities: any of ``b_simple``, ``norm_test``, ``inner_product_test``,
+            ``orthogonality_test``, ``gsnr``, ``eb_criterion``, ``alpha`` (alpha also needs the
+            next step's batch: its end point is measured at the following step).
+        max_overhead: probe seconds allowed per training-step second (``None``: no limit).
+        stop_rule: ``evidence`` to stop training with :class:`EvidenceRule` on ``eb_criterion``
+            (then always computed); ``None``: measure only.
+        stop_rule_kwargs: arguments of the rule (``threshold``, ``smoothing``, ``patience``,
+            ``warmup``).
+        chunk_size: ``vmap`` chunk for the per-example gradients (``None``: whole batch at once).
+        max_examples: probe at most the first this many examples of the batch (the full-batch
+            regime would otherwise form ``N x P`` per-example gradients for the whole data set);
+            the statistics then describe a batch of that size. ``None``: the whole batch.
+    """
+
+    def __init__(self, every_n_steps: int = 10, quantities: Sequence[str] = QUANTITIES,
+                 max_overhead: float | None = 1.0, stop_rule: str | None = None,
+                 stop_rule_kwargs: dict[str, Any] | None = None, chunk_size: int | None = None,
+                 max_examples: int | None = 512, log_prefix: str = "grad_tests/") -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 0:
+            raise ValueError(f"callbacks.gradient_tests.every_n_steps={every_n_steps} is not allowed; "
+                             "allowed: an integer >= 0 (0: off)")
+        self.every_n_steps = every_n_steps
+        bad = [q for q in quantities if q not in QUANTITIES]
+        if bad or not quantities:
+            raise ValueError(f"callbacks.gradient_tests.quantities={bad or list(quantities)} is not "
+                             f"allowed; allowed: {', '.join(QUANTITIES)}")
+        if max_overhead is not None and not float(max_overhead) > 0:
+            raise ValueError(f"callbacks.gradient_tests.max_overhead={max_overhead} is not allowed; "
+                             "allowed: a number > 0 or null")
+        if stop_rule not in (None, "evidence"):
+            raise ValueError(f"callbacks.gradient_tests.stop_rule={stop_rule} is not allowed; "
+                             "allowed: evidence, null")
+        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 2):
+            raise ValueError(f"callbacks.gradient_tests.max_examples={max_examples} is not allowed; "
+                             "allowed: an integer >= 2 or null")
+        self.max_examples = max_examples
+        self.quantities = list(dict.fromkeys(quantities))
+        if stop_rule and "eb_criterion" not in self.quantities:
+            self.quantities.append("eb_criterion")
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.rule = EvidenceRule(**(stop_rule_kwargs or {})) if stop_rule else None
+        self.chunk_size, self.log_prefix = chunk_size, log_prefix
+        self.history: list[dict[str, float]] = []
+        self.costs: dict[str, float] = {}  # total seconds per quantity
+        self.probe_seconds = self.train_seconds = 0.0
+        self.skipped = 0
+        self.stop_reason: str | None = None
+        self._t0: float | None = None
+        self._alpha_start: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------ measuring
+    def measure(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                loss: Any = F.cross_entropy) -> tuple[dict[str, float], dict[str, float], Any]:
+        """(values, seconds per quantity, (losses, G)) of the statistics on one batch."""
+        cost: dict[str, float] = {}
+        t = time.perf_counter()
+        with eval_mode(model):
+            G, losses = gs.per_example_gradients(model, x, y, loss, self.chunk_size)
+        cost["per_example_gradients"] = time.perf_counter() - t
+        t = time.perf_counter()
+        moments = gs.gradient_moments(G)
+        cost["moments"] = time.perf_counter() - t
+        values: dict[str, float] = {}
+        for q in self.quantities:
+            if q in gs.STATISTICS:
+                t = time.perf_counter()
+                values[q] = gs.STATISTICS[q](moments)
+                cost[q] = time.perf_counter() - t
+        return values, cost, (losses, G)
+
+    def _over_budget(self) -> bool:
+        return (self.max_overhead is not None and self.train_seconds > 0
+                and self.probe_seconds > self.max_overhead * self.train_seconds)
+
+    # ------------------------------------------------------------------------------ hooks
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        t_hook = time.perf_counter()
+        step = int(trainer.global_step)
+        model = probe_model(pl_module)
+        loss = getattr(pl_module, "loss_fn", None) or F.cross_entropy
+        x, y = batch[0][: self.max_examples], batch[1][: self.max_examples]
+        start = self._alpha_start
+        if start is not None and step > start["step"]:
+            self._alpha_start = None
+            if step == start["step"] + 1:  # the end point of the previous probe's step
+                t = time.perf_counter()
+                a = self._alpha(model, start, x, y, loss)
+                self._record_alpha(trainer, start["step"], a, time.perf_counter() - t)
+        if self.every_n_steps and step % self.every_n_steps == 0 and (
+                not self.history or self.history[-1]["step"] != step):
+            run = not self._over_budget()
+            if trainer.world_size > 1:  # one decision for every rank
+                run = trainer.strategy.broadcast(run, src=0)
+            if run:
+                self._probe(trainer, model, x, y, loss, step)
+            else:
+                self.skipped += 1
+        self.probe_seconds += time.perf_counter() - t_hook
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._t0 is not None:
+            self.train_seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def _probe(self, trainer: L.Trainer, model: torch.nn.Module, x: torch.Tensor,
+               y: torch.Tensor, loss: Any, step: int) -> None:
+        values, cost, _ = self.measure(model, x, y, loss)
+        if "alpha" in self.quantities:
+            self._alpha_start = {"step": step, "at": gs.snapshot(model), "x": x, "y": y}
+        for k, v in cost.items():
+            self.costs[k] = self.costs.get(k, 0.0) + v
+        row = {"step": step, **values, **{f"cost/{k}": v for k, v in cost.items()}}
+        self.history.append(row)
+        self._log(trainer, step, row)
+        if self.rule is not None:
+            stop = self.rule.update(values["eb_criterion"])
+            if trainer.world_size > 1:
+                stop = trainer.strategy.broadcast(stop, src=0)
+            if stop and self.stop_reason is None:
+                self.stop_reason = f"gradient tests stopped at step {step}: {self.rule.reason}"
+                trainer.should_stop = True
+
+    @staticmethod
+    def _alpha(model: torch.nn.Module, start: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+               loss: Any) -> float:
+        """Alpha of the step just taken: losses and gradients projected on it, at its start (the
+        stored batch and point) and at its end (this batch), by forward-mode products."""
+        end = gs.snapshot(model)
+        d = {n: end["params"][n] - v for n, v in start["at"]["params"].items()}
+        t = float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+        if t == 0.0:
+            return -1.0
+        unit = {n: v / t for n, v in d.items()}
+        with eval_mode(model):
+            l0, p0 = gs.per_example_directional(model, start["x"], start["y"], unit, loss, at=start["at"])
+            l1, p1 = gs.per_example_directional(model, x, y, unit, loss, at=end)
+        return gs.alpha_from_projections(t, l0, p0, l1, p1)
+
+    def _record_alpha(self, trainer: L.Trainer, step: int, alpha: float, seconds: float) -> None:
+        self.costs["alpha"] = self.costs.get("alpha", 0.0) + seconds
+        for row in reversed(self.history):
+            if row["step"] == step:
+                row.update({"alpha": alpha, "cost/alpha": seconds})
+                break
+        self._log(trainer, step, {"alpha": alpha, "cost/alpha": seconds})
+
+    def _log(self, trainer: L.Trainer, step: int, row: dict[str, float]) -> None:
+        ratio = self.overhead
+        scalars = {f"{self.log_prefix}{k}": float(v) for k, v in row.items() if k != "step"}
+        scalars[f"{self.log_prefix}overhead"] = ratio
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+
+    @property
+    def overhead(self) -> float:
+        """Probe seconds per training-step second so far (NaN before any training step)."""
+        return self.probe_seconds / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+    # ------------------------------------------------------------------------------ reporting
+    def summary_items(self) -> dict[str, Any]:
+        if not self.history:
+            return {}
+        last = {f"{self.log_prefix}{k}": v for k, v in self.history[-1].items()
+                if not k.startswith("cost/") and k != "step"}
+        return {**last, f"{self.log_prefix}probes": len(self.history),
+                f"{self.log_prefix}skipped": self.skipped,
+                f"{self.log_prefix}overhead": round(self.overhead, 4),
+                f"{self.log_prefix}seconds": {k: round(v, 4) for k, v in self.costs.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but a pending alpha start point (a resume loses at most that one alpha)."""
+        return {"history": [dict(r) for r in self.history], "costs": dict(self.costs),
+                "probe_seconds": self.probe_seconds, "train_seconds": self.train_seconds,
+                "skipped": self.skipped, "stop_reason": self.stop_reason,
+                "rule": None if self.rule is None else self.rule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.costs = dict(state_dict.get("costs", {}))
+        self.probe_seconds = float(state_dict.get("probe_seconds", 0.0))
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.stop_reason = state_dict.get("stop_reason")
+        if self.rule is not None and state_dict.get("rule") is not None:
+            self.rule.load_state_dict(state_dict["rule"])

@@ -1,0 +1,129 @@
+"""The Cockpit side of :mod:`shiftlab.experiments.bench_probes` (optional; needs cockpit-for-pytorch
+and backpack-for-pytorch importable).
+
+Why a separate module: Cockpit is an optional peer, not a dependency; when it cannot be imported
+the benchmark reports the published figures of issue 17 instead. Only the plain MLP is run:
+BackPACK's individual gradients do not support BatchNorm in train mode.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from shiftlab.callbacks import gradient_stats as gs
+from shiftlab.callbacks.hessian import lanczos_eigenvalues
+from shiftlab.experiments import bench_probes as bp
+
+SINGLE = ("NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "EarlyStopping", "Alpha", "HessTrace",
+          "HessMaxEV")
+# Cockpit quantity -> shiftlab's name for the same number
+SHARED = {"NormTest": "norm_test", "InnerTest": "inner_product_test", "OrthoTest": "orthogonality_test",
+          "MeanGSNR": "gsnr", "EarlyStopping": "eb_criterion"}
+
+
+def _import() -> tuple[Any, str | None]:
+    try:
+        import backpack  # noqa: F401
+        import cockpit
+        return cockpit, None
+    except Exception as e:  # ImportError, or a broken install (e.g. missing pkg_resources)
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _run(x, y, steps: int, quantities: list | None) -> float:
+    """Wall time of ``steps`` SGD steps with Cockpit tracking ``quantities`` (None: no Cockpit)."""
+    from backpack import extend
+    from cockpit import Cockpit
+
+    model = extend(bp.make_model(False))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=bp.LR)
+    ck = Cockpit(model.parameters(), quantities=quantities) if quantities is not None else None
+    t0 = time.perf_counter()
+    for step, (xb, yb) in enumerate(bp.batches(x, y, steps, seed=1)):
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        opt.zero_grad()
+        if ck is None:
+            loss.backward()
+        else:
+            losses = F.cross_entropy(out, yb, reduction="none")
+            with ck(step, info={"batch_size": len(xb), "individual_losses": losses, "loss": loss,
+                                "optimizer": opt}):
+                loss.backward(create_graph=ck.create_graph(step))
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def _values_at(state: dict, xb, yb) -> dict[str, Any]:
+    """Cockpit's and shiftlab's numbers on one batch at one checkpoint."""
+    from backpack import extend
+    from cockpit import Cockpit, quantities
+
+    model = extend(bp.make_model(False))
+    model.load_state_dict(state)
+    once = lambda s: s == 0  # noqa: E731
+    qs = [getattr(quantities, q)(track_schedule=once) for q in (*SHARED, "HessMaxEV", "HessTrace")]
+    ck = Cockpit(model.parameters(), quantities=qs)
+    opt = torch.optim.SGD(model.parameters(), lr=bp.LR)
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    out = model(xb)
+    loss = loss_fn(out, yb)
+    with ck(0, info={"batch_size": len(xb), "individual_losses": F.cross_entropy(out, yb, reduction="none"),
+                     "loss": loss, "optimizer": opt}):
+        loss.backward(create_graph=ck.create_graph(0))
+    theirs = ck.get_output()[0]
+    plain = bp.make_model(False)
+    plain.load_state_dict(state)
+    G, _ = gs.per_example_gradients(plain, xb, yb)
+    m = gs.gradient_moments(G)
+    fn, params = bp._loss_params(plain, xb, yb)
+    ref = lanczos_eigenvalues(fn, params, tol=1e-6, ncv=40, max_hvps=4000)
+    ours = {v: gs.STATISTICS[v](m) for v in SHARED.values()}
+    ours["top_eigenvalue_lanczos"] = lanczos_eigenvalues(fn, params, tol=1e-3).values[0]
+    ours["reference_top_eigenvalue"] = ref.values[0]
+    ours["exact_trace"] = bp.exact_trace_piecewise_linear(plain, xb, yb)
+    cockpit = {k: float(theirs[k]) for k in SHARED}
+    cockpit["HessMaxEV"] = float(theirs["HessMaxEV"])
+    ht = theirs["HessTrace"]
+    cockpit["HessTrace"] = float(sum(ht)) if isinstance(ht, (list, tuple)) else float(ht)
+    return {"cockpit": cockpit, "shiftlab": ours}
+
+
+def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -> dict[str, Any]:
+    ck, why = _import()
+    if ck is None:
+        return {"available": False, "reason": why}
+    from cockpit import quantities
+    from cockpit.utils.configuration import configuration
+    from cockpit.utils.schedules import linear
+
+    sched = linear(bp.EVERY)
+    n_probes = len(range(0, steps, bp.EVERY))
+    base = min(_run(x, y, steps, None) for _ in range(2))
+    ratios = {c: _run(x, y, steps, configuration(c, track_schedule=sched)) / base
+              for c in ("economy", "business", "full")}
+    ms = {}
+    for q in SINGLE:
+        t = _run(x, y, steps, [getattr(quantities, q)(track_schedule=sched)])
+        ms[q] = 1e3 * max(t - base, 0.0) / n_probes
+    states = bp.train_checkpoints(False, x, y, checkpoints)
+    xb, yb = x[: bp.BATCH], y[: bp.BATCH]
+    values = {step: _values_at(state, xb, yb) for step, state in states.items()}
+    for v in values.values():
+        ref = v["shiftlab"]["reference_top_eigenvalue"]
+        v["cockpit_eig_rel_err"] = abs(v["cockpit"]["HessMaxEV"] - ref) / abs(ref)
+        v["shiftlab_eig_rel_err"] = abs(v["shiftlab"]["top_eigenvalue_lanczos"] - ref) / abs(ref)
+    return {"available": True, "version": getattr(ck, "__version__", "1.0.2?"),
+            "unprobed_seconds_backpack_model": base, "unprobed_seconds_shiftlab_loop": unprobed_seconds,
+            "ratios": ratios, "ms_per_probe": ms, "probes": n_probes,
+            "values_on_first_batch": values,
+            "max_rel_diff_shared": max(abs(v["cockpit"][k] - v["shiftlab"][s]) / max(abs(v["shiftlab"][s]), 1e-12)
+                                       for v in values.values() for k, s in SHARED.items()),
+            "median_eig_rel_err": {"cockpit": statistics.median(v["cockpit_eig_rel_err"] for v in values.values()),
+                                   "shiftlab_lanczos": statistics.median(v["shiftlab_eig_rel_err"]
+                                                                         for v in values.values())}}
