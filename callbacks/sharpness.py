@@ -32,11 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from shiftlab.callbacks.early_stopping import StoppingRule, make_rule
-from shiftlab.callbacks.hessian import epsilon_sharpness, hutchinson_trace, top_hessian_eigenvalue
+from shiftlab.callbacks.hessian import (
+    epsilon_sharpness,
+    hutchinson_trace,
+    hutchinson_trace_se,
+    lanczos_eigenvalues,
+    probe_mode,
+    top_hessian_eigenvalue,
+)
 from shiftlab.callbacks.probe import Probe
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,
-    eval_mode,
     probe_indices,
     probe_model,
     rank0_value,
@@ -47,26 +53,46 @@ from shiftlab.callbacks.probe_utils import (
 __all__ = ["SEED_POLICIES", "SharpnessMonitor", "sharpness_on_subset"]
 
 SEED_POLICIES = ("fixed", "per_epoch")
+METHODS = ("lanczos", "power")
 LEGACY_STATE_KEYS = ("SharpnessProbe",)  # the batch-regime class this one replaced
 
 
 def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, power_iters: int = 20,
                         tol: float = 1e-3, trace_samples: int = 10, eps_sharpness: float | None = None,
-                        eps_steps: int = 10, generator: torch.Generator | None = None) -> dict[str, float]:
-    """Curvature numbers of the mean cross-entropy of ``model`` on ``(x, y)`` (eval mode, restored).
+                        eps_steps: int = 10, generator: torch.Generator | None = None, method: str = "power",
+                        model_mode: str = "eval", max_hvps: int = 300,
+                        trace_target_rel_error: float | None = None) -> dict[str, float]:
+    """Curvature numbers of the mean cross-entropy of ``model`` on ``(x, y)``.
 
-    ``power_iters`` / ``trace_samples`` 0 leave out the eigenvalue / trace; ``eps_sharpness`` None
-    leaves out the epsilon-sharpness. One ``generator`` feeds the three estimates in that order."""
+    ``method``: ``lanczos`` (scipy's ARPACK on Hessian-vector products: value, residual, products spent,
+    converged flag) or ``power`` (power iteration, ``power_iters`` at most; no convergence evidence).
+    ``model_mode``: ``eval`` (the model itself, eval mode, restored) or ``train`` (a copy in train mode:
+    BatchNorm uses batch statistics as the training steps do; running statistics do not move).
+    ``trace_target_rel_error``: Hutchinson probes are added until the trace's standard error is below this
+    fraction of it (at most ``trace_samples``); None: exactly ``trace_samples`` probes, no standard error.
+    ``power_iters`` / ``trace_samples`` 0 leave out the eigenvalue / trace; ``eps_sharpness`` None leaves
+    out the epsilon-sharpness. One ``generator`` feeds the estimates in that order."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
-    params = trainable_params(model)
-    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
     out: dict[str, float] = {}
-    with eval_mode(model), torch.enable_grad():
-        if power_iters > 0:
+    with probe_mode(model, model_mode) as net, torch.enable_grad():
+        params = trainable_params(net)
+        loss_fn = lambda: F.cross_entropy(net(x), y)  # noqa: E731
+        if power_iters > 0 and method == "lanczos":
+            r = lanczos_eigenvalues(loss_fn, params, k=1, tol=tol, max_hvps=max_hvps, generator=generator)
+            out.update(top_eigenvalue=r.values[0], top_eigenvalue_residual=r.residuals[0],
+                       top_eigenvalue_hvps=float(r.hvps), top_eigenvalue_converged=float(r.converged))
+        elif power_iters > 0:
             out["top_eigenvalue"] = top_hessian_eigenvalue(loss_fn, params, iters=power_iters, tol=tol,
                                                            generator=generator)
-        if trace_samples > 0:
+        if trace_samples >= 2 and trace_target_rel_error:
+            t = hutchinson_trace_se(loss_fn, params, target_rel_error=trace_target_rel_error,
+                                    min_samples=min(20, trace_samples), max_samples=trace_samples,
+                                    generator=generator)
+            out.update(trace=t.trace, trace_se=t.se, trace_samples=float(t.samples))
+        elif trace_samples > 0:
             out["trace"] = hutchinson_trace(loss_fn, params, samples=trace_samples, generator=generator)
         if eps_sharpness is not None:
             out["eps_sharpness"] = epsilon_sharpness(loss_fn, params, eps=eps_sharpness, steps=eps_steps,
@@ -83,8 +109,13 @@ class SharpnessMonitor(Probe):
         labels: ``given`` (the possibly noisy labels trained on) or ``true`` (``train_set.y_true``).
         seed / seed_policy: seed of the random subset and of the probe vectors; ``fixed`` or
             ``per_epoch`` (probe vectors only: the subset never changes).
-        power_iters / tol: power-iteration budget and relative tolerance (0 iterations: no eigenvalue).
-        trace_samples: Rademacher vectors for the Hutchinson trace (0: no trace).
+        method: ``lanczos`` (default: value, residual, products and a converged flag are logged) or
+            ``power`` (the estimator before; kept to reproduce earlier figures).
+        model_mode: ``eval`` or ``train`` (BatchNorm with batch statistics, on a copy).
+        power_iters / tol: eigenvalue on (0: no eigenvalue; for ``power`` the iteration budget) and the
+            relative tolerance; max_hvps: Lanczos' budget of Hessian-vector products.
+        trace_samples: Rademacher vectors for the Hutchinson trace (0: no trace); with
+            ``trace_target_rel_error`` the most probes, added until the standard error is that small.
         epsilon_sharpness / eps / eps_steps: Keskar's epsilon-sharpness, box size and ascent steps.
         max_overhead: cost budget, a fraction of training time (None: probe whatever it costs).
         max_top_eigenvalue: stop once the top eigenvalue exceeds this (None: never).
@@ -100,6 +131,8 @@ class SharpnessMonitor(Probe):
                  labels: str = "given", seed: int = 0, seed_policy: str = "fixed", power_iters: int = 20,
                  tol: float = 1e-3, trace_samples: int = 10, epsilon_sharpness: bool = False,
                  eps: float = 1e-3, eps_steps: int = 10, max_overhead: float | None = None,
+                 method: str = "lanczos", model_mode: str = "eval", max_hvps: int = 300,
+                 trace_target_rel_error: float | None = 0.05,
                  max_top_eigenvalue: float | None = None, stop_rule: str | None = None,
                  stop_rule_kwargs: dict[str, Any] | None = None, log_prefix: str = "sharpness") -> None:
         super().__init__(every_n_epochs=check_positive_int("every_n_epochs", every_n_epochs),
@@ -120,6 +153,13 @@ class SharpnessMonitor(Probe):
         if (max_top_eigenvalue is not None or stop_rule) and self.power_iters == 0:
             raise ValueError("max_top_eigenvalue / stop_rule need the top eigenvalue: power_iters must be >= 1")
         self.max_top_eigenvalue, self.stop_rule = max_top_eigenvalue, stop_rule
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(METHODS)}")
+        if model_mode not in ("eval", "train"):
+            raise ValueError(f"model_mode={model_mode!r} is unknown; allowed: eval, train")
+        self.method, self.model_mode = method, model_mode
+        self.max_hvps = check_positive_int("max_hvps", max_hvps)
+        self.trace_target_rel_error = None if not trace_target_rel_error else float(trace_target_rel_error)
         self.rule: StoppingRule | None = make_rule(stop_rule, **(stop_rule_kwargs or {})) if stop_rule else None
 
     def probe_seed(self, epoch: int) -> int:
@@ -136,7 +176,9 @@ class SharpnessMonitor(Probe):
         values = sharpness_on_subset(probe_model(pl_module), split.x[idx], y[idx], power_iters=self.power_iters,
                                      tol=self.tol, trace_samples=self.trace_samples,
                                      eps_sharpness=self.eps if self.epsilon_sharpness else None,
-                                     eps_steps=self.eps_steps, generator=gen)
+                                     eps_steps=self.eps_steps, generator=gen, method=self.method,
+                                     model_mode=self.model_mode, max_hvps=self.max_hvps,
+                                     trace_target_rel_error=self.trace_target_rel_error)
         return rank0_value(trainer, values)
 
     def after_record(self, trainer: Any, values: dict[str, Any]) -> None:
