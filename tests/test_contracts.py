@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab.callbacks.early_stopping import RULES, make_rule
+from shiftlab.callbacks.stopping_rules import RULES, make_rule
 from shiftlab.trainers.norms import create_norm_layer, norm_names
 from shiftlab.trainers.optim import OPTIMIZERS
 
@@ -92,7 +92,7 @@ def _u_curve(n: int = 40) -> tuple[list[float], list[float]]:
     return val.tolist(), train.tolist()
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", RULES.names())
 def test_every_stopping_rule_replays_and_resumes_exactly(name):
     val, train = _u_curve()
     whole = make_rule(name)
