@@ -53,7 +53,7 @@ from shiftlab.experiments.early_stopping_frontiers import (GOAL_KEYS, HELD_OUT_C
                                                            load_runs, oracle_frontier, patience_frontier,
                                                            replay_rule, split_runs, subgroup_table)
 from shiftlab.experiments.early_stopping_tuning import (OTHER_GRIDS, TUNE_GRID, cross_validate, fit_learned,
-                                                        tune_rule)
+                                                        tune_robust, tune_rule)
 
 ROOT = Path(__file__).resolve().parent
 OUT = Path("outputs") / "early_stopping_benchmark"  # under the working directory
@@ -214,6 +214,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                     help="refit the learned rule on the tuning split, choose p_stop / confirm "
                          "there, and print the numbers to paste into "
                          "callbacks/stopping_rules/learned.py")
+    ap.add_argument("--tune-robust", action="store_true",
+                    help="re-choose the default's p_stop / confirm / min_behind on the tuning split "
+                         "with the subgroup condition over every subgroup key; print the table")
     args = ap.parse_args(list(argv) if argv is not None else None)
     if args.reps < 10:
         print(f"shiftlab: error: --reps={args.reps} is not allowed; allowed: >= 10", file=sys.stderr)
@@ -226,6 +229,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     tune, held = split_runs(runs)
     if args.tune:
         return _tune(tune, args.out)
+    if args.tune_robust:
+        kw, table = tune_robust(tune)
+        for t in sorted(table, key=lambda t: t["regret"] - t["patience_regret"])[:8]:
+            print(f"{t['kwargs']}: epochs {t['epochs']:.3f}, regret {t['regret']:.4f}, patience "
+                  f"{t['patience_regret']:.4f}, gap closed {t['gap_closed']:.2f}, worse: {t['worse']}")
+        print(f"chosen on the {len(tune)} tuning curves: {kw}")
+        return 0
     if args.eval == "fresh":
         held = load_runs(None, args.fresh)
         if not held:

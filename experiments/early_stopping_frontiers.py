@@ -34,7 +34,7 @@ GOAL_KEYS = ("data", "optimizer", "noise", "batch")  # the issue's subgroups (ot
 def noise_bucket(rate: float) -> str:
     if rate == 0:
         return "0"
-    return "0.1-0.2" if rate <= 0.2 else ("0.3-0.4" if rate <= 0.4 else "0.6")
+    return "0.1-0.2" if rate <= 0.2 else ("0.3-0.4" if rate <= 0.4 else "0.5-0.6")
 
 
 def _normalize(run: dict[str, Any], corpus: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from shiftlab.callbacks.stopping_rules import LEARNED_DELTA
-from shiftlab.experiments.early_stopping_frontiers import (GOAL_KEYS, PATIENCES, gap_closed, oracle_frontier,
-                                                           patience_frontier, replay_rule, subgroup_table)
+from shiftlab.experiments.early_stopping_frontiers import (GOAL_KEYS, PATIENCES, SUBGROUP_KEYS, gap_closed,
+                                                           oracle_frontier, patience_frontier, replay_rule,
+                                                           subgroup_table)
 
 EPOCH_MARGIN = 0.9  # tune to <= 90% of patience=10's epochs, so the budget holds on new curves
 TUNE_GRID = {"p_stop": [0.3, 0.5, 0.7], "confirm": [1, 2], "min_behind": [0, 2, 5]}
@@ -25,6 +26,9 @@ OTHER_GRIDS = {  # the other new rules get the same tuning (their shipped defaul
 # LEARNED_DELTA: "the validation loss still beats its running best by more than delta" (log
 # scale), chosen among DELTAS by leave-one-cell-out cross-validation on the tuning split
 DELTAS = (0.005, 0.01, 0.02, 0.03, 0.05)
+# ``--tune-robust``: the default's p_stop / confirm / min_behind re-chosen with the subgroup
+# condition over every subgroup key (model family and schedule too), on the tuning split
+ROBUST_GRID = {"p_stop": [0.2, 0.3, 0.4, 0.5, 0.7], "confirm": [1, 2, 3], "min_behind": [0, 2, 5]}
 
 
 def learned_dataset(runs: Sequence[dict], warmup: int = 5, window: int = 8,
@@ -81,13 +85,13 @@ def fit_learned(runs: Sequence[dict], c: float = 1.0, target: str = "val",
 
 
 def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
-              fixed: dict[str, Any] | None = None, subgroups: bool = False
-              ) -> tuple[dict[str, Any], list[dict]]:
+              fixed: dict[str, Any] | None = None, subgroups: bool = False,
+              keys: Sequence[str] = GOAL_KEYS) -> tuple[dict[str, Any], list[dict]]:
     """Grid search on ``runs``: among settings that use no more than ``EPOCH_MARGIN`` times
     patience=10's epochs on the same runs, the largest regret reduction over the patience frontier at the setting's own
     epochs (the gap-closed ratio's numerator: the ratio itself is erratic where the two
-    frontiers nearly meet). ``subgroups``: also require that no data set / optimizer /
-    label-noise / batch-regime subgroup of ``runs`` is worse than patience at matched epochs by
+    frontiers nearly meet). ``subgroups``: also require that no subgroup of ``runs`` along
+    ``keys`` (default: data set / optimizer / label noise / batch regime) is worse than patience at matched epochs by
     more than one SE (the goal's own criteria, checked on the tuning runs)."""
     import itertools
 
@@ -104,7 +108,7 @@ def tune_rule(name: str, grid: dict[str, Sequence[Any]], runs: Sequence[dict],
         if subgroups:
             sub = subgroup_table(res, pat, runs, idx, reps=200)
             row["worse"] = [f"{r['key']}={r['value']}" for r in sub
-                            if r["worse"] and r["key"] in GOAL_KEYS]
+                            if r["worse"] and r["key"] in keys]
         table.append(row)
     ok = [t for t in table if t["epochs"] <= EPOCH_MARGIN * p10 and not t.get("worse")]
     best = max(ok or table, key=lambda t: t["patience_regret"] - t["regret"])
@@ -135,3 +139,10 @@ def cross_validate(runs: Sequence[dict], deltas: Sequence[float] = DELTAS
         out[delta] = {**g, "epochs_vs_p10": g["epochs"] / p10}
         print(f"  delta={delta}: {out[delta]}", flush=True)
     return out
+
+
+def tune_robust(runs: Sequence[dict]) -> tuple[dict[str, Any], list[dict]]:
+    """``curvature``'s settings chosen like the shipped default but with no subgroup of any key
+    (data set, model family, optimizer, label noise, batch regime, schedule) of the tuning
+    ``runs`` worse than patience by more than one SE."""
+    return tune_rule("curvature", ROBUST_GRID, runs, subgroups=True, keys=SUBGROUP_KEYS)
