@@ -17,7 +17,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from shiftlab.callbacks.early_stopping import RULES, make_rule
+from shiftlab.callbacks.stopping_rules import RULES, make_rule
 from shiftlab.trainers.norms import create_norm_layer, norm_names, norm_registry
 from shiftlab.trainers.optim import OPTIMIZERS, SCHEDULERS
 
@@ -204,7 +204,7 @@ def _u_curve(n: int = 40) -> tuple[list[float], list[float]]:
     return val.tolist(), train.tolist()
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", RULES.names())
 def test_every_stopping_rule_replays_and_resumes_exactly(name):
     val, train = _u_curve()
     whole = make_rule(name)

@@ -8,9 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from shiftlab.callbacks.early_stopping import replay
-from shiftlab.experiments import early_stopping_benchmark as B
-from shiftlab.experiments.early_stopping_corpus import _summary, design, load_corpus
+from shiftlab.callbacks.stopping_rules import replay
+from shiftlab.experiments import early_stopping_benchmark as bench
+from shiftlab.experiments import early_stopping_frontiers as B
+from shiftlab.experiments.early_stopping_tuning import tune_rule
+from shiftlab.experiments.early_stopping_corpus import design, design_fresh, load_corpus
+from shiftlab.experiments.early_stopping_curves import _summary
 
 
 def run(val, test, data="digits", model="mlp", **kw):
@@ -114,7 +117,7 @@ def test_split_keeps_each_data_model_cell_on_one_side():
 def test_tune_rule_respects_the_patience10_epoch_budget():
     r = [run([3, 2, 1.5, 1.2, 1.1, 1.05, 1.0, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05] + [1.1] * 20,
              [3, 2, 1.5, 1.2, 1.1, 1.05, 1.0, 1.0, 1.01, 1.02, 1.03, 1.04, 1.05] + [1.1] * 20)]
-    kw, table = B.tune_rule("patience", {"patience": [1, 5, 25]}, r)
+    kw, table = tune_rule("patience", {"patience": [1, 5, 25]}, r)
     assert len(table) == 3
     p10 = B.patience_frontier(r, (10,))[0, :, 0].mean()
     assert all(t["epochs"] <= p10 for t in table if t["kwargs"] == kw)
@@ -152,7 +155,7 @@ def test_standard_error_is_the_ratio_estimator():
 
 
 def test_train_curve_records_standard_errors_on_a_tiny_run():
-    from shiftlab.experiments.early_stopping_corpus import train_curve
+    from shiftlab.experiments.early_stopping_curves import train_curve
 
     cfg = design(3) | {"data": "digits", "model": "mlp", "epochs": 3, "batch": "full",
                        "batch_size": 0, "train_fraction": 0.25}
@@ -179,10 +182,63 @@ def test_benchmark_command_writes_report_and_plot_on_a_tiny_corpus(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    assert B.main(["--v1", "none", "--v2", str(corpus), "--out", str(out), "--reps", "20"]) == 0
+    assert bench.main(["--v1", "none", "--v2", str(corpus), "--out", str(out), "--reps", "20"]) == 0
     report = (out / "report.md").read_text()
     assert "| curvature (default) |" in report and "-> met:" in report
     res = json.loads((out / "results.json").read_text())
     assert res["n_held"] == 6 and res["n_tune"] == 6
     assert (out / "pareto.png").stat().st_size > 10_000
-    assert B.main(["--reps", "3"]) == 2  # bad input: one line, exit code 2
+    assert bench.main(["--reps", "3"]) == 2  # bad input: one line, exit code 2
+
+
+def test_fresh_set_shares_no_cell_seed_or_id_with_corpus_v2():
+    v2 = [design(i) for i in range(400)]
+    fresh = [design_fresh(i) for i in range(200)]
+    v2_cells = {(c["data"], c["model"]) for c in v2}
+    assert not v2_cells & {(c["data"], c["model"]) for c in fresh}
+    assert not {c["seed"] for c in v2} & {c["seed"] for c in fresh}
+    assert not {c["id"] for c in v2} & {c["id"] for c in fresh}
+    assert design_fresh(7) == design_fresh(7)  # run i is always the same run
+    hmm = [c for c in fresh if c["source"] == "hmm_sequences"]
+    assert hmm and all(c["data_kw"]["hmm_seed"] >= 20 for c in hmm)  # v2 drew chains 0..4
+
+
+def test_fresh_variants_train_a_few_epochs():
+    from shiftlab.experiments.early_stopping_curves import train_curve
+
+    seen = set()
+    for i in range(60):
+        cfg = design_fresh(i)
+        if cfg["data"] in seen or cfg["model"] == "hmm":
+            continue
+        seen.add(cfg["data"])
+        out = train_curve(cfg | {"epochs": 2, "batch": "full", "batch_size": 0,
+                                 "train_fraction": 0.25})
+        assert len(out["val_loss"]) == 2 and all(v > 0 for v in out["val_loss"]), cfg["id"]
+    assert len(seen) == 4
+
+
+def test_benchmark_reports_on_the_fresh_set(tmp_path):
+    import random
+
+    rng = random.Random(1)
+    lines = []
+    for i in range(8):
+        t0 = rng.randint(10, 30)
+        val = [0.5 + ((t - t0) / 30) ** 2 + rng.gauss(0, 0.01) for t in range(50)]
+        lines.append(json.dumps({"id": f"f{i}", "data": "synthetic_clusters", "model": "vgg",
+                                 "optimizer": "nesterov", "schedule": "warmup_cosine",
+                                 "label_noise": 0.5, "val_loss": val, "val_loss_se": [0.01] * 50,
+                                 "train_loss": [1 / (1 + t) for t in range(50)],
+                                 "test_loss": [v + 0.01 for v in val]}))
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    v2 = tmp_path / "none.jsonl"
+    v2.write_text(lines[0] + "\n")
+    assert bench.main(["--v1", "none", "--v2", str(v2), "--eval", "fresh", "--fresh", str(fresh),
+                       "--out", str(out), "--reps", "20"]) == 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("Fresh held-out set: 8 curves") and "synthetic_clusters/vgg" in report
+    assert json.loads((out / "results.json").read_text())["n_held"] == 8
+    assert bench.main(["--v2", str(v2), "--eval", "fresh", "--fresh", str(tmp_path / "no.jsonl")]) == 2

@@ -32,7 +32,7 @@ def _job(out: Path) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from shiftlab.callbacks.stopping_callbacks import CurvatureEarlyStopping
+    from shiftlab.callbacks.early_stopping import RuleEarlyStopping
 
     class Scripted(L.LightningModule):
         def __init__(self) -> None:
@@ -54,7 +54,7 @@ def _job(out: Path) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     torch.set_num_threads(1)
-    cb = CurvatureEarlyStopping(verbose=False)
+    cb = RuleEarlyStopping(verbose=False)
     trainer = L.Trainer(max_epochs=50, accelerator="cpu", devices=2, strategy="ddp",
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[cb],
@@ -69,9 +69,11 @@ def _job(out: Path) -> None:
 
 @pytest.mark.slow
 def test_every_rank_takes_rank_zero_decision(tmp_path):
-    from shiftlab.callbacks.early_stopping import replay
+    from shiftlab.callbacks.stopping_rules import replay
 
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent), OMP_NUM_THREADS="1")
+    # the caller's path first: a checkout imported through PYTHONPATH stays the one tested
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(HERE.parent.parent)) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(HERE), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

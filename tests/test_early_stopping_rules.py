@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from shiftlab.callbacks.early_stopping import (FEATURES, LEARNED_COEF, CurvatureRule, ForecastRule,
-                                      GLRule, LearnedRule, PatienceRule, PQRule, QuadraticRule,
-                                      SESlopeRule, UPRule, curve_features, forecast_curve,
-                                      local_quadratic_fit, make_rule, replay)
+from shiftlab.callbacks.stopping_rules import (FEATURES, LEARNED_COEF, CurvatureRule, ForecastRule,
+                                               GLRule, LearnedRule, PatienceRule, PQRule, QuadraticRule,
+                                               SESlopeRule, UPRule, curve_features, forecast_curve,
+                                               local_quadratic_fit, make_rule, replay)
 
 
 # ---------------------------------------------------------------------------- patience
@@ -111,8 +111,9 @@ def test_non_finite_value_stops_at_once():
 
 
 def test_make_rule_errors_name_the_allowed_values():
-    with pytest.raises(ValueError, match="allowed: curvature, quadratic, se_slope, forecast, "
-                                         "learned, patience, gl, pq, up"):
+    with pytest.raises(ValueError, match="^rule=plateau is not allowed; allowed: known stopping rule "
+                                         "names: curvature, forecast, gl, learned, patience, pq, "
+                                         "quadratic, se_slope, up$"):
         make_rule("plateau")
     with pytest.raises(ValueError, match="allowed: min, max"):
         make_rule("gl", mode="down")
