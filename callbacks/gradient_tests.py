@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from shiftlab.callbacks import gradient_stats as gs
-from shiftlab.callbacks.evidence_stopping import EvidenceRule
+from shiftlab.callbacks.stopping_rules import EvidenceRule
 from shiftlab.callbacks.probe_utils import eval_mode, probe_model
 from shiftlab.callbacks.reporting import Reporter
 

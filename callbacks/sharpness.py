@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shiftlab.callbacks.early_stopping import StoppingRule, make_rule
+from shiftlab.callbacks.stopping_rules import StoppingRule, make_rule
 from shiftlab.callbacks.hessian import (
     epsilon_sharpness,
     hutchinson_trace,

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from shiftlab.callbacks.early_stopping import make_rule, replay, training_progress
+from shiftlab.callbacks.stopping_rules import make_rule, replay, training_progress
 from shiftlab.callbacks.hessian import hessian_vector_product, hutchinson_trace, top_hessian_eigenvalue
 from shiftlab.trainers.config_checks import ConfigError, check_config
 from shiftlab.trainers.data.base import TensorDataModule

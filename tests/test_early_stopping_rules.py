@@ -112,7 +112,7 @@ def test_non_finite_value_stops_at_once():
 
 def test_make_rule_errors_name_the_allowed_values():
     with pytest.raises(ValueError, match="^rule=plateau is not allowed; allowed: known stopping rule "
-                                         "names: curvature, forecast, gl, learned, patience, pq, "
+                                         "names: curvature, evidence, forecast, gl, learned, patience, pq, "
                                          "quadratic, se_slope, up$"):
         make_rule("plateau")
     with pytest.raises(ValueError, match="allowed: min, max"):

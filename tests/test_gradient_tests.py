@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab.callbacks.evidence_stopping import EvidenceRule
+from shiftlab.callbacks.stopping_rules import EvidenceRule
 from shiftlab.callbacks.gradient_tests import GradientTests
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 from shiftlab.callbacks.stopping_rules.base import MODES, StoppingRule
 from shiftlab.callbacks.stopping_rules.registry import RULES, Decision, make_rule, register_rule, replay
 from shiftlab.callbacks.stopping_rules.patience import PatienceRule
+from shiftlab.callbacks.stopping_rules.evidence import EvidenceRule
 from shiftlab.callbacks.stopping_rules.prechelt import GLRule, PQRule, UPRule, training_progress
 from shiftlab.callbacks.stopping_rules.quadratic import LocalFit, QuadraticRule, SESlopeRule, local_quadratic_fit
 from shiftlab.callbacks.stopping_rules.forecast import Forecast, ForecastRule, forecast_curve
@@ -58,7 +59,7 @@ from shiftlab.callbacks.stopping_rules.learned import (FEATURES, LEARNED_COEF, L
                                                        LearnedRule, curve_features)
 
 __all__ = [
-    "StoppingRule", "MODES", "PatienceRule", "GLRule", "PQRule", "UPRule", "training_progress",
+    "StoppingRule", "MODES", "PatienceRule", "EvidenceRule", "GLRule", "PQRule", "UPRule", "training_progress",
     "CurvatureRule", "QuadraticRule", "SESlopeRule", "ForecastRule", "Forecast", "forecast_curve",
     "LearnedRule", "curve_features", "FEATURES", "LEARNED_COEF", "LEARNED_DELTA", "LocalFit",
     "local_quadratic_fit", "Decision", "make_rule", "register_rule", "replay", "RULES",

@@ -24,7 +24,7 @@ def register_rule(name: str) -> Callable[[R], R]:
 
 
 def make_rule(name: str, **kwargs: Any) -> StoppingRule:
-    """Build the rule registered as ``name`` (built in: ``curvature`` | ``quadratic`` |
+    """Build the rule registered as ``name`` (built in: ``curvature`` | ``evidence`` | ``quadratic`` |
     ``se_slope`` | ``forecast`` | ``learned`` | ``patience`` | ``gl`` | ``pq`` | ``up``)."""
     try:
         cls = RULES.get(name)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 
-from shiftlab.callbacks.early_stopping import StoppingRule
+from shiftlab.callbacks.stopping_rules.base import StoppingRule
+from shiftlab.callbacks.stopping_rules.registry import register_rule
 
 __all__ = ["EvidenceRule"]
 
 
+@register_rule("evidence")
 class EvidenceRule(StoppingRule):
     """Stop when the smoothed EB criterion stays above ``threshold`` for ``patience`` updates.
 
