@@ -112,7 +112,20 @@ class GradientTests(L.Callback, Reporter):
                 cost[q] = time.perf_counter() - t
         return values, cost, (losses, G)
 
-    def _over_budget(self) -> bool:
+    @property
+    def cost_s(self) -> float:
+        """Seconds spent probing (read by the run's :class:`~shiftlab.callbacks.probe_budget.ProbeBudget`)."""
+        return self.probe_seconds
+
+    def _over_budget(self, trainer: L.Trainer | None = None) -> bool:
+        from shiftlab.callbacks.probe_budget import budget_of
+
+        budget = budget_of(trainer) if trainer is not None else None
+        last = self.history[-1] if self.history else None
+        if budget is not None and budget.max_overhead is not None and last is not None:
+            cost = sum(v for k, v in last.items() if k.startswith("cost/"))
+            if not budget.allows(cost):
+                return True
         return (self.max_overhead is not None and self.train_seconds > 0
                 and self.probe_seconds > self.max_overhead * self.train_seconds)
 
@@ -133,7 +146,7 @@ class GradientTests(L.Callback, Reporter):
                 self._record_alpha(trainer, start["step"], a, time.perf_counter() - t)
         if self.every_n_steps and step % self.every_n_steps == 0 and (
                 not self.history or self.history[-1]["step"] != step):
-            run = not self._over_budget()
+            run = not self._over_budget(trainer)
             if trainer.world_size > 1:  # one decision for every rank
                 run = trainer.strategy.broadcast(run, src=0)
             if run:

@@ -102,6 +102,9 @@ class Probe(L.Callback, Reporter):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.due(trainer):
+            if self._over_budget(trainer):
+                self.skipped += 1
+                return
             self._run(trainer, pl_module, batch, epoch_end=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -114,12 +117,26 @@ class Probe(L.Callback, Reporter):
             return
         self._run(trainer, pl_module, None, epoch_end=True)
 
+    @property
+    def cost_s(self) -> float:
+        """Seconds this probe has spent (read by the run's :class:`~shiftlab.callbacks.probe_budget.ProbeBudget`)."""
+        return self.seconds
+
     def _over_budget(self, trainer: Any) -> bool:
-        if self.max_overhead is None or self._fit_start is None or self._last_cost is None:
+        from shiftlab.callbacks.probe_budget import budget_of
+
+        if self._last_cost is None:  # the first measurement always runs
             return False
-        train_seconds = max(time.perf_counter() - self._fit_start - self.seconds, 0.0)
-        over = self.seconds + 2 * self._last_cost > self.max_overhead * train_seconds
-        return bool(rank0_value(trainer, over))
+        budget = budget_of(trainer)
+        decide, over = False, False
+        if budget is not None and budget.max_overhead is not None:  # the run's budget, all probes together
+            decide, over = True, not budget.allows(2 * self._last_cost)
+        if self.max_overhead is not None and self._fit_start is not None:  # this probe's own budget
+            train_seconds = max(time.perf_counter() - self._fit_start - self.seconds, 0.0)
+            decide = True
+            over = over or self.seconds + 2 * self._last_cost > self.max_overhead * train_seconds
+        # rank 0 decides (the same configuration on every rank, so every rank takes this branch together)
+        return bool(rank0_value(trainer, over)) if decide else False
 
     # --- one probe ---------------------------------------------------------------------------------
     def _run(self, trainer: Any, pl_module: Any, batch: Any, epoch_end: bool) -> None:
@@ -181,7 +198,7 @@ class Probe(L.Callback, Reporter):
                      if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.history or self.skipped:
             items[f"probe_cost/{self.name}_s"] = round(self.seconds, 3)
-        if self.max_overhead is not None:
+        if self.max_overhead is not None or self.skipped:
             items[f"probe_cost/{self.name}_skipped"] = self.skipped
         return items
 

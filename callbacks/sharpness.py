@@ -26,6 +26,7 @@ last probe), ``probe_cost/sharpness_s``, ``probe_cost/sharpness_skipped``; the w
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     with probe_mode(model, model_mode) as net, torch.enable_grad():
         params = trainable_params(net)
         loss_fn = lambda: F.cross_entropy(net(x), y)  # noqa: E731
+        t = time.perf_counter()
         if power_iters > 0 and method == "lanczos":
             r = lanczos_eigenvalues(loss_fn, params, k=1, tol=tol, max_hvps=max_hvps, generator=generator)
             out.update(top_eigenvalue=r.values[0], top_eigenvalue_residual=r.residuals[0],
@@ -87,16 +89,23 @@ def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
         elif power_iters > 0:
             out["top_eigenvalue"] = top_hessian_eigenvalue(loss_fn, params, iters=power_iters, tol=tol,
                                                            generator=generator)
+        if power_iters > 0:
+            out["seconds_top_eigenvalue"] = time.perf_counter() - t
+        t = time.perf_counter()
         if trace_samples >= 2 and trace_target_rel_error:
-            t = hutchinson_trace_se(loss_fn, params, target_rel_error=trace_target_rel_error,
-                                    min_samples=min(20, trace_samples), max_samples=trace_samples,
-                                    generator=generator)
-            out.update(trace=t.trace, trace_se=t.se, trace_samples=float(t.samples))
+            tr = hutchinson_trace_se(loss_fn, params, target_rel_error=trace_target_rel_error,
+                                     min_samples=min(20, trace_samples), max_samples=trace_samples,
+                                     generator=generator)
+            out.update(trace=tr.trace, trace_se=tr.se, trace_samples=float(tr.samples))
         elif trace_samples > 0:
             out["trace"] = hutchinson_trace(loss_fn, params, samples=trace_samples, generator=generator)
+        if trace_samples > 0:
+            out["seconds_trace"] = time.perf_counter() - t
         if eps_sharpness is not None:
+            t = time.perf_counter()
             out["eps_sharpness"] = epsilon_sharpness(loss_fn, params, eps=eps_sharpness, steps=eps_steps,
                                                      generator=generator)
+            out["seconds_eps_sharpness"] = time.perf_counter() - t
     return out
 
 

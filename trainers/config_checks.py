@@ -106,6 +106,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batching.clip_grad_norm": (lambda v: v is None or (_num(v) and v > 0), "null or a number > 0"),
     "batching.grad_norm_penalty": (lambda v: _num(v) and v >= 0, "a number >= 0"),
     "batching.grad_penalty_eps": (lambda v: _num(v) and v > 0, "a number > 0"),
+    "probes.max_overhead": (lambda v: v is None or (_num(v) and v > 0), "null or a number > 0"),
     "trainer.max_epochs": (lambda v: _int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),
     "trainer.min_epochs": (lambda v: v is None or _nonneg_int(v), "null or an integer >= 0"),
     "trainer.max_steps": (lambda v: _int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1)"),

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from shiftlab.callbacks.divergence import DivergenceError, DivergenceGuard
+from shiftlab.callbacks.probe_budget import ProbeBudget
 from shiftlab.callbacks.run_contract import EXIT_CODES, RunContract, RunInterrupted
 from shiftlab.callbacks.run_history import EpochHistory
 from shiftlab.callbacks import reporting
@@ -105,7 +106,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         module = build_module(cfg, dm)
         guard = DivergenceGuard(**(cfg.get("divergence") or {}))
         callbacks = build_callbacks(cfg) + list(extra_callbacks or [])
-        callbacks += label_noise_probe(cfg, module, callbacks) + [history_cb, guard, contract]
+        callbacks += label_noise_probe(cfg, module, callbacks)
+        callbacks += [ProbeBudget((cfg.get("probes") or {}).get("max_overhead")), history_cb, guard, contract]
         trainer = build_trainer(cfg, callbacks, build_loggers(cfg))
         log_config(trainer.loggers, cfg)
         if cfg.get("print_config") and trainer.is_global_zero:
