@@ -33,14 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from shiftlab.callbacks.stopping_rules import StoppingRule, make_rule
-from shiftlab.callbacks.hessian import (
-    epsilon_sharpness,
-    hutchinson_trace,
-    hutchinson_trace_se,
-    lanczos_eigenvalues,
-    probe_mode,
-    top_hessian_eigenvalue,
-)
+from shiftlab.callbacks.hessian import epsilon_sharpness, hutchinson_trace, top_hessian_eigenvalue
+from shiftlab.callbacks.curvature_estimates import hutchinson_trace_se, lanczos_eigenvalues, probe_mode
 from shiftlab.callbacks.probe import Probe
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,

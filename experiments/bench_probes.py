@@ -36,9 +36,9 @@ from torch import nn
 from shiftlab.callbacks import gradient_stats as gs
 from shiftlab.callbacks.gradient_noise import gradient_noise_scale
 from shiftlab.callbacks.gradient_tests import GradientTests
-from shiftlab.callbacks.hessian import (hutchinson_trace, hutchinson_trace_se, lanczos_eigenvalues,
-                                        probe_mode, top_hessian_eigenvalue)
-from shiftlab.experiments._repro import base_parser, machine, plt, setup_threads
+from shiftlab.callbacks.hessian import hutchinson_trace, top_hessian_eigenvalue
+from shiftlab.callbacks.curvature_estimates import hutchinson_trace_se, lanczos_eigenvalues, probe_mode
+from shiftlab.experiments.harness import base_parser, machine, output_dir, plt, setup_threads
 
 # Cockpit 1.0.2, as published in issue 17 (same model and data, ratio to the unprobed run).
 PUBLISHED_COCKPIT = {"economy": 7.9, "business": 8.7, "full": 20.1, "eigenvalue_ms": 36.0,
@@ -331,10 +331,11 @@ def tables(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0], "bench_probes")
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--no-cockpit", action="store_true", help="skip the Cockpit comparison")
     args = p.parse_args(argv)
     setup_threads(args.threads)
+    args.out = output_dir("bench_probes", args.quick, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     if args.reuse and (args.out / "results.json").exists():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shiftlab.callbacks import gradient_stats as gs
-from shiftlab.callbacks.hessian import lanczos_eigenvalues
+from shiftlab.callbacks.curvature_estimates import lanczos_eigenvalues
 from shiftlab.experiments import bench_probes as bp
 
 SINGLE = ("NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "EarlyStopping", "Alpha", "HessTrace",

@@ -134,7 +134,7 @@ def test_epsilon_sharpness_orders_sharp_and_flat(problem):
 
 
 # ---------------------------------------------------------------------- issue 17: trusted estimates
-from shiftlab.callbacks.hessian import (  # noqa: E402
+from shiftlab.callbacks.curvature_estimates import (  # noqa: E402
     hutchinson_trace_se,
     lanczos_eigenvalues,
     probe_mode,

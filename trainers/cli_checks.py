@@ -12,7 +12,7 @@ import difflib
 import itertools
 import math
 import re
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, open_dict
 
@@ -266,3 +266,23 @@ def preflight(argv: Sequence[str], config_dir: str, config_name: str = "train") 
         cfg.pop("hydra", None)
     load_extensions(cfg.get("imports") or ())  # a user's registered names exist before they are checked
     check_config(cfg)
+
+
+def run_cli(hydra_main: Callable[[], Any], config_dir: str, config_name: str = "train") -> None:
+    """The entry points' shared start: the working directory is importable (as for ``python -m``: a user's
+    ``_target_`` or ``imports`` entry needs no PYTHONPATH); the command line is composed and checked before
+    Hydra runs (Hydra would report composition mistakes itself, in several lines with exit 1, and value errors
+    only after the run directory exists); a mistake is one line on stderr and exit code 2."""
+    import os
+    import sys
+
+    from shiftlab.trainers.extensions import ExtensionError
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        preflight(sys.argv[1:], config_dir, config_name=config_name)
+    except (ConfigError, ExtensionError) as e:
+        print(f"shiftlab: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    hydra_main()

@@ -8,7 +8,6 @@ the checkpoint; a checkpoint of another model is refused in one line (exit 2).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,9 +124,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    from shiftlab.trainers.cli_checks import preflight
+    from shiftlab.trainers.cli_checks import run_cli
 
     argv = sys.argv[1:]
     if not any(a.startswith("ckpt_path=") for a in argv) and not any(a.startswith("-") for a in argv):
@@ -135,12 +132,7 @@ def main() -> None:
               file=sys.stderr)
         raise SystemExit(2)
     sys.argv[1:] = _run_overrides(argv) + argv
-    try:
-        preflight(sys.argv[1:], str(CONFIG_DIR), config_name="eval")
-    except (ConfigError, ExtensionError) as e:
-        print(f"shiftlab: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    _hydra_main()
+    run_cli(_hydra_main, str(CONFIG_DIR), config_name="eval")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -225,21 +224,9 @@ def _write_failure(cfg: DictConfig, reason: str) -> None:
 
 
 def main() -> None:
-    # The working directory is importable (as for `python -m`): a user's `_target_` or `imports`
-    # entry in their own project needs no PYTHONPATH.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    # Compose and check the command line first: Hydra reports composition mistakes itself (several
-    # lines, exit 1) before `_hydra_main` runs, and value errors would come after the run directory
-    # is made.
-    from shiftlab.trainers.cli_checks import preflight
+    from shiftlab.trainers.cli_checks import run_cli
 
-    try:
-        preflight(sys.argv[1:], str(CONFIG_DIR))
-    except (ConfigError, ExtensionError) as e:
-        print(f"shiftlab: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    _hydra_main()
+    run_cli(_hydra_main, str(CONFIG_DIR))
 
 
 if __name__ == "__main__":
