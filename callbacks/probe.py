@@ -168,7 +168,7 @@ class Probe(L.Callback, Reporter):
             return  # a Trainer without loggers (logger=False) writes no files
         out = Path(getattr(trainer, "default_root_dir", None) or os.getcwd())
         from shiftlab.trainers.checkpoint_io import atomic_write_text
-        from shiftlab.trainers.plots import save_png
+        from shiftlab.trainers.plots import finish_panels, save_png
 
         atomic_write_text(out / "probes" / f"{self.name}.json",
                           json.dumps({"seconds": self.seconds, "skipped": self.skipped, "history": self.history},
@@ -181,6 +181,7 @@ class Probe(L.Callback, Reporter):
 
                 fig = self.make_plot()
                 if fig is not None:
+                    finish_panels(fig)
                     fig.tight_layout()
                     save_png(fig, out / "plots" / f"{self.name}.png")
             except Exception as e:  # a plot must never fail a run

@@ -45,3 +45,15 @@ def test_confusion_matrix_has_counts_normalized_and_colour_bars(captured, tmp_pa
     texts = [t.get_text() for ax in fig.axes[:3] for t in ax.texts]
     assert "5" in texts and "0.83" in texts  # 5/6 on the normalized panel
     assert len(fig.axes) == 4  # two panels, two colour bars
+
+
+def test_probe_panels_get_markers_labels_and_legends():
+    fig, (a, b) = plt.subplots(1, 2)
+    a.plot([3], [1.0], label="x")  # one point: invisible as a bare line
+    a.plot([3], [2.0], label="y")
+    a.set_title("cos(G, G')")
+    b.plot(list(range(100)), list(range(100)))
+    plots.finish_panels(fig)
+    assert a.lines[0].get_marker() == "o" and b.lines[0].get_marker() in (None, "None", "")
+    assert a.get_ylabel() == "cos(G, G')" and a.get_legend() is not None
+    plt.close(fig)

@@ -43,6 +43,25 @@ def wants_log_scale(values: Sequence[float]) -> bool:
     return v.size > 1 and float(v.max() / v.min()) > LOG_RATIO
 
 
+def finish_panels(fig) -> None:
+    """What every panel of a run's figure should have, applied after the fact to figures drawn elsewhere
+    (probe plots): markers on short lines (a single point drawn as a bare line is invisible), a y-label
+    (the panel's title when it has none) and a legend when it holds several labelled lines."""
+    for ax in fig.axes:
+        if getattr(ax, "_colorbar", None) is not None:
+            continue
+        lines = ax.get_lines()
+        for ln in lines:
+            if len(ln.get_xdata()) <= MARKERS_UP_TO and ln.get_marker() in (None, "None", "", " "):
+                ln.set_marker("o")
+                ln.set_markersize(3)
+        if not ax.get_ylabel() and ax.get_title():
+            ax.set_ylabel(ax.get_title(), fontsize=8)
+        labelled = [ln for ln in lines if not str(ln.get_label()).startswith("_")]
+        if len(labelled) > 1 and ax.get_legend() is None:
+            ax.legend(fontsize=6)
+
+
 def plot_learning_curves(history: list[dict], path: Path, title: str = "", note: str | None = None) -> Path:
     """Train vs validation loss and accuracy per epoch; ``note`` is printed under the title (e.g. the
     diagnosis). With label noise, the training accuracy on clean and on corrupted samples is drawn too."""
