@@ -15,6 +15,7 @@ import pandas as pd
 
 from shiftlab.experiments.batch_noise import (COLORS, GEIPING_CLIP, REGIME_ORDER, _momentum, choose_lrs,
                                               first_epoch_reaching)
+from shiftlab.experiments import harness
 from shiftlab.experiments.harness import fmt_mean_std as _pm
 from shiftlab.experiments.harness import epoch_axis, machine, mean_curve, mean_std as _mean_std, plot_mean_spread, plt, to_float
 
@@ -62,9 +63,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
     ax.set_title(f"{title}: test accuracy vs label noise (mean ± sd over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "test_acc_vs_noise.png", dpi=120)
-    plt_.close(fig)
+    harness.savefig(fig, out / "test_acc_vs_noise.png")
     files.append("test_acc_vs_noise.png")
 
     # 2. memorization curves (noise > 0)
@@ -116,9 +115,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{title}: sharpness of the training loss at the end of training", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "sharpness_end.png", dpi=120)
-    plt_.close(fig)
+    harness.savefig(fig, out / "sharpness_end.png")
     files.append("sharpness_end.png")
 
     # 4. B_simple over training
@@ -135,9 +132,7 @@ def make_plots(runs: list[dict], out: Path, title: str) -> list[str]:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{title}: simple gradient noise scale B_simple (McCandlish et al. 2018) over training,"
                  "\nmean ± sd over seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "b_simple.png", dpi=120)
-    plt_.close(fig)
+    harness.savefig(fig, out / "b_simple.png")
     files.append("b_simple.png")
     return files
 

@@ -317,11 +317,12 @@ def epoch_axis(ax, label: str = "epoch") -> None:
 
 
 def savefig(fig, path: Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG (tight layout) and close it."""
+    """Write ``fig`` as a PNG (tight layout), atomically (trainers.plots.save_png), and close it."""
+    from shiftlab.trainers.plots import save_png
+
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt().close(fig)
-    return path
+    save_png(fig, Path(path), dpi=dpi)
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from shiftlab.experiments import harness
 from shiftlab.experiments.harness import (base_parser, output_dir, epoch_series, plt, probe_history, run, series, setup_threads,
                                 write_report)
 
@@ -62,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("held-out (val) accuracy (%)")
     ax.set_title("(a) accuracy over training")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fig_a_heldout_accuracy.png", dpi=120)
-    pyplot.close(fig)
+    harness.savefig(fig, out / "fig_a_heldout_accuracy.png")
 
     hists = {n: probe_history(d, "activation_drift") for n, d in dirs.items()}
     fig, axes = pyplot.subplots(1, 2, figsize=(9, 3.4), sharey=False)
@@ -75,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(f"{title}: one sigmoid's input", fontsize=9)
         ax.set_xlabel("training step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "fig_bc_sigmoid_input_percentiles.png", dpi=120)
-    pyplot.close(fig)
+    harness.savefig(fig, out / "fig_bc_sigmoid_input_percentiles.png")
 
     n_steps = {n: sums[n].get("global_step") for n in dirs}
     test = {n: 100 * float(sums[n].get("test/acc", float("nan"))) for n in dirs}

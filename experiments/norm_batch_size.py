@@ -14,6 +14,7 @@ import math
 import sys
 import time
 
+from shiftlab.experiments import harness
 from shiftlab.experiments.harness import base_parser, output_dir, plt, run, setup_threads, write_report
 
 VARIANTS = ("none", "batchnorm", "groupnorm", "layernorm", "batch_renorm", "ghost_bn", "weight_std")
@@ -82,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"norm variant x batch size ({args.setup})")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "fig_accuracy_vs_batch.png", dpi=120)
-    pyplot.close(fig)
+    harness.savefig(fig, out / "fig_accuracy_vs_batch.png")
 
     def acc(n: str, b: int) -> float:
         return results.get(n, {}).get(b, {}).get("test_acc", float("nan"))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shiftlab.experiments import harness
 from shiftlab.experiments.harness import (base_parser, output_dir, epoch_series, median, plt, probe_history, run, series,
                                 setup_threads, write_report)
 
@@ -58,9 +59,7 @@ def figures_cnn(out: Path, dirs: dict[str, Path]) -> dict[str, Any]:
     ax.set_ylabel("training accuracy (%)")
     ax.set_title("(a) train accuracy (epoch means)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fig_a_train_accuracy.png", dpi=120)
-    p.close(fig)
+    harness.savefig(fig, out / "fig_a_train_accuracy.png")
     # (b) ICS per layer
     hists = {n: probe_history(d, "gradient_ics") for n, d in dirs.items()}
     layers = _ics_layers(hists["batchnorm"])
@@ -77,9 +76,7 @@ def figures_cnn(out: Path, dirs: dict[str, Path]) -> dict[str, Any]:
     axes[1][0].set_ylabel("cos(G, G')")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("(b) gradient ICS (Def. 2.1)")
-    fig.tight_layout()
-    fig.savefig(out / "fig_b_ics.png", dpi=120)
-    p.close(fig)
+    harness.savefig(fig, out / "fig_b_ics.png")
     m["ics_layers"] = layers
     # (c) landscape
     lands = {n: probe_history(d, "landscape") for n, d in dirs.items()}
@@ -101,9 +98,7 @@ def figures_cnn(out: Path, dirs: dict[str, Path]) -> dict[str, Any]:
         ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     fig.suptitle("(c) landscape along the gradient, eta in [0.5, 4] x lr")
-    fig.tight_layout()
-    fig.savefig(out / "fig_c_landscape.png", dpi=120)
-    p.close(fig)
+    harness.savefig(fig, out / "fig_c_landscape.png")
     return m
 
 
@@ -181,9 +176,7 @@ def figures_dln(out: Path, dln: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle("(d) 25-layer deep linear network, full-batch GD")
-    fig.tight_layout()
-    fig.savefig(out / "fig_d_deep_linear_ics.png", dpi=120)
-    p.close(fig)
+    harness.savefig(fig, out / "fig_d_deep_linear_ics.png")
     return m
 
 

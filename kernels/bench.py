@@ -122,6 +122,15 @@ def peak_mib(fn: Callable[[], object], cuda: bool) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def with_bandwidth(r: dict, bytes_: dict, copy_gbs: float) -> dict:
+    """Add GB/s and % of the device-copy bandwidth to a timing row (ms per phase)."""
+    for phase in ("fwd", "bwd", "fwd_bwd"):
+        gbs = bytes_[phase] / max(r[phase], 1e-9) / 1e6
+        r[f"{phase}_gbs"] = gbs
+        r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
+    return r
+
+
 def measure(timer: Timer, forward: Callable[[], torch.Tensor], dy: torch.Tensor, leaves: list,
             cuda: bool) -> dict:
     """fwd, bwd and fwd+bwd medians plus the fwd+bwd peak memory of one implementation."""
@@ -214,12 +223,7 @@ def bn_rows(a: argparse.Namespace, op: str, dtype_name: str, device: str, timer:
                        "eager_backend": eager_bn_backend(x.detach(), ref), "copy_ms": t_copy,
                        "copy_gbs": copy_gbs, "bytes": bytes_}
                 for name, fn in impls.items():
-                    r = measure(timer, fn, dy, leaves_of[name], cuda)
-                    for phase in ("fwd", "bwd", "fwd_bwd"):
-                        gbs = bytes_[phase] / max(r[phase], 1e-9) / 1e6
-                        r[f"{phase}_gbs"] = gbs
-                        r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
-                    row[name] = r
+                    row[name] = with_bandwidth(measure(timer, fn, dy, leaves_of[name], cuda), bytes_, copy_gbs)
                 emit(row)
                 del x, dy, res
 
@@ -263,11 +267,7 @@ def ln_rows(a: argparse.Namespace, dtype_name: str, device: str, timer: Timer,
                     raise
                 row["liger_error"] = f"{type(e).__name__}: {e}"[:300]
                 continue
-            for phase in ("fwd", "bwd", "fwd_bwd"):
-                gbs = bytes_[phase] / max(r[phase], 1e-9) / 1e6
-                r[f"{phase}_gbs"] = gbs
-                r[f"{phase}_pct_copy"] = 100 * gbs / copy_gbs
-            row[name] = r
+            row[name] = with_bandwidth(r, bytes_, copy_gbs)
         emit(row)
 
 

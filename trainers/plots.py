@@ -11,13 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def save_png(fig, path: Path) -> None:
+def save_png(fig, path: Path, dpi: int = 110) -> None:
     """Write ``fig`` as PNG atomically (a kill mid-write leaves the previous image) and close it."""
     from shiftlab.trainers.checkpoint_io import atomic_open
 
     try:
         with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
+            fig.savefig(f, format="png", dpi=dpi)
     finally:
         plt.close(fig)
 
