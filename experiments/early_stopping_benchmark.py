@@ -89,11 +89,9 @@ def candidates() -> list[tuple[str, Callable[[], Any]]]:
 # ------------------------------------------------------------------------------------------------
 def plot(points: list[dict], pat: np.ndarray, orc: np.ndarray, idx: np.ndarray, path: Path,
          title: str) -> None:
-    import matplotlib
+    from shiftlab.experiments import harness
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.plt()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     pm, om = pat[:, idx].mean(axis=1), orc[:, idx].mean(axis=1)
     ax.plot(pm[:, 0], pm[:, 1], "-o", color="tab:blue", ms=3, label="patience p=1..30")
@@ -116,10 +114,7 @@ def plot(points: list[dict], pat: np.ndarray, orc: np.ndarray, idx: np.ndarray, 
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.savefig(fig, path, dpi=110)
 
 
 def evaluate(held: list[dict], reps: int = 1000) -> dict[str, Any]:
