@@ -57,17 +57,13 @@ class LandscapeSmoothnessMonitor(Probe):
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-        steps, lo = self.series("loss_min")
-        _, hi = self.series("loss_max")
-        axes[0].fill_between(steps, lo, hi, alpha=0.4)
-        axes[0].plot(steps, lo, color="C0", lw=0.8, label="min")
-        axes[0].plot(steps, hi, color="C0", lw=0.8, ls="--", label="max")
+        for ax, key in ((axes[0], "loss"), (axes[1], "grad_diff")):
+            steps, lo = self.series(f"{key}_min")
+            _, hi = self.series(f"{key}_max")
+            ax.fill_between(steps, lo, hi, alpha=0.4)
+            ax.plot(steps, lo, color="C0", lw=0.8, label="min")  # the edges: one probe is a visible point
+            ax.plot(steps, hi, color="C0", lw=0.8, ls="--", label="max")
         axes[0].set_title("loss variation")
-        s2, dlo = self.series("grad_diff_min")
-        _, dhi = self.series("grad_diff_max")
-        axes[1].fill_between(s2, dlo, dhi, alpha=0.4)
-        axes[1].plot(s2, dlo, color="C0", lw=0.8, label="min")
-        axes[1].plot(s2, dhi, color="C0", lw=0.8, ls="--", label="max")
         axes[1].set_title("gradient predictiveness")
         axes[2].plot(*self.series("beta_smoothness"))
         axes[2].set_title("effective beta-smoothness")

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers_hessian import dense_hessian
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from shiftlab.experiments import bench_probes as bp
 
@@ -21,18 +20,7 @@ def test_exact_trace_of_a_piecewise_linear_net_matches_the_dense_hessian(bn):
     model.train()
     model(x)
     model.eval()  # eval-mode BatchNorm is affine: the net stays piecewise linear
-    names = [n for n, _ in model.named_parameters()]
-    params = list(model.parameters())
-    buffers = dict(model.named_buffers())
-
-    def f(flat):
-        d, i = dict(buffers), 0
-        for n, p in zip(names, params):
-            d[n] = flat[i : i + p.numel()].view_as(p)
-            i += p.numel()
-        return F.cross_entropy(functional_call(model, d, (x,)), y)
-
-    dense = torch.autograd.functional.hessian(f, torch.cat([p.detach().reshape(-1) for p in params]))
+    dense = dense_hessian(model, x, y)
     assert bp.exact_trace_piecewise_linear(model, x, y, chunk=7) == pytest.approx(
         float(torch.trace(dense)), rel=1e-9)
 

@@ -35,7 +35,9 @@ def test_measure_matches_explicit_hessian():
 
 def test_lanczos_in_train_mode_matches_the_dense_hessian_and_leaves_running_stats():
     """The callback's default path: Lanczos with its evidence, BatchNorm with batch statistics on a copy."""
-    from torch.func import functional_call
+    import copy
+
+    from helpers_hessian import dense_hessian
 
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
@@ -45,19 +47,8 @@ def test_lanczos_in_train_mode_matches_the_dense_hessian_and_leaves_running_stat
     out = sharpness_on_subset(model, x, y, method="lanczos", model_mode="train", tol=1e-6, trace_samples=0,
                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(model[1].running_mean, before) and model.training
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat0 = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def loss_of(flat):
-        params, i = {}, 0
-        for n, shp in zip(names, shapes):
-            params[n] = flat[i:i + shp.numel()].view(shp)
-            i += shp.numel()
-        twin = __import__("copy").deepcopy(model).train()
-        return F.cross_entropy(functional_call(twin, params, (x,)), y)
-
-    eig = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat0))
+    twin = copy.deepcopy(model).train()  # the callback's train mode: batch statistics, on a copy
+    eig = torch.linalg.eigvalsh(dense_hessian(twin, x, y))
     assert out["top_eigenvalue"] == pytest.approx(float(eig.max()), rel=1e-4)
     assert out["top_eigenvalue_converged"] == 1.0 and out["top_eigenvalue_residual"] < 1e-3
     assert out["top_eigenvalue_hvps"] > 0

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from helpers_hessian import dense_hessian
+
 from shiftlab.callbacks.hessian import (
     epsilon_sharpness,
     hessian_vector_product,
@@ -206,20 +208,7 @@ def _bn_problem():
     return model, x, y
 
 
-def _dense_hessian(model, x, y):
-    names = [n for n, p in model.named_parameters()]
-    params = list(model.parameters())
-    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-
-    def f(flat):
-        d, i = dict(buffers), 0
-        for n, p in zip(names, params):
-            d[n] = flat[i : i + p.numel()].view_as(p)
-            i += p.numel()
-        return F.cross_entropy(functional_call(model, d, (x,)), y)
-
-    return torch.autograd.functional.hessian(f, flat0)
+_dense_hessian = dense_hessian
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
