@@ -84,3 +84,14 @@ def test_compiled_model_trains_to_the_same_loss(tmp_path):
     assert counters["stats"]["unique_graphs"] > 0  # the forward really went through the compiler
     for key in ("train/loss", "val/loss"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
+def test_sliced_batches_draw_the_order_when_iterated_not_when_made():
+    """A resumed Lightning run makes the loader's iterator before ``set_epoch``; the order must be
+    that of the epoch set by then (the resume tests' exactness rests on it)."""
+    dm = DigitsDataModule(batch_size=64, seed=2)
+    dm.setup()
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    loader.sampler.set_epoch(3)
+    assert torch.equal(next(it)[1], _per_sample_batches(dm.train_set, 64, 2, 3)[0][1])

@@ -101,11 +101,14 @@ class EpochSeededBatches(Sampler[torch.Tensor]):
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        # A generator: the order is drawn at the first batch, not when the iterator is made.
+        # Lightning may make it before ``set_epoch`` (a resumed run does); the per-sample path
+        # is lazy the same way through DataLoader's BatchSampler.
         order = epoch_order(self.n, self.seed, self.epoch)
         if self.skip is not None and self.skip[0] == self.epoch:
             order = order[self.skip[1]:]
         self.skip = None
-        return iter(order.split(self.batch_size))
+        yield from order.split(self.batch_size)
 
 
 class TensorDataModule(L.LightningDataModule, abc.ABC):
