@@ -95,3 +95,17 @@ def test_sliced_batches_draw_the_order_when_iterated_not_when_made():
     it = iter(loader)
     loader.sampler.set_epoch(3)
     assert torch.equal(next(it)[1], _per_sample_batches(dm.train_set, 64, 2, 3)[0][1])
+
+
+def test_ddp_and_overfit_batches_keep_the_per_sample_sampler():
+    """Lightning re-shards (DDP) or replaces (overfit_batches) a per-sample sampler; a batch
+    sampler would be split by batches instead, so those runs keep the per-sample path."""
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup()
+    for world_size, overfit in ((2, 0), (1, 2), (1, 0.5)):
+        dm.trainer = SimpleNamespace(world_size=world_size, overfit_batches=overfit)
+        assert isinstance(dm.train_dataloader().sampler, EpochSeededSampler), (world_size, overfit)
+    dm.trainer = SimpleNamespace(world_size=1, overfit_batches=0)
+    assert isinstance(dm.train_dataloader().sampler, EpochSeededBatches)
