@@ -2,13 +2,15 @@
 
 Why tensors in memory: the built-in sets are small, and exact full-batch gradient descent needs
 deterministic, index-addressable access to the whole training set. Batches are gathered with one
-index operation (``__getitems__``) instead of per-sample collation, which keeps the data loader
-off the critical path.
+index operation instead of per-sample collation, which keeps the data loader off the critical path:
+in a single process the sampler yields whole slices of the epoch's permutation (one tensor index
+per batch, no per-sample Python iteration); under DDP (and ``overfit_batches``) Lightning must
+re-shard or replace a per-sample sampler, so those keep :class:`EpochSeededSampler`.
 """
 from __future__ import annotations
 
 import abc
-
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,7 +36,8 @@ class TensorSplit(Dataset):
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | torch.Tensor):
+        """One sample, or (``i`` a tensor of indices) one whole batch."""
         return self.x[i], self.y[i]
 
     def __getitems__(self, indices: list[int]):
@@ -66,12 +69,46 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = epoch_order(self.n, self.seed, self.epoch).tolist()
         if self.skip is not None and self.skip[0] == self.epoch:
             order = order[self.skip[1]:]
         self.skip = None
         return iter(order)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of ``epoch``: a permutation that depends only on ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class EpochSeededBatches(Sampler[torch.Tensor]):
+    """The batches :class:`EpochSeededSampler` + ``DataLoader(batch_size=...)`` would form, each
+    yielded at once as a slice of the epoch's permutation (used with ``batch_size=None``).
+
+    Why: the per-sample path pulls every index through Python before one gather; here a batch
+    costs one slice. Same order, same batches (last one short), same mid-epoch skip.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, skip: tuple[int, int] | None = None) -> None:
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+        self.skip = skip  # (epoch, samples), as EpochSeededSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        # A generator: the order is drawn at the first batch, not when the iterator is made.
+        # Lightning may make it before ``set_epoch`` (a resumed run does); the per-sample path
+        # is lazy the same way through DataLoader's BatchSampler.
+        order = epoch_order(self.n, self.seed, self.epoch)
+        if self.skip is not None and self.skip[0] == self.epoch:
+            order = order[self.skip[1]:]
+        self.skip = None
+        yield from order.split(self.batch_size)
 
 
 class TensorDataModule(L.LightningDataModule, abc.ABC):
@@ -171,10 +208,19 @@ class TensorDataModule(L.LightningDataModule, abc.ABC):
                           collate_fn=collate_batch, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
+    def _per_sample_sampler_needed(self) -> bool:
+        """Lightning re-shards (DDP) or replaces (``overfit_batches``) a per-sample sampler."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and (trainer.world_size > 1 or bool(trainer.overfit_batches))
+
     def train_dataloader(self) -> DataLoader:
         if self.full_batch:  # the module walks the whole training set itself, once per epoch
             return DataLoader([torch.zeros(1)], batch_size=1)
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        if self.num_workers or self._per_sample_sampler_needed():
+            return self._loader(self.train_set, self.batch_size, shuffle=True)
+        batches = EpochSeededBatches(len(self.train_set), self.batch_size, self.seed, skip=self._skip)
+        self._skip = None
+        return DataLoader(self.train_set, batch_size=None, sampler=batches, collate_fn=collate_batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

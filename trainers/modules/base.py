@@ -37,6 +37,10 @@ class TaskModule(L.LightningModule):
         scheduler: ``(optimizer, max_epochs) -> LRScheduler`` or None.
         batching: :class:`MiniBatch` or :class:`FullBatch`.
         num_classes: number of classes (or hidden states / tags).
+        compile_model: compile the network's forward with ``torch.compile`` (``nn.Module.compile``:
+            in place, so parameter names and checkpoints are unchanged).
+            Off by default: compilation takes tens of seconds, which small runs never win back
+            on a CPU; forward hooks (probing callbacks) cause graph breaks.
     """
 
     task: str = ""  # the model's ``task`` this module trains; the config option's name
@@ -48,13 +52,15 @@ class TaskModule(L.LightningModule):
     track_train_acc: bool = True
 
     def __init__(self, model: nn.Module, optimizer: Callable, scheduler: Callable | None,
-                 batching: MiniBatch | FullBatch, num_classes: int) -> None:
+                 batching: MiniBatch | FullBatch, num_classes: int, compile_model: bool = False) -> None:
         super().__init__()
         wants = getattr(model, "task", "classification")
         if wants != self.task:
             raise ValueError(f"module={self.task} is not allowed for model {type(model).__name__}; "
                              f"allowed: module={wants}")
         self.model = model
+        if compile_model:
+            model.compile()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batching = batching
