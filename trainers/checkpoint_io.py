@@ -62,11 +62,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[Any]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
-
-    ``durable=False`` skips the two fsyncs (file and directory, ~10 ms on a VM disk): the file is
-    still never torn by a kill or a full disk, only an OS crash may lose the latest version.
 
     On any error the temp file is removed and :class:`RunWriteError` names the file; ``path`` keeps
     its previous content.
@@ -79,8 +76,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", durable: bool = True)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
-            if durable:
-                os.fsync(f.fileno())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -92,12 +88,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", durable: bool = True)
         if _disk_full(path.parent) and "space" not in why:
             why = f"no space left on device ({why})" if why else "no space left on device"
         raise RunWriteError(getattr(e, "errno", None) or errno.EIO, f"could not write {path}: {why}") from e
-    if durable:
-        _fsync_dir(path.parent)
+    _fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = True) -> None:
-    with atomic_open(path, "w", durable=durable) as f:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as f:
         f.write(text)
 
 
