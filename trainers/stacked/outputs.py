@@ -1,0 +1,174 @@
+"""A stacked member's run directory, with what a plain run writes: metrics.csv, checkpoints/last.ckpt and
+best.ckpt (plain state_dict keys, optimizer and scheduler state, Lightning's loop counters, so a plain
+run loads and resumes them), summary.json and plots."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from shiftlab.trainers.build import build_callbacks
+from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text
+from shiftlab.trainers.stacked.engine import Member, StackedGroup
+from shiftlab.trainers.summary import _finite, evaluate_split, write_outputs
+
+
+def _progress(total: dict, current: dict) -> dict:
+    return {"total": dict(total), "current": dict(current)}
+
+
+def fit_loop_state(epochs: int, batches: int, val_batches: int) -> dict[str, Any]:
+    """Lightning's ``loops`` entry as a plain fit of ``epochs`` epochs of ``batches`` steps leaves it at
+    the end of its last epoch (the layout of Lightning 2.x; tests compare it with a real checkpoint)."""
+    steps = epochs * batches
+    four = lambda n: {"ready": n, "started": n, "processed": n, "completed": n}  # noqa: E731
+    two = lambda n: {"ready": n, "completed": n}  # noqa: E731
+    zero4 = four(0)
+    fit = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": steps},
+        "epoch_loop.batch_progress": {**_progress(four(steps), four(batches)), "is_last_batch": True},
+        "epoch_loop.scheduler_progress": _progress(two(epochs), two(1)),
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
+            "step": _progress(two(steps), two(batches)),
+            "zero_grad": _progress({"ready": steps, "started": steps, "completed": steps},
+                                   {"ready": batches, "started": batches, "completed": batches})}},
+        "epoch_loop.manual_optimization.state_dict": {},
+        "epoch_loop.manual_optimization.optim_step_progress": _progress(two(0), two(0)),
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": {**_progress(four(val_batches), four(val_batches)),
+                                               "is_last_batch": True},
+        "epoch_progress": _progress({**four(epochs), "completed": epochs - 1},
+                                    {**four(epochs), "completed": epochs - 1}),
+    }
+    idle = {"state_dict": {}, "batch_progress": {**_progress(zero4, zero4), "is_last_batch": False}}
+    return {"fit_loop": fit, "validate_loop": copy_of(idle), "test_loop": copy_of(idle),
+            "predict_loop": {"state_dict": {}, "batch_progress": _progress(zero4, zero4)}}
+
+
+def copy_of(d: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(d)
+
+
+def _checkpoint(member: Member, group: StackedGroup, epochs: int, state_dict: dict, optimizer: dict,
+                scheduler: dict | None, callbacks: dict) -> dict[str, Any]:
+    val_batches = -(-len(member.dm.val_set) // group.eval_batch_size)
+    return {"epoch": epochs - 1, "global_step": epochs * group.batches, "pytorch-lightning_version": L.__version__,
+            "state_dict": state_dict, "loops": fit_loop_state(epochs, group.batches, val_batches),
+            "callbacks": callbacks, "optimizer_states": [optimizer],
+            "lr_schedulers": [scheduler] if scheduler is not None else []}
+
+
+def _callback_states(member: Member, out: Path, epochs: int) -> dict[str, Any]:
+    """The states a plain run's checkpoint callbacks and history would hold (keyed by ``state_key``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    states: dict[str, Any] = {"EpochHistory": {"history": [dict(r) for r in member.history[:epochs]]}}
+    best = out / "checkpoints" / "best.ckpt"
+    for cb in build_callbacks(member.cfg):
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.monitor:
+            cb.best_model_score = member.best["score"]
+            cb.best_model_path = cb.kth_best_model_path = str(best)
+            cb.current_score = torch.tensor(member.history[epochs - 1].get(cb.monitor, float("nan")))
+            cb.best_k_models = {str(best): member.best["score"]}
+            cb.kth_value = member.best["score"]
+        else:
+            cb.best_model_path = str(out / "checkpoints" / "last.ckpt")
+        states[cb.state_key] = cb.state_dict()
+    return states
+
+
+def finish_member(member: Member, group: StackedGroup, i: int) -> None:
+    """Final train metrics (last weights) and the test report (``test_ckpt`` weights), on the plain module."""
+    module, device = member.module, group.device
+    module.model.load_state_dict(group.member_weights(i))
+    module.model.to(device)
+    split = member.dm.train_set
+    final = evaluate_split(module.model, split.x, split.y, device)
+    member.train_metrics = {"train/loss": final["loss"], "train/acc": final["acc"]}
+    if not member.cfg.get("test", True):
+        return
+    which = member.cfg.get("test_ckpt") or "best"
+    if which == "best":
+        module.model.load_state_dict(member.best["state_dict"])
+    test = member.dm.test_set
+    metrics = module.test_metrics.to(device)
+    metrics.reset()
+    loss_sum, n = 0.0, 0
+    module.model.eval()
+    with torch.no_grad():
+        for s in range(0, len(test), group.eval_batch_size):
+            x, y = test.x[s:s + group.eval_batch_size].to(device), test.y[s:s + group.eval_batch_size].to(device)
+            logits = module.model(x)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            n += y.shape[0]
+            metrics.update(logits, y)
+    values = {k: v.detach().cpu().tolist() for k, v in metrics.compute().items()}
+    member.test_metrics = {"loss": loss_sum / max(n, 1), **values}
+    member.test_weights = (f"best: checkpoints/best.ckpt (epoch {member.best['epoch']})" if which == "best"
+                           else "last: checkpoints/last.ckpt")
+
+
+def _metrics_csv(member: Member, batches: int) -> str:
+    """metrics.csv as the plain run's CSV logger writes it: a val row and a train row per epoch, a test row."""
+    cols = ["epoch", "step", "test/acc", "test/f1_macro", "test/loss", "test/precision_macro",
+            "test/recall_macro", "train/acc", "train/loss", "val/acc", "val/loss", "val/loss_se"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in member.history:
+        step = (r["epoch"] + 1) * batches - 1
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("val/acc", "val/loss", "val/loss_se")}})
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("train/acc", "train/loss")}})
+    if member.test_metrics:
+        t = member.test_metrics
+        w.writerow({"epoch": len(member.history), "step": len(member.history) * batches,
+                    **{f"test/{k}": t[k] for k in ("acc", "f1_macro", "loss", "precision_macro", "recall_macro")}})
+    return buf.getvalue()
+
+
+def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: float) -> dict[str, Any]:
+    """Write member ``i``'s run directory; return its summary."""
+    epochs = len(member.history)
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    callbacks = _callback_states(member, out, epochs)
+    prefixed = lambda sd: {f"model.{k}": v for k, v in sd.items()}  # noqa: E731 - the module's keys
+    last = _checkpoint(member, group, epochs, prefixed(group.member_weights(i)), group.member_optimizer_state(i),
+                       group.scheduler.state_dict() if group.scheduler else None, callbacks)
+    atomic_save(last, ckdir / "last.ckpt")
+    b = member.best
+    best_cbs = {**callbacks, "EpochHistory": {"history": [dict(r) for r in member.history[:b["epoch"] + 1]]}}
+    atomic_save(_checkpoint(member, group, b["epoch"] + 1, prefixed(b["state_dict"]), b["optimizer"],
+                            b["scheduler"], best_cbs), ckdir / "best.ckpt")
+    atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
+    h = member.history[-1]
+    summary: dict[str, Any] = {
+        "status": member.status, "stop_reason": f"max_epochs={group.max_epochs} reached",
+        "epochs_run": epochs, "global_step": epochs * group.batches, "wall_time_s": round(wall, 3),
+        "train/loss_epoch_mean": h["train/loss"], "train/acc_epoch_mean": h["train/acc"],
+        "val/loss": h["val/loss"], "val/acc": h["val/acc"], **member.train_metrics,
+    }
+    if member.test_metrics:
+        t = member.test_metrics
+        summary.update({f"test/{k}": v for k, v in t.items() if k != "confusion_matrix"})
+        summary["test/confusion_matrix"] = t.get("confusion_matrix")
+        summary["test/weights"] = member.test_weights
+    summary["train/weights"] = "final: the weights in memory when training ended"
+    summary["data"] = member.dm.describe()
+    summary["resumed_from"] = None
+    summary["run_dir"] = str(out)
+    summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
+                          "wall_time_note": "wall_time_s is the whole group's training time"}
+    summary = {k: _finite(v) for k, v in summary.items()}
+    write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}")
+    return summary
