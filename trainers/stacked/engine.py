@@ -38,7 +38,7 @@ class Member:
     train_metrics: dict[str, float] = field(default_factory=dict)
     test_metrics: dict[str, Any] | None = None
     status: str = "completed"
-    stop_reason: str = ""
+    test_weights: str = ""
 
 
 def build_member(cfg: DictConfig) -> Member:

@@ -51,6 +51,9 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     extra = sorted(set((cfg.get("callbacks") or {}).keys()) - BASE_CALLBACKS)
     if extra:
         return f"callbacks.{extra[0]}: a callback that needs its own Trainer"
+    mc = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if mc is not None and (mc.get("monitor") != "val/acc" or mc.get("mode") != "max"):
+        return f"callbacks.model_checkpoint.monitor={mc.get('monitor')}: only val/acc (max) is tracked per member"
     for key, value in (cfg.trainer or OmegaConf.create()).items_ex(resolve=False):
         if key in FREE_TRAINER_KEYS:
             continue

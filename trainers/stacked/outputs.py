@@ -98,8 +98,14 @@ def finish_member(member: Member, group: StackedGroup, i: int) -> None:
     if not member.cfg.get("test", True):
         return
     which = member.cfg.get("test_ckpt") or "best"
-    if which == "best":
+    monitored = (member.cfg.get("callbacks") or {}).get("model_checkpoint") is not None
+    if which == "best" and monitored:
         module.model.load_state_dict(member.best["state_dict"])
+        member.test_weights = f"best: best.ckpt, val/acc={float(member.best['score']):.4f}"
+    elif which == "best":
+        member.test_weights = "final: the weights in memory when training ended (no best checkpoint was written)"
+    else:
+        member.test_weights = "last: last.ckpt (end of the last finished epoch)"
     test = member.dm.test_set
     metrics = module.test_metrics.to(device)
     metrics.reset()
@@ -114,8 +120,6 @@ def finish_member(member: Member, group: StackedGroup, i: int) -> None:
             metrics.update(logits, y)
     values = {k: v.detach().cpu().tolist() for k, v in metrics.compute().items()}
     member.test_metrics = {"loss": loss_sum / max(n, 1), **values}
-    member.test_weights = (f"best: checkpoints/best.ckpt (epoch {member.best['epoch']})" if which == "best"
-                           else "last: checkpoints/last.ckpt")
 
 
 def _metrics_csv(member: Member, batches: int) -> str:
