@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -24,6 +23,7 @@ from torch.nn import functional as F
 
 from shiftlab.trainers.build import build_datamodule, build_module
 from shiftlab.trainers.data.base import EpochSeededSampler
+from shiftlab.trainers.stacked.divergence import StackedGuard
 
 
 @dataclass
@@ -34,10 +34,13 @@ class Member:
     dm: Any
     module: Any
     history: list[dict[str, float]] = field(default_factory=list)
-    best: dict[str, Any] | None = None  # {"epoch", "score", "state_dict", "optimizer"} at the best val/acc
+    best_score: Tensor | None = None  # the best val/acc so far (ModelCheckpoint's best_model_score)
+    best_epoch: int = -1
     train_metrics: dict[str, float] = field(default_factory=dict)
     test_metrics: dict[str, Any] | None = None
     status: str = "completed"
+    stop_reason: str = ""
+    stopped_step: int | None = None
     test_weights: str = ""
 
 
@@ -86,6 +89,7 @@ class StackedGroup:
         self.y_train = torch.stack([m.dm.train_set.y for m in members]).to(device)
         self.samplers = [EpochSeededSampler(self.n_train, m.dm.seed) for m in members]
         self.forward = vmap(self._forward_one)
+        self.guard = StackedGuard(self.k, device, **(lead.cfg.get("divergence") or {}))
 
     def _forward_one(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
         return functional_call(self.template, (params, buffers), (x,))
@@ -109,10 +113,13 @@ class StackedGroup:
             losses, logits = self._losses(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
+            self.guard.before_step(epoch * self.batches + b, self.params.values())
             self.optimizer.step()
             with torch.no_grad():
+                self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
                 loss_sum += losses.detach().double() * idx.shape[1]
                 correct += (logits.argmax(-1) == y).sum(dim=1)
+        self.guard.end_epoch()
         if self.scheduler is not None:
             self.scheduler.step()
         return {"train/loss": (loss_sum / self.n_train).float(), "train/acc": correct.float() / self.n_train}
@@ -150,19 +157,26 @@ class StackedGroup:
                               (v.detach().cpu().clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
         return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
 
-    def fit(self) -> float:
-        """Train all members for ``max_epochs``; record per-member history and best (val/acc) weights."""
-        start = time.perf_counter()
+    def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None) -> None:
+        """Train all members for ``max_epochs``, recording each member's history; a member that diverges
+        stops being recorded at that step (its plain run would end there). ``on_epoch_end(i, epoch,
+        improved)`` runs for every member still training (it writes the member's checkpoints)."""
         for epoch in range(self.max_epochs):
+            if all(m.status != "completed" for m in self.members):
+                break
             train = self.train_epoch(epoch)
+            for i, why in self.guard.newly_diverged(epoch):
+                m = self.members[i]
+                m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
             val = self.evaluate("val")
             for i, m in enumerate(self.members):
-                row = {"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}}
-                m.history.append(row)
-                score = val["val/acc"][i]
+                if m.status != "completed":
+                    continue
+                m.history.append({"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}})
+                score = val["val/acc"][i].detach().cpu()
                 # ModelCheckpoint(monitor=val/acc, mode=max): strictly better replaces the best
-                if m.best is None or bool(score > m.best["score"]):
-                    m.best = {"epoch": epoch, "score": score.detach().cpu().clone(),
-                              "state_dict": self.member_weights(i), "optimizer": self.member_optimizer_state(i),
-                              "scheduler": self.scheduler.state_dict() if self.scheduler else None}
-        return time.perf_counter() - start
+                improved = m.best_score is None or bool(score > m.best_score)
+                if improved:
+                    m.best_score, m.best_epoch = score.clone(), epoch
+                if on_epoch_end is not None:
+                    on_epoch_end(i, epoch, improved)

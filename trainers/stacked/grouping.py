@@ -48,6 +48,8 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
         return "model.dropout>0: per-member dropout streams are not reproduced yet"
     if float((cfg.data or {}).get("label_noise") or 0.0) > 0:
         return "data.label_noise>0: per-member memorization probes are not stacked yet"
+    if int((cfg.get("divergence") or {}).get("check_every", 1)) != 1:
+        return "divergence.check_every>1: the stacked guard checks every step"
     extra = sorted(set((cfg.get("callbacks") or {}).keys()) - BASE_CALLBACKS)
     if extra:
         return f"callbacks.{extra[0]}: a callback that needs its own Trainer"

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from shiftlab.trainers.build import build_callbacks
-from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text
+from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text, load_weights_only
 from shiftlab.trainers.stacked.engine import Member, StackedGroup
 from shiftlab.trainers.summary import _finite, evaluate_split, write_outputs
 
@@ -67,7 +67,8 @@ def _checkpoint(member: Member, group: StackedGroup, epochs: int, state_dict: di
 
 
 def _callback_states(member: Member, out: Path, epochs: int) -> dict[str, Any]:
-    """The states a plain run's checkpoint callbacks and history would hold (keyed by ``state_key``)."""
+    """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
+    ``state_key``, as Lightning restores them)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     states: dict[str, Any] = {"EpochHistory": {"history": [dict(r) for r in member.history[:epochs]]}}
@@ -75,20 +76,43 @@ def _callback_states(member: Member, out: Path, epochs: int) -> dict[str, Any]:
     for cb in build_callbacks(member.cfg):
         if not isinstance(cb, ModelCheckpoint):
             continue
+        cb.dirpath = str(out / "checkpoints")
         if cb.monitor:
-            cb.best_model_score = member.best["score"]
+            cb.best_model_score = cb.kth_value = member.best_score
             cb.best_model_path = cb.kth_best_model_path = str(best)
             cb.current_score = torch.tensor(member.history[epochs - 1].get(cb.monitor, float("nan")))
-            cb.best_k_models = {str(best): member.best["score"]}
-            cb.kth_value = member.best["score"]
+            cb.best_k_models = {str(best): member.best_score}
         else:
             cb.best_model_path = str(out / "checkpoints" / "last.ckpt")
         states[cb.state_key] = cb.state_dict()
     return states
 
 
-def finish_member(member: Member, group: StackedGroup, i: int) -> None:
+def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path]):
+    """``on_epoch_end(i, epoch, improved)`` for :meth:`StackedGroup.fit`: member ``i``'s last.ckpt every
+    epoch and best.ckpt when val/acc improved, as its plain run's two ModelCheckpoint callbacks write them."""
+    prefixed = lambda sd: {f"model.{k}": v for k, v in sd.items()}  # noqa: E731 - the module's keys
+
+    def write(i: int, epoch: int, improved: bool) -> None:
+        member, out = members[i], out_dirs[i]
+        nodes = (member.cfg.get("callbacks") or {})
+        ckdir = out / "checkpoints"
+        ckdir.mkdir(parents=True, exist_ok=True)
+        ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
+                           group.member_optimizer_state(i), group.scheduler.state_dict() if group.scheduler else None,
+                           _callback_states(member, out, epoch + 1))
+        if nodes.get("last_checkpoint") is not None:
+            atomic_save(ckpt, ckdir / "last.ckpt")
+        if improved and nodes.get("model_checkpoint") is not None:
+            atomic_save(ckpt, ckdir / "best.ckpt")
+
+    return write
+
+
+def finish_member(member: Member, group: StackedGroup, i: int, out: Path) -> None:
     """Final train metrics (last weights) and the test report (``test_ckpt`` weights), on the plain module."""
+    if member.status != "completed":
+        return
     module, device = member.module, group.device
     module.model.load_state_dict(group.member_weights(i))
     module.model.to(device)
@@ -98,14 +122,15 @@ def finish_member(member: Member, group: StackedGroup, i: int) -> None:
     if not member.cfg.get("test", True):
         return
     which = member.cfg.get("test_ckpt") or "best"
-    monitored = (member.cfg.get("callbacks") or {}).get("model_checkpoint") is not None
-    if which == "best" and monitored:
-        module.model.load_state_dict(member.best["state_dict"])
-        member.test_weights = f"best: best.ckpt, val/acc={float(member.best['score']):.4f}"
-    elif which == "best":
-        member.test_weights = "final: the weights in memory when training ended (no best checkpoint was written)"
-    else:
+    best, last = out / "checkpoints" / "best.ckpt", out / "checkpoints" / "last.ckpt"
+    if which == "best" and best.is_file():
+        module.load_state_dict(load_weights_only(best)["state_dict"])
+        member.test_weights = f"best: best.ckpt, val/acc={float(member.best_score):.4f}"
+    elif which == "last" and last.is_file():
         member.test_weights = "last: last.ckpt (end of the last finished epoch)"
+    else:
+        member.test_weights = f"final: the weights in memory when training ended (no {which} checkpoint was written)"
+    module.model.to(device)
     test = member.dm.test_set
     metrics = module.test_metrics.to(device)
     metrics.reset()
@@ -141,38 +166,36 @@ def _metrics_csv(member: Member, batches: int) -> str:
 
 
 def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: float) -> dict[str, Any]:
-    """Write member ``i``'s run directory; return its summary."""
+    """Write member ``i``'s metrics.csv, summary.json and plots (checkpoints are written every epoch by
+    :func:`epoch_writer`); return its summary."""
     epochs = len(member.history)
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    callbacks = _callback_states(member, out, epochs)
-    prefixed = lambda sd: {f"model.{k}": v for k, v in sd.items()}  # noqa: E731 - the module's keys
-    last = _checkpoint(member, group, epochs, prefixed(group.member_weights(i)), group.member_optimizer_state(i),
-                       group.scheduler.state_dict() if group.scheduler else None, callbacks)
-    atomic_save(last, ckdir / "last.ckpt")
-    b = member.best
-    best_cbs = {**callbacks, "EpochHistory": {"history": [dict(r) for r in member.history[:b["epoch"] + 1]]}}
-    atomic_save(_checkpoint(member, group, b["epoch"] + 1, prefixed(b["state_dict"]), b["optimizer"],
-                            b["scheduler"], best_cbs), ckdir / "best.ckpt")
     atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
-    h = member.history[-1]
+    h = member.history[-1] if member.history else {}
+    done = member.status == "completed"
+    reason = f"max_epochs={group.max_epochs} reached" if done else member.stop_reason
+    if not done:
+        last = out / "checkpoints" / "last.ckpt"
+        reason += f"; {last} kept (end of the last finished epoch)" if last.is_file() else \
+            "; no checkpoint was written (it diverged before the first epoch ended)"
     summary: dict[str, Any] = {
-        "status": member.status, "stop_reason": f"max_epochs={group.max_epochs} reached",
-        "epochs_run": epochs, "global_step": epochs * group.batches, "wall_time_s": round(wall, 3),
-        "train/loss_epoch_mean": h["train/loss"], "train/acc_epoch_mean": h["train/acc"],
-        "val/loss": h["val/loss"], "val/acc": h["val/acc"], **member.train_metrics,
+        "status": member.status, "stop_reason": reason,
+        "epochs_run": epochs, "global_step": epochs * group.batches if done else member.stopped_step,
+        "wall_time_s": round(wall, 3),
+        "train/loss_epoch_mean": h.get("train/loss"), "train/acc_epoch_mean": h.get("train/acc"),
+        "val/loss": h.get("val/loss"), "val/acc": h.get("val/acc"), **member.train_metrics,
     }
     if member.test_metrics:
         t = member.test_metrics
         summary.update({f"test/{k}": v for k, v in t.items() if k != "confusion_matrix"})
         summary["test/confusion_matrix"] = t.get("confusion_matrix")
         summary["test/weights"] = member.test_weights
-    summary["train/weights"] = "final: the weights in memory when training ended"
+    if member.train_metrics:
+        summary["train/weights"] = "final: the weights in memory when training ended"
     summary["data"] = member.dm.describe()
     summary["resumed_from"] = None
     summary["run_dir"] = str(out)
     summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
-                          "wall_time_note": "wall_time_s is the whole group's training time"}
+                          "wall_time_note": "wall_time_s is the whole group's time"}
     summary = {k: _finite(v) for k, v in summary.items()}
     write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}")
     return summary

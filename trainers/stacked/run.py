@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from shiftlab.trainers.config_checks import check_config
 from shiftlab.trainers.stacked.engine import StackedGroup, build_member, pick_device
-from shiftlab.trainers.stacked.outputs import finish_member, write_member
+from shiftlab.trainers.stacked.outputs import epoch_writer, finish_member, write_member
 
 
 def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -23,8 +23,9 @@ def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str
         warnings.simplefilter("ignore", UserWarning)  # torchmetrics' "no samples" etc. on tiny splits
         members = [build_member(cfg) for cfg in cfgs]
         group = StackedGroup(members, pick_device(cfgs[0]))
-        group.fit()
+        dirs = [Path(d) for d in out_dirs]
+        group.fit(epoch_writer(members, group, dirs))
         for i, m in enumerate(members):
-            finish_member(m, group, i)
+            finish_member(m, group, i, dirs[i])
     wall = time.perf_counter() - start
     return [write_member(m, group, i, Path(out), wall) for i, (m, out) in enumerate(zip(members, out_dirs))]
