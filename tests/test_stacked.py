@@ -53,6 +53,13 @@ def test_stacked_members_equal_their_plain_runs(tmp_path, overrides):
         for k, v in plain["state_dict"].items():
             torch.testing.assert_close(mine["state_dict"][k], v, rtol=RTOL, atol=ATOL, msg=f"seed {seed}: {k}")
         assert mine["loops"] == plain["loops"]
+        # every callback state a plain checkpoint holds, except RunContract's global RNG state
+        assert set(mine["callbacks"]) == set(plain["callbacks"]) - {"RunContract"}
+        for a, b in zip(mine["callbacks"]["EpochHistory"]["history"], plain["callbacks"]["EpochHistory"]["history"],
+                        strict=True):
+            assert a.keys() == b.keys() and a == pytest.approx(b, rel=RTOL, abs=ATOL)
+        assert got["diagnosis"]["label"] == want["diagnosis"]["label"]
+        _close(got["diagnosis"]["gap"], want["diagnosis"]["gap"], "diagnosis gap")
         assert (mine["epoch"], mine["global_step"]) == (plain["epoch"], plain["global_step"])
         for i, st in plain["optimizer_states"][0]["state"].items():
             for k, v in st.items():

@@ -68,6 +68,12 @@ class StackedGuard:
         if self.reference is None and self._n:
             self.reference = self._sum / self._n
 
+    def state_dict(self, i: int) -> dict:
+        """Member ``i``'s state in the plain DivergenceGuard's checkpoint form."""
+        pick = lambda t: None if t is None else float(t[i])  # noqa: E731
+        return {"reference": pick(self.reference), "epoch_sum": float(self._sum[i]), "epoch_n": self._n,
+                "first": pick(self.first)}
+
     def step_of(self, i: int) -> int:
         return int(self.bad_step[i])
 

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from shiftlab.callbacks import reporting
 from shiftlab.trainers.build import build_callbacks
 from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text, load_weights_only
 from shiftlab.trainers.stacked.engine import Member, StackedGroup
@@ -66,12 +67,17 @@ def _checkpoint(member: Member, group: StackedGroup, epochs: int, state_dict: di
             "lr_schedulers": [scheduler] if scheduler is not None else []}
 
 
-def _callback_states(member: Member, out: Path, epochs: int) -> dict[str, Any]:
+def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict) -> dict[str, Any]:
     """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
     ``state_key``, as Lightning restores them)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    states: dict[str, Any] = {"EpochHistory": {"history": [dict(r) for r in member.history[:epochs]]}}
+    rows = [dict(r) for r in member.history[:epochs]]
+    states: dict[str, Any] = {"EpochHistory": {"history": rows}, "DivergenceGuard": guard_state}
+    if (member.cfg.get("callbacks") or {}).get("diagnosis") is not None:
+        states["LearningCurveDiagnosis"] = {"history": {
+            "epoch": [r["epoch"] for r in rows], "train_loss": [r["train/loss"] for r in rows],
+            "val_loss": [r["val/loss"] for r in rows], "train_acc": [r["train/acc"] for r in rows]}}
     best = out / "checkpoints" / "best.ckpt"
     for cb in build_callbacks(member.cfg):
         if not isinstance(cb, ModelCheckpoint):
@@ -100,7 +106,7 @@ def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path
         ckdir.mkdir(parents=True, exist_ok=True)
         ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
                            group.member_optimizer_state(i), group.scheduler.state_dict() if group.scheduler else None,
-                           _callback_states(member, out, epoch + 1))
+                           _callback_states(member, out, epoch + 1, group.guard.state_dict(i)))
         if nodes.get("last_checkpoint") is not None:
             atomic_save(ckpt, ckdir / "last.ckpt")
         if improved and nodes.get("model_checkpoint") is not None:
@@ -196,6 +202,30 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
     summary["run_dir"] = str(out)
     summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
                           "wall_time_note": "wall_time_s is the whole group's time"}
+    reporters = diagnose_member(member, out)
+    summary.update(reporting.summary_items(reporters))
     summary = {k: _finite(v) for k, v in summary.items()}
-    write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}")
+    write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}",
+                  note="; ".join(reporting.plot_notes(reporters)) or None)
     return summary
+
+
+def diagnose_member(member: Member, out: Path) -> list:
+    """The configured LearningCurveDiagnosis, fed the member's history as its callback hooks would feed it:
+    ``diagnosis`` in summary.json, its plot note and plots/learning_curve_diagnosis.png."""
+    from shiftlab.callbacks.learning_curve_diagnosis import LearningCurveDiagnosis, diagnose, plot_diagnosis
+
+    found = [cb for cb in build_callbacks(member.cfg) if isinstance(cb, LearningCurveDiagnosis)]
+    for cb in found:
+        rows = [r for r in member.history if cb.train_key in r and cb.val_key in r]
+        if not rows:
+            continue
+        cb.history = {"epoch": [r["epoch"] for r in rows], "train_loss": [r[cb.train_key] for r in rows],
+                      "val_loss": [r[cb.val_key] for r in rows],
+                      "train_acc": [r.get(cb.train_acc_key, float("nan")) if cb.train_acc_key else float("nan")
+                                    for r in rows]}
+        acc = cb.history["train_acc"] if all(a == a for a in cb.history["train_acc"]) else None
+        cb.diagnosis = diagnose(cb.history["train_loss"], cb.history["val_loss"], acc, **cb.diagnose_kwargs)
+        if cb.plot:
+            plot_diagnosis(cb.history, cb.diagnosis, Path(cb.output_dir or out) / "plots" / "learning_curve_diagnosis.png")
+    return found
