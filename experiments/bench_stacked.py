@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)  # the default experiment's trainer.max_epochs
     p.add_argument("--setup", choices=sorted(SETUPS), default="default_norm_none")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, default=Path("outputs/bench_stacked"))

@@ -67,11 +67,16 @@ def _checkpoint(member: Member, group: StackedGroup, epochs: int, state_dict: di
             "lr_schedulers": [scheduler] if scheduler is not None else []}
 
 
-def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict) -> dict[str, Any]:
-    """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
-    ``state_key``, as Lightning restores them)."""
+def _checkpoint_callbacks(member: Member) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    return [cb for cb in build_callbacks(member.cfg) if isinstance(cb, ModelCheckpoint)]
+
+
+def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict, checkpoint_cbs: list
+                     ) -> dict[str, Any]:
+    """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
+    ``state_key``, as Lightning restores them)."""
     rows = [dict(r) for r in member.history[:epochs]]
     states: dict[str, Any] = {"EpochHistory": {"history": rows}, "DivergenceGuard": guard_state}
     if (member.cfg.get("callbacks") or {}).get("diagnosis") is not None:
@@ -79,9 +84,7 @@ def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict) 
             "epoch": [r["epoch"] for r in rows], "train_loss": [r["train/loss"] for r in rows],
             "val_loss": [r["val/loss"] for r in rows], "train_acc": [r["train/acc"] for r in rows]}}
     best = out / "checkpoints" / "best.ckpt"
-    for cb in build_callbacks(member.cfg):
-        if not isinstance(cb, ModelCheckpoint):
-            continue
+    for cb in checkpoint_cbs:
         cb.dirpath = str(out / "checkpoints")
         if cb.monitor:
             cb.best_model_score = cb.kth_value = member.best_score
@@ -98,6 +101,7 @@ def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path
     """``on_epoch_end(i, epoch, improved)`` for :meth:`StackedGroup.fit`: member ``i``'s last.ckpt every
     epoch and best.ckpt when val/acc improved, as its plain run's two ModelCheckpoint callbacks write them."""
     prefixed = lambda sd: {f"model.{k}": v for k, v in sd.items()}  # noqa: E731 - the module's keys
+    checkpoint_cbs = [_checkpoint_callbacks(m) for m in members]  # built once, not every epoch
 
     def write(i: int, epoch: int, improved: bool) -> None:
         member, out = members[i], out_dirs[i]
@@ -106,7 +110,8 @@ def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path
         ckdir.mkdir(parents=True, exist_ok=True)
         ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
                            group.member_optimizer_state(i), group.scheduler.state_dict() if group.scheduler else None,
-                           _callback_states(member, out, epoch + 1, group.guard.state_dict(i)))
+                           _callback_states(member, out, epoch + 1, group.guard.state_dict(i),
+                                            checkpoint_cbs[i]))
         if nodes.get("last_checkpoint") is not None:
             atomic_save(ckpt, ckdir / "last.ckpt")
         if improved and nodes.get("model_checkpoint") is not None:
