@@ -37,7 +37,9 @@ def _close(a, b, what: str) -> None:
     ("norm=none", "optimizer=sgd", "scheduler=constant"),
     ("norm=layernorm", "optimizer=adam"),
     ("norm=groupnorm", "norm.num_groups=4", "optimizer=momentum"),
-], ids=["none-sgd", "layernorm-adam", "groupnorm-momentum"])
+    ("norm=none", "optimizer=adamw"),
+    ("norm=layernorm", "optimizer=sgd", "optimizer.weight_decay=0.01"),
+], ids=["none-sgd", "layernorm-adam", "groupnorm-momentum", "none-adamw", "layernorm-sgd-wd-cosine"])
 def test_stacked_members_equal_their_plain_runs(tmp_path, overrides):
     stacked_dirs = [tmp_path / f"stacked{s}" for s in SEEDS]
     summaries = train_stacked([_cfg(d, s, *overrides) for d, s in zip(stacked_dirs, SEEDS)], stacked_dirs)
