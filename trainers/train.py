@@ -33,9 +33,11 @@ from shiftlab.trainers.extensions import ExtensionError, load_extensions
 from shiftlab.trainers.run_dir import register_resolvers
 from shiftlab.trainers.run_loggers import log_config, log_final, log_plots
 from shiftlab.trainers.summary import build_summary, write_outputs, write_summary
+from shiftlab.trainers.stacked.launcher import register as _register_stacked_launcher
 
 log = logging.getLogger("shiftlab")
 register_resolvers()
+_register_stacked_launcher()  # launcher=stacked (Hydra looks launchers up in its plugin registry)
 
 
 def _fit(trainer: L.Trainer, contract: RunContract, fit: Any) -> tuple[str, str | None, Path | None]:

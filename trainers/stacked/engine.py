@@ -1,0 +1,182 @@
+"""Train K configs that differ only in their seed as one stacked model.
+
+Each member is built exactly as its plain run builds it (``seed_everything(seed)``, the data module,
+then the module), so it starts from the same weights on the same split. Parameters are stacked with
+``torch.func.stack_module_state`` and the forward pass is ``vmap(functional_call)``. One optimizer runs
+over the stacked tensors: SGD / momentum / Adam / AdamW are elementwise, and the loss is the SUM of the
+members' mean losses, so member k's slice receives exactly its own gradient and its own update. Each
+member draws its own data order from the same seeded sampler its plain run uses.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+from torch.nn import functional as F
+
+from shiftlab.trainers.build import build_datamodule, build_module
+from shiftlab.trainers.data.base import EpochSeededSampler
+from shiftlab.trainers.stacked.divergence import StackedGuard
+
+
+@dataclass
+class Member:
+    """One job of a stacked group: its config, data module, plain module and what training recorded."""
+
+    cfg: DictConfig
+    dm: Any
+    module: Any
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: Tensor | None = None  # the best val/acc so far (ModelCheckpoint's best_model_score)
+    best_epoch: int = -1
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, Any] | None = None
+    status: str = "completed"
+    stop_reason: str = ""
+    stopped_step: int | None = None
+    test_weights: str = ""
+
+
+def build_member(cfg: DictConfig) -> Member:
+    """Data module and module exactly as ``train(cfg)`` builds them (same RNG consumption)."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    return Member(cfg, dm, build_module(cfg, dm))
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class StackedGroup:
+    """The stacked model, optimizer and scheduler of one group, and its training loop."""
+
+    def __init__(self, members: list[Member], device: torch.device) -> None:
+        self.members, self.device = members, device
+        self.k = len(members)
+        lead = members[0]
+        self.template = copy.deepcopy(lead.module.model).to("meta")
+        models = [m.module.model for m in members]
+        params, buffers = stack_module_state(models)
+        self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
+        self.buffers = {n: b.to(device) for n, b in buffers.items()}
+        self.names = [n for n, _ in lead.module.model.named_parameters()]
+        self.optimizer = lead.module.optimizer_factory([self.params[n] for n in self.names])
+        self.max_epochs = int(lead.cfg.trainer.max_epochs)
+        fac = lead.module.scheduler_factory
+        self.scheduler = fac(self.optimizer, max_epochs=self.max_epochs) if fac is not None else None
+        self.batch_size = lead.dm.batch_size
+        self.eval_batch_size = lead.dm.eval_batch_size
+        self.n_train = len(lead.dm.train_set)
+        if any(len(m.dm.train_set) != self.n_train for m in members):
+            raise ValueError("stacked members must have training splits of one size")
+        self.batches = math.ceil(self.n_train / self.batch_size)
+        self.x_train = torch.stack([m.dm.train_set.x for m in members]).to(device)
+        self.y_train = torch.stack([m.dm.train_set.y for m in members]).to(device)
+        self.samplers = [EpochSeededSampler(self.n_train, m.dm.seed) for m in members]
+        self.forward = vmap(self._forward_one)
+        self.guard = StackedGuard(self.k, device, **(lead.cfg.get("divergence") or {}))
+
+    def _forward_one(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def _losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-member mean cross-entropy (K,) and the logits (K, b, C)."""
+        logits = self.forward(self.params, self.buffers, x)
+        per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        return per_sample.mean(dim=1), logits
+
+    def train_epoch(self, epoch: int) -> dict[str, Tensor]:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+        order = torch.tensor([list(iter(s)) for s in self.samplers], device=self.device)  # (K, N)
+        rows = torch.arange(self.k, device=self.device)[:, None]
+        loss_sum = torch.zeros(self.k, device=self.device, dtype=torch.float64)
+        correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
+        for b in range(self.batches):
+            idx = order[:, b * self.batch_size:(b + 1) * self.batch_size]
+            x, y = self.x_train[rows, idx], self.y_train[rows, idx]
+            losses, logits = self._losses(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            self.guard.before_step(epoch * self.batches + b, self.params.values())
+            self.optimizer.step()
+            with torch.no_grad():
+                self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
+                loss_sum += losses.detach().double() * idx.shape[1]
+                correct += (logits.argmax(-1) == y).sum(dim=1)
+        self.guard.end_epoch()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"train/loss": (loss_sum / self.n_train).float(), "train/acc": correct.float() / self.n_train}
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, Tensor]:
+        """val/loss, val/acc, val/loss_se per member (K,) on each member's own split."""
+        xs = torch.stack([getattr(m.dm, f"{split}_set").x for m in self.members]).to(self.device)
+        ys = torch.stack([getattr(m.dm, f"{split}_set").y for m in self.members]).to(self.device)
+        per = []
+        correct = torch.zeros(self.k, dtype=torch.long, device=self.device)
+        for s in range(0, xs.shape[1], self.eval_batch_size):
+            x, y = xs[:, s:s + self.eval_batch_size], ys[:, s:s + self.eval_batch_size]
+            logits = self.forward(self.params, self.buffers, x)
+            per.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
+            correct += (logits.argmax(-1) == y).sum(dim=1)
+        losses = torch.cat(per, dim=1)
+        n = losses.shape[1]
+        return {f"{split}/loss": losses.mean(dim=1), f"{split}/acc": correct.float() / n,
+                f"{split}/loss_se": losses.std(dim=1) / n ** 0.5}
+
+    def member_weights(self, i: int) -> dict[str, Tensor]:
+        """Member ``i``'s parameters and buffers under the plain model's names (on the CPU)."""
+        out = {n: p[i].detach().cpu().clone() for n, p in self.params.items()}
+        out.update({n: b[i].detach().cpu().clone() for n, b in self.buffers.items()})
+        return out
+
+    def member_optimizer_state(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s slice of the stacked optimizer, in the plain optimizer's ``state_dict`` form."""
+        sd = self.optimizer.state_dict()
+        state = {}
+        for idx, st in sd["state"].items():
+            shape = self.params[self.names[idx]].shape
+            state[idx] = {k: (v[i].detach().cpu().clone() if torch.is_tensor(v) and v.shape == shape else
+                              (v.detach().cpu().clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
+        return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
+
+    def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None) -> None:
+        """Train all members for ``max_epochs``, recording each member's history; a member that diverges
+        stops being recorded at that step (its plain run would end there). ``on_epoch_end(i, epoch,
+        improved)`` runs for every member still training (it writes the member's checkpoints)."""
+        for epoch in range(self.max_epochs):
+            if all(m.status != "completed" for m in self.members):
+                break
+            train = self.train_epoch(epoch)
+            for i, why in self.guard.newly_diverged(epoch):
+                m = self.members[i]
+                m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
+            val = self.evaluate("val")
+            for i, m in enumerate(self.members):
+                if m.status != "completed":
+                    continue
+                m.history.append({"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}})
+                score = val["val/acc"][i].detach().cpu()
+                # ModelCheckpoint(monitor=val/acc, mode=max): strictly better replaces the best
+                improved = m.best_score is None or bool(score > m.best_score)
+                if improved:
+                    m.best_score, m.best_epoch = score.clone(), epoch
+                if on_epoch_end is not None:
+                    on_epoch_end(i, epoch, improved)

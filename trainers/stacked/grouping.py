@@ -1,0 +1,100 @@
+"""Which jobs of a multirun can train as one stacked model, and why the others cannot.
+
+Why a whitelist: a stacked member must end exactly where its plain run ends. Only what the stacked
+engine (:mod:`shiftlab.trainers.stacked.engine`) reproduces member by member is accepted; everything
+else runs under the basic launcher with a one-line reason.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+NORMS = {"shiftlab.trainers.norms.none.build", "shiftlab.trainers.norms.layernorm.build",
+         "shiftlab.trainers.norms.groupnorm.build"}
+OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
+SCHEDULERS = {"shiftlab.trainers.optim.constant_schedule", "shiftlab.trainers.optim.cosine_schedule",
+              "shiftlab.trainers.optim.step_schedule"}
+MODULES = {"shiftlab.trainers.modules.classification.ClassificationModule"}
+# the always-on callbacks (configs/callbacks/base/default.yaml) the stacked engine stands in for
+BASE_CALLBACKS = {"model_checkpoint", "last_checkpoint", "model_summary", "rich_progress_bar", "diagnosis"}
+# trainer keys that may take any value (they change nothing a member computes)
+FREE_TRAINER_KEYS = {"_target_", "default_root_dir", "max_epochs", "min_epochs", "accelerator", "enable_progress_bar",
+                     "enable_model_summary", "log_every_n_steps", "deterministic", "enable_checkpointing"}
+FIXED_TRAINER_KEYS = {"devices": 1, "num_nodes": 1, "precision": "32-true", "check_val_every_n_epoch": 1,
+                      "sync_batchnorm": False}
+# the per-member keys: a group's configs may differ only here
+SEED_KEYS = ("seed", "data.seed")
+
+
+def _target(node: Any) -> str | None:
+    return node.get("_target_") if isinstance(node, DictConfig) else None
+
+
+def why_not_stacked(cfg: DictConfig) -> str | None:
+    """None when ``cfg`` (a job's config without its ``hydra`` node) can be a stacked member, else a
+    one-line reason naming the key that prevents it."""
+    if _target(cfg.get("module")) not in MODULES:
+        return f"module={_target(cfg.get('module'))}: only classification is stacked so far"
+    if cfg.batching.get("_target_") != "shiftlab.trainers.batching.MiniBatch":
+        return "batching=full: full-batch steps are not stacked yet"
+    if _target(cfg.get("norm")) not in NORMS:
+        return f"norm={_target(cfg.get('norm'))}: only none / layernorm / groupnorm are stacked (BatchNorm not yet)"
+    if _target(cfg.get("optimizer")) not in OPTIMIZERS:
+        return f"optimizer={_target(cfg.get('optimizer'))}: only elementwise SGD / momentum / Adam / AdamW stack"
+    if cfg.get("scheduler") is not None and _target(cfg.scheduler) not in SCHEDULERS:
+        return f"scheduler={_target(cfg.scheduler)}: not an epoch-wise schedule the stacked engine knows"
+    if float((cfg.model or {}).get("dropout") or 0.0) > 0:
+        return "model.dropout>0: per-member dropout streams are not reproduced yet"
+    if float((cfg.data or {}).get("label_noise") or 0.0) > 0:
+        return "data.label_noise>0: per-member memorization probes are not stacked yet"
+    if int((cfg.get("divergence") or {}).get("check_every", 1)) != 1:
+        return "divergence.check_every>1: the stacked guard checks every step"
+    extra = sorted(set((cfg.get("callbacks") or {}).keys()) - BASE_CALLBACKS)
+    if extra:
+        return f"callbacks.{extra[0]}: a callback that needs its own Trainer"
+    mc = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if mc is not None and (mc.get("monitor") != "val/acc" or mc.get("mode") != "max"):
+        return f"callbacks.model_checkpoint.monitor={mc.get('monitor')}: only val/acc (max) is tracked per member"
+    for key, value in (cfg.trainer or OmegaConf.create()).items_ex(resolve=False):
+        if key in FREE_TRAINER_KEYS:
+            continue
+        if key not in FIXED_TRAINER_KEYS or value != FIXED_TRAINER_KEYS[key]:
+            return f"trainer.{key}={value}: not reproduced by the stacked engine"
+    loggers = set((cfg.get("logger") or {}).keys())
+    if loggers - {"csv"}:
+        return f"logger.{sorted(loggers - {'csv'})[0]}: only the csv logger is written for stacked members"
+    for key in ("ckpt_path", "debug", "hparams_search"):
+        if cfg.get(key):
+            return f"{key}={cfg.get(key) if not isinstance(cfg.get(key), DictConfig) else '...'}: runs alone"
+    if cfg.get("imports"):
+        return "imports: user modules may change what is built; runs alone"
+    return None
+
+
+def group_key(cfg: DictConfig) -> str:
+    """The config with the per-member keys removed, unresolved: jobs with equal keys form a group."""
+    node = OmegaConf.to_container(cfg, resolve=False)
+    node.pop("hydra", None)
+    node.pop("seed", None)
+    (node.get("data") or {}).pop("seed", None)
+    return OmegaConf.to_yaml(OmegaConf.create(node), sort_keys=True)
+
+
+def plan(configs: list[DictConfig]) -> tuple[list[list[int]], dict[int, str]]:
+    """Split job indices into stacked groups (two or more members) and lone jobs with their reason."""
+    groups: dict[str, list[int]] = {}
+    alone: dict[int, str] = {}
+    for i, cfg in enumerate(configs):
+        reason = why_not_stacked(cfg)
+        if reason is None:
+            groups.setdefault(group_key(cfg), []).append(i)
+        else:
+            alone[i] = reason
+    stacked = []
+    for members in groups.values():
+        if len(members) == 1:
+            alone[members[0]] = "no other job differs from it only in seed"
+        else:
+            stacked.append(members)
+    return stacked, alone

@@ -1,0 +1,236 @@
+"""A stacked member's run directory, with what a plain run writes: metrics.csv, checkpoints/last.ckpt and
+best.ckpt (plain state_dict keys, optimizer and scheduler state, Lightning's loop counters, so a plain
+run loads and resumes them), summary.json and plots."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from shiftlab.callbacks import reporting
+from shiftlab.trainers.build import build_callbacks
+from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text, load_weights_only
+from shiftlab.trainers.stacked.engine import Member, StackedGroup
+from shiftlab.trainers.summary import _finite, evaluate_split, write_outputs
+
+
+def _progress(total: dict, current: dict) -> dict:
+    return {"total": dict(total), "current": dict(current)}
+
+
+def fit_loop_state(epochs: int, batches: int, val_batches: int) -> dict[str, Any]:
+    """Lightning's ``loops`` entry as a plain fit of ``epochs`` epochs of ``batches`` steps leaves it at
+    the end of its last epoch (the layout of Lightning 2.x; tests compare it with a real checkpoint)."""
+    steps = epochs * batches
+    four = lambda n: {"ready": n, "started": n, "processed": n, "completed": n}  # noqa: E731
+    two = lambda n: {"ready": n, "completed": n}  # noqa: E731
+    zero4 = four(0)
+    fit = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": steps},
+        "epoch_loop.batch_progress": {**_progress(four(steps), four(batches)), "is_last_batch": True},
+        "epoch_loop.scheduler_progress": _progress(two(epochs), two(1)),
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
+            "step": _progress(two(steps), two(batches)),
+            "zero_grad": _progress({"ready": steps, "started": steps, "completed": steps},
+                                   {"ready": batches, "started": batches, "completed": batches})}},
+        "epoch_loop.manual_optimization.state_dict": {},
+        "epoch_loop.manual_optimization.optim_step_progress": _progress(two(0), two(0)),
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": {**_progress(four(val_batches), four(val_batches)),
+                                               "is_last_batch": True},
+        "epoch_progress": _progress({**four(epochs), "completed": epochs - 1},
+                                    {**four(epochs), "completed": epochs - 1}),
+    }
+    idle = {"state_dict": {}, "batch_progress": {**_progress(zero4, zero4), "is_last_batch": False}}
+    return {"fit_loop": fit, "validate_loop": copy_of(idle), "test_loop": copy_of(idle),
+            "predict_loop": {"state_dict": {}, "batch_progress": _progress(zero4, zero4)}}
+
+
+def copy_of(d: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(d)
+
+
+def _checkpoint(member: Member, group: StackedGroup, epochs: int, state_dict: dict, optimizer: dict,
+                scheduler: dict | None, callbacks: dict) -> dict[str, Any]:
+    val_batches = -(-len(member.dm.val_set) // group.eval_batch_size)
+    return {"epoch": epochs - 1, "global_step": epochs * group.batches, "pytorch-lightning_version": L.__version__,
+            "state_dict": state_dict, "loops": fit_loop_state(epochs, group.batches, val_batches),
+            "callbacks": callbacks, "optimizer_states": [optimizer],
+            "lr_schedulers": [scheduler] if scheduler is not None else []}
+
+
+def _checkpoint_callbacks(member: Member) -> list:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [cb for cb in build_callbacks(member.cfg) if isinstance(cb, ModelCheckpoint)]
+
+
+def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict, checkpoint_cbs: list
+                     ) -> dict[str, Any]:
+    """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
+    ``state_key``, as Lightning restores them)."""
+    rows = [dict(r) for r in member.history[:epochs]]
+    states: dict[str, Any] = {"EpochHistory": {"history": rows}, "DivergenceGuard": guard_state}
+    if (member.cfg.get("callbacks") or {}).get("diagnosis") is not None:
+        states["LearningCurveDiagnosis"] = {"history": {
+            "epoch": [r["epoch"] for r in rows], "train_loss": [r["train/loss"] for r in rows],
+            "val_loss": [r["val/loss"] for r in rows], "train_acc": [r["train/acc"] for r in rows]}}
+    best = out / "checkpoints" / "best.ckpt"
+    for cb in checkpoint_cbs:
+        cb.dirpath = str(out / "checkpoints")
+        if cb.monitor:
+            cb.best_model_score = cb.kth_value = member.best_score
+            cb.best_model_path = cb.kth_best_model_path = str(best)
+            cb.current_score = torch.tensor(member.history[epochs - 1].get(cb.monitor, float("nan")))
+            cb.best_k_models = {str(best): member.best_score}
+        else:
+            cb.best_model_path = str(out / "checkpoints" / "last.ckpt")
+        states[cb.state_key] = cb.state_dict()
+    return states
+
+
+def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path]):
+    """``on_epoch_end(i, epoch, improved)`` for :meth:`StackedGroup.fit`: member ``i``'s last.ckpt every
+    epoch and best.ckpt when val/acc improved, as its plain run's two ModelCheckpoint callbacks write them."""
+    prefixed = lambda sd: {f"model.{k}": v for k, v in sd.items()}  # noqa: E731 - the module's keys
+    checkpoint_cbs = [_checkpoint_callbacks(m) for m in members]  # built once, not every epoch
+
+    def write(i: int, epoch: int, improved: bool) -> None:
+        member, out = members[i], out_dirs[i]
+        nodes = (member.cfg.get("callbacks") or {})
+        ckdir = out / "checkpoints"
+        ckdir.mkdir(parents=True, exist_ok=True)
+        ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
+                           group.member_optimizer_state(i), group.scheduler.state_dict() if group.scheduler else None,
+                           _callback_states(member, out, epoch + 1, group.guard.state_dict(i),
+                                            checkpoint_cbs[i]))
+        if nodes.get("last_checkpoint") is not None:
+            atomic_save(ckpt, ckdir / "last.ckpt")
+        if improved and nodes.get("model_checkpoint") is not None:
+            atomic_save(ckpt, ckdir / "best.ckpt")
+
+    return write
+
+
+def finish_member(member: Member, group: StackedGroup, i: int, out: Path) -> None:
+    """Final train metrics (last weights) and the test report (``test_ckpt`` weights), on the plain module."""
+    if member.status != "completed":
+        return
+    module, device = member.module, group.device
+    module.model.load_state_dict(group.member_weights(i))
+    module.model.to(device)
+    split = member.dm.train_set
+    final = evaluate_split(module.model, split.x, split.y, device)
+    member.train_metrics = {"train/loss": final["loss"], "train/acc": final["acc"]}
+    if not member.cfg.get("test", True):
+        return
+    which = member.cfg.get("test_ckpt") or "best"
+    best, last = out / "checkpoints" / "best.ckpt", out / "checkpoints" / "last.ckpt"
+    if which == "best" and best.is_file():
+        module.load_state_dict(load_weights_only(best)["state_dict"])
+        member.test_weights = f"best: best.ckpt, val/acc={float(member.best_score):.4f}"
+    elif which == "last" and last.is_file():
+        member.test_weights = "last: last.ckpt (end of the last finished epoch)"
+    else:
+        member.test_weights = f"final: the weights in memory when training ended (no {which} checkpoint was written)"
+    module.model.to(device)
+    test = member.dm.test_set
+    metrics = module.test_metrics.to(device)
+    metrics.reset()
+    loss_sum, n = 0.0, 0
+    module.model.eval()
+    with torch.no_grad():
+        for s in range(0, len(test), group.eval_batch_size):
+            x, y = test.x[s:s + group.eval_batch_size].to(device), test.y[s:s + group.eval_batch_size].to(device)
+            logits = module.model(x)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            n += y.shape[0]
+            metrics.update(logits, y)
+    values = {k: v.detach().cpu().tolist() for k, v in metrics.compute().items()}
+    member.test_metrics = {"loss": loss_sum / max(n, 1), **values}
+
+
+def _metrics_csv(member: Member, batches: int) -> str:
+    """metrics.csv as the plain run's CSV logger writes it: a val row and a train row per epoch, a test row."""
+    cols = ["epoch", "step", "test/acc", "test/f1_macro", "test/loss", "test/precision_macro",
+            "test/recall_macro", "train/acc", "train/loss", "val/acc", "val/loss", "val/loss_se"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in member.history:
+        step = (r["epoch"] + 1) * batches - 1
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("val/acc", "val/loss", "val/loss_se")}})
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("train/acc", "train/loss")}})
+    if member.test_metrics:
+        t = member.test_metrics
+        w.writerow({"epoch": len(member.history), "step": len(member.history) * batches,
+                    **{f"test/{k}": t[k] for k in ("acc", "f1_macro", "loss", "precision_macro", "recall_macro")}})
+    return buf.getvalue()
+
+
+def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: float) -> dict[str, Any]:
+    """Write member ``i``'s metrics.csv, summary.json and plots (checkpoints are written every epoch by
+    :func:`epoch_writer`); return its summary."""
+    epochs = len(member.history)
+    atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
+    h = member.history[-1] if member.history else {}
+    done = member.status == "completed"
+    reason = f"max_epochs={group.max_epochs} reached" if done else member.stop_reason
+    if not done:
+        last = out / "checkpoints" / "last.ckpt"
+        reason += f"; {last} kept (end of the last finished epoch)" if last.is_file() else \
+            "; no checkpoint was written (it diverged before the first epoch ended)"
+    summary: dict[str, Any] = {
+        "status": member.status, "stop_reason": reason,
+        "epochs_run": epochs, "global_step": epochs * group.batches if done else member.stopped_step,
+        "wall_time_s": round(wall, 3),
+        "train/loss_epoch_mean": h.get("train/loss"), "train/acc_epoch_mean": h.get("train/acc"),
+        "val/loss": h.get("val/loss"), "val/acc": h.get("val/acc"), **member.train_metrics,
+    }
+    if member.test_metrics:
+        t = member.test_metrics
+        summary.update({f"test/{k}": v for k, v in t.items() if k != "confusion_matrix"})
+        summary["test/confusion_matrix"] = t.get("confusion_matrix")
+        summary["test/weights"] = member.test_weights
+    if member.train_metrics:
+        summary["train/weights"] = "final: the weights in memory when training ended"
+    summary["data"] = member.dm.describe()
+    summary["resumed_from"] = None
+    summary["run_dir"] = str(out)
+    summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
+                          "wall_time_note": "wall_time_s is the whole group's time"}
+    reporters = diagnose_member(member, out)
+    summary.update(reporting.summary_items(reporters))
+    summary = {k: _finite(v) for k, v in summary.items()}
+    write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}",
+                  note="; ".join(reporting.plot_notes(reporters)) or None)
+    return summary
+
+
+def diagnose_member(member: Member, out: Path) -> list:
+    """The configured LearningCurveDiagnosis, fed the member's history as its callback hooks would feed it:
+    ``diagnosis`` in summary.json, its plot note and plots/learning_curve_diagnosis.png."""
+    from shiftlab.callbacks.learning_curve_diagnosis import LearningCurveDiagnosis, diagnose, plot_diagnosis
+
+    found = [cb for cb in build_callbacks(member.cfg) if isinstance(cb, LearningCurveDiagnosis)]
+    for cb in found:
+        rows = [r for r in member.history if cb.train_key in r and cb.val_key in r]
+        if not rows:
+            continue
+        cb.history = {"epoch": [r["epoch"] for r in rows], "train_loss": [r[cb.train_key] for r in rows],
+                      "val_loss": [r[cb.val_key] for r in rows],
+                      "train_acc": [r.get(cb.train_acc_key, float("nan")) if cb.train_acc_key else float("nan")
+                                    for r in rows]}
+        acc = cb.history["train_acc"] if all(a == a for a in cb.history["train_acc"]) else None
+        cb.diagnosis = diagnose(cb.history["train_loss"], cb.history["val_loss"], acc, **cb.diagnose_kwargs)
+        if cb.plot:
+            plot_diagnosis(cb.history, cb.diagnosis, Path(cb.output_dir or out) / "plots" / "learning_curve_diagnosis.png")
+    return found
