@@ -152,3 +152,30 @@ def test_diverging_members_stop_where_their_plain_runs_stop(tmp_path, lr, ratio)
         assert (dirs[seed] / "checkpoints" / "last.ckpt").is_file() == \
             (tmp_path / f"plain{seed}" / "checkpoints" / "last.ckpt").is_file()
     assert "diverged" in statuses
+
+
+def test_sigterm_stops_a_stacked_group_at_an_epoch_end_with_resumable_members(tmp_path):
+    """The run contract under the stacked launcher: SIGTERM -> every member's summary says preempted and
+    names its last.ckpt, the sweep exits 143 (a stacked group stops at the end of the current epoch)."""
+    import json
+    import signal
+    import time
+
+    env = dict(os.environ, SHIFTLAB_ROOT=str(tmp_path), WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    args = ["-m", "launcher=stacked", "seed=0,1", "norm=none", "trainer.max_epochs=400", "print_config=false",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "model.hidden=[16]"]
+    proc = subprocess.Popen([sys.executable, "-m", "shiftlab.trainers.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "outputs").rglob("last.ckpt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    summaries = sorted((tmp_path / "outputs").rglob("summary.json"))
+    assert len(summaries) == 2
+    for path in summaries:
+        s = json.loads(path.read_text())
+        assert s["status"] == "preempted" and s["epochs_run"] < 400, s["stop_reason"]
+        assert s["resume_from"] == str(path.parent / "checkpoints" / "last.ckpt")
+        assert (path.parent / "checkpoints" / "last.ckpt").is_file()

@@ -157,11 +157,22 @@ class StackedGroup:
                               (v.detach().cpu().clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
         return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
 
-    def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None) -> None:
+    def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None,
+            signalled: Callable[[], str | None] | None = None) -> None:
         """Train all members for ``max_epochs``, recording each member's history; a member that diverges
         stops being recorded at that step (its plain run would end there). ``on_epoch_end(i, epoch,
-        improved)`` runs for every member still training (it writes the member's checkpoints)."""
+        improved)`` runs for every member still training (it writes the member's checkpoints).
+        ``signalled()`` names a received SIGINT/SIGTERM (``interrupted`` / ``preempted``): the group stops
+        at the end of that epoch, after every member's ``last.ckpt`` is written (a plain run stops at the
+        next step with ``interrupted.ckpt``; a stacked group stops at the epoch boundary)."""
         for epoch in range(self.max_epochs):
+            status = signalled() if signalled is not None else None
+            if status and epoch > 0:
+                for m in self.members:
+                    if m.status == "completed":
+                        m.status, m.stopped_step = status, epoch * self.batches
+                        m.stop_reason = f"{status} after epoch {epoch - 1} (a stacked group stops at epoch ends)"
+                break
             if all(m.status != "completed" for m in self.members):
                 break
             train = self.train_epoch(epoch)

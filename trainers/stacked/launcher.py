@@ -73,6 +73,7 @@ class StackedLauncher(Launcher):
     def _run_group(self, members: list[int], configs: list[DictConfig]) -> dict[int, JobReturn]:
         """Each member's job directory (``.hydra/``) is made by ``run_job`` with a task that only records
         the resolved config; then the group trains once and each job's return value is filled in."""
+        from shiftlab.callbacks.run_contract import EXIT_CODES
         from shiftlab.trainers.stacked.run import train_stacked
         from shiftlab.trainers.train import final_line, metric_value
 
@@ -96,6 +97,9 @@ class StackedLauncher(Launcher):
             print(final_line(s, c.paths.output_dir), flush=True)
             value = metric_value(s, c.get("optimized_metric")) if s.get("status") == "completed" else math.nan
             returns[i].status, returns[i]._return_value = JobStatus.COMPLETED, value
+        stopped = next((s["status"] for s in summaries if s.get("status") in EXIT_CODES), None)
+        if stopped:  # a signal stops the whole sweep, as under the basic launcher
+            raise SystemExit(EXIT_CODES[stopped])
         return returns
 
 

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from shiftlab.callbacks import reporting
+from shiftlab.callbacks.run_contract import EXIT_CODES
 from shiftlab.trainers.build import build_callbacks
 from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text, load_weights_only
 from shiftlab.trainers.stacked.engine import Member, StackedGroup
@@ -184,10 +185,10 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
     h = member.history[-1] if member.history else {}
     done = member.status == "completed"
     reason = f"max_epochs={group.max_epochs} reached" if done else member.stop_reason
+    last = out / "checkpoints" / "last.ckpt"
     if not done:
-        last = out / "checkpoints" / "last.ckpt"
         reason += f"; {last} kept (end of the last finished epoch)" if last.is_file() else \
-            "; no checkpoint was written (it diverged before the first epoch ended)"
+            f"; no checkpoint was written ({member.status} before the first epoch ended)"
     summary: dict[str, Any] = {
         "status": member.status, "stop_reason": reason,
         "epochs_run": epochs, "global_step": epochs * group.batches if done else member.stopped_step,
@@ -204,6 +205,9 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
         summary["train/weights"] = "final: the weights in memory when training ended"
     summary["data"] = member.dm.describe()
     summary["resumed_from"] = None
+    if member.status in EXIT_CODES:  # a signal: where to resume, as a plain run's summary says
+        summary.update({"epoch": epochs, "step": member.stopped_step,
+                        "resume_from": str(last) if last.is_file() else None})
     summary["run_dir"] = str(out)
     summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
                           "wall_time_note": "wall_time_s is the whole group's time"}

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from shiftlab.callbacks.run_contract import RunContract
 from shiftlab.trainers.config_checks import check_config
 from shiftlab.trainers.stacked.engine import StackedGroup, build_member, pick_device
 from shiftlab.trainers.stacked.outputs import epoch_writer, finish_member, write_member
@@ -24,7 +25,9 @@ def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str
         members = [build_member(cfg) for cfg in cfgs]
         group = StackedGroup(members, pick_device(cfgs[0]))
         dirs = [Path(d) for d in out_dirs]
-        group.fit(epoch_writer(members, group, dirs))
+        contract = RunContract(dirs[0] / "checkpoints")  # its signal handlers only: the group has no Trainer
+        with contract.signals():
+            group.fit(epoch_writer(members, group, dirs), signalled=lambda: contract.received)
         for i, m in enumerate(members):
             finish_member(m, group, i, dirs[i])
     wall = time.perf_counter() - start
