@@ -65,14 +65,17 @@ def log_final(loggers: Iterable[Any], cfg: DictConfig, summary: Mapping[str, Any
     """TensorBoard's hparams entry: the config together with the final metrics; wandb's summary, then finish."""
     metrics = _final_metrics(summary)
     for lg in loggers:
-        if _is(lg, "TensorBoardLogger"):
-            lg.log_hyperparams(config_hparams(cfg), metrics=metrics or {"final/epochs_run": 0.0})
-        lg.save()
-        if _is(lg, "WandbLogger"):
-            lg.experiment.summary.update({"status": summary.get("status"), **metrics})
-            # Finish now: the offline record log is complete on disk (ready for `wandb sync`), and the next
-            # run in this process (a sweep, a notebook) gets its own wandb run instead of reusing this one.
-            lg.experiment.finish(exit_code=0 if summary.get("status") == "completed" else 1)
+        try:
+            if _is(lg, "TensorBoardLogger"):
+                lg.log_hyperparams(config_hparams(cfg), metrics=metrics or {"final/epochs_run": 0.0})
+            lg.save()
+            if _is(lg, "WandbLogger"):
+                lg.experiment.summary.update({"status": summary.get("status"), **metrics})
+                # Finish now: the offline record log is complete on disk (ready for `wandb sync`), and the
+                # next run in this process (a sweep, a notebook) gets its own wandb run, not this one.
+                lg.experiment.finish(exit_code=0 if summary.get("status") == "completed" else 1)
+        except Exception as e:  # noqa: BLE001 - a logger's failure must not fail a finished run
+            log.warning("could not finish %s: %s", type(lg).__name__, e)
 
 
 def log_plots(loggers: Iterable[Any], plot_dir: Path, step: int | None = None) -> list[str]:
