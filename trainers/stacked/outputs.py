@@ -79,7 +79,9 @@ def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict, 
     """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
     ``state_key``, as Lightning restores them)."""
     rows = [dict(r) for r in member.history[:epochs]]
-    states: dict[str, Any] = {"EpochHistory": {"history": rows}, "DivergenceGuard": guard_state}
+    # ProbeBudget: the stacked path runs no probes, so its clock starts with the plain run's (0 s before)
+    states: dict[str, Any] = {"EpochHistory": {"history": rows}, "DivergenceGuard": guard_state,
+                              "ProbeBudget": {"elapsed": 0.0}}
     if (member.cfg.get("callbacks") or {}).get("diagnosis") is not None:
         states["LearningCurveDiagnosis"] = {"history": {
             "epoch": [r["epoch"] for r in rows], "train_loss": [r["train/loss"] for r in rows],
