@@ -67,6 +67,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, relu: bool, loc: flo
         torch.save({"torch_path": (t_mean.double() + t_lo.double(), t_var, t_n), "y": y.detach(),
                     "dx": xs.grad, "dr": rs.grad if relu else None, "dw": m.weight.grad,
                     "db": m.bias.grad, "rm": m.running_mean, "rv": m.running_var, "obs": seen[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks past their last collective before either closes its gloo pairs: a rank that tore
+        # its connections down while the other was still receiving aborted the pair ("terminate called
+        # without an active exception", seen once under a loaded full suite)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
