@@ -65,6 +65,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # down its group while the peer is still using the pair)
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's C++ teardown: under a loaded full suite a gloo child sometimes aborted
+    # at exit ("terminate called without an active exception") after its results were saved and the group
+    # destroyed; the results are what the test checks.
+    os._exit(0)
 
 
 @pytest.mark.timeout(120)
