@@ -25,6 +25,8 @@ subclass sets ``name`` and implements :meth:`Probe.measure`; this class does the
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 import time
@@ -40,7 +42,7 @@ from shiftlab.callbacks.reporting import Reporter
 __all__ = ["Probe"]
 
 
-class Probe(L.Callback, Reporter):
+class Probe(L.Callback, Reporter, metaclass=abc.ABCMeta):
     """Base class of the measurement probes (see the module docstring).
 
     Args:
@@ -73,9 +75,10 @@ class Probe(L.Callback, Reporter):
         self._last_cost: float | None = None
 
     # --- what a subclass provides ------------------------------------------------------------------
+    @abc.abstractmethod
     def measure(self, trainer: Any, pl_module: Any, batch: Any = None) -> dict[str, Any] | None:
         """The probe's values now (``batch``: the step's batch for step probes); None: nothing measured."""
-        raise NotImplementedError
+        ...
 
     def make_plot(self) -> Any:
         """A matplotlib figure of the history, or None (optional; the base saves and closes it)."""

@@ -97,3 +97,17 @@ def test_sequence_without_train_accuracy_logs_no_train_acc(tmp_path, batching):
     counter, trainer = _fit(tmp_path, "sequence", "module.track_train_acc=false", batching=batching)
     assert counter.calls["train/loss"] == 1 and "train/acc" not in counter.calls
     assert "train/acc" not in trainer.callback_metrics and "val/acc" in trainer.callback_metrics
+
+
+def test_task_and_probe_contracts_are_declared_abstract():
+    """A task or probe that forgets part of its contract fails when built, naming what is missing."""
+    from shiftlab.callbacks.probe import Probe
+    from shiftlab.trainers.modules.base import TaskModule
+
+    assert {"loss", "eval_loss", "count_units", "make_accuracy", "update_accuracy"} == TaskModule.__abstractmethods__
+
+    class NoMeasure(Probe):
+        name = "no_measure"
+
+    with pytest.raises(TypeError, match="measure"):
+        NoMeasure(every_n_epochs=1)

@@ -19,11 +19,11 @@ from shiftlab.trainers.checkpoint_io import CheckpointLoadError, load_checkpoint
 from shiftlab.trainers.config_checks import ConfigError, show
 
 
-def check_ckpt_path(path: str | None, module: nn.Module) -> None:
+def check_ckpt_path(path: str | None, module: nn.Module) -> dict | None:
     """``path`` exists, loads weights-only and holds a state_dict with exactly ``module``'s keys
-    and shapes."""
+    and shapes; returns the loaded checkpoint (None without a path)."""
     if not path:
-        return
+        return None
     p = Path(str(path))
 
     def fail(reason: str) -> ConfigError:
@@ -56,6 +56,7 @@ def check_ckpt_path(path: str | None, module: nn.Module) -> None:
         if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(v.shape):
             got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
             raise fail(f"{k} has shape {got}, this model {tuple(v.shape)}")
+    return ckpt
 
 
 def check_training_data(cfg: DictConfig, dm: Any) -> None:

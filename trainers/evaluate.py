@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig
 
 from shiftlab.trainers.build import build_datamodule, build_loggers, build_module, build_trainer
-from shiftlab.trainers.checkpoint_io import CheckpointLoadError, load_weights_only
+from shiftlab.trainers.built_checks import check_ckpt_path
 from shiftlab.trainers.compose import CONFIG_DIR
 from shiftlab.trainers.config_checks import ConfigError, check_config
 from shiftlab.trainers.extensions import ExtensionError, load_extensions
@@ -31,24 +31,10 @@ register_resolvers()
 
 
 def load_into(module: L.LightningModule, ckpt_path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's weights into ``module``; a checkpoint of another model is a ConfigError."""
-    try:
-        ckpt = load_weights_only(ckpt_path)
-    except CheckpointLoadError as e:
-        raise ConfigError(str(e)) from None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"ckpt_path={ckpt_path} is not allowed; allowed: a Lightning checkpoint with a state_dict")
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or extra or shapes:
-        what = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
-                else f"shape of {shapes[0]} {tuple(state[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}")
-        raise ConfigError(f"ckpt_path={ckpt_path} is not allowed; allowed: a checkpoint of the configured model "
-                          f"({type(module.model).__name__}); this one differs: {what}")
-    module.load_state_dict(state)
+    """Load a checkpoint's weights into ``module``; a checkpoint of another model is a ConfigError (the check
+    ``shiftlab-train ckpt_path=...`` runs)."""
+    ckpt = check_ckpt_path(str(ckpt_path), module)
+    module.load_state_dict(ckpt["state_dict"])
     return ckpt
 
 

@@ -104,9 +104,9 @@ def _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W: tl.constexpr, 
     return mean, lo, inv, scale, beta
 
 @triton.jit
-def _bn_apply_kernel(X, R, Y, MEAN, LO, VAR, W, B, eps, C, S, sN, sC, sS, num_sb,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, HAS_LO: tl.constexpr,
-                     RELU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _tile(C, S, sN, sC, sS, num_sb, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (spatial x channel) tile of an (N, C, S) tensor: channel offsets and mask, the tile's
+    mask and its element offsets (int64: large activations overflow int32 offsets)."""
     j = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -115,6 +115,14 @@ def _bn_apply_kernel(X, R, Y, MEAN, LO, VAR, W, B, eps, C, S, sN, sC, sS, num_sb
     m = (offs_s < S)[:, None] & mask_c[None, :]
     off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
            + offs_c[None, :].to(tl.int64) * sC)
+    return offs_c, mask_c, m, off
+
+
+@triton.jit
+def _bn_apply_kernel(X, R, Y, MEAN, LO, VAR, W, B, eps, C, S, sN, sC, sS, num_sb,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, HAS_LO: tl.constexpr,
+                     RELU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    offs_c, mask_c, m, off = _tile(C, S, sN, sC, sS, num_sb, BLOCK_S, BLOCK_C)
     mean, lo, _, scale, beta = _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B,
                                             HAS_LO, ACC)
     x = tl.load(X + off, mask=m, other=0.0).to(ACC)
@@ -177,14 +185,7 @@ def _bn_bwd_apply_kernel(X, DY, R, DX, DR, MEAN, LO, VAR, W, B, SDY, SDYX, inv_c
                          HAS_R: tl.constexpr, HAS_LO: tl.constexpr, RELU: tl.constexpr,
                          TRAINING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                          ACC: tl.constexpr):
-    j = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    n = j // num_sb
-    offs_s = (j - n * num_sb) * BLOCK_S + tl.arange(0, BLOCK_S)
-    m = (offs_s < S)[:, None] & mask_c[None, :]
-    off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
-           + offs_c[None, :].to(tl.int64) * sC)
+    offs_c, mask_c, m, off = _tile(C, S, sN, sC, sS, num_sb, BLOCK_S, BLOCK_C)
     mean, lo, inv, scale, beta = _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B,
                                                HAS_LO, ACC)
     xc = (tl.load(X + off, mask=m, other=0.0).to(ACC) - mean[None, :]) - lo[None, :]

@@ -9,6 +9,8 @@ trains it (``"classification"`` when absent), and a module refuses any other.
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, NamedTuple
 
 import lightning as L
@@ -28,7 +30,7 @@ class TaskLoss(NamedTuple):
     per_unit: Tensor | None = None  # per-unit losses (evaluation only; ``val/loss_se``)
 
 
-class TaskModule(L.LightningModule):
+class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
     """Trains ``model`` on one task under either batching regime.
 
     Args:
@@ -75,25 +77,30 @@ class TaskModule(L.LightningModule):
         self.last_loss: Tensor | None = None
 
     # ---------------------------------------------------------------- what a task supplies
+    @abc.abstractmethod
     def loss(self, x: Tensor, y: Tensor, total: int | None = None) -> TaskLoss:
         """Training loss: the mean over the batch's units, or (``total`` given, a full-batch chunk)
         the sum over its units divided by ``total``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def eval_loss(self, x: Tensor, y: Tensor) -> TaskLoss:
         """Validation / test loss (mean over the batch's units)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def count_units(self, x: Tensor) -> int:
         """Units (samples, tokens) in a split: the divisor of the full-batch mean."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def make_accuracy(self, train: bool) -> Metric:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def update_accuracy(self, metric: Metric, x: Tensor, y: Tensor, output: Any) -> None:
         """Add the batch's predictions to an accuracy metric (``output`` from the loss's forward)."""
-        raise NotImplementedError
+        ...
 
     def update_test_metrics(self, x: Tensor, y: Tensor, output: Any) -> None:
         """Per-batch test metrics besides the loss (none by default)."""
