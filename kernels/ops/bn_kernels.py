@@ -134,6 +134,21 @@ def _bn_apply_kernel(X, R, Y, MEAN, LO, VAR, W, B, eps, C, S, sN, sC, sS, num_sb
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
 
 @triton.jit
+def _centred_and_dy(X, DY, R, off, m, mean, lo, scale, beta, HAS_R: tl.constexpr, RELU: tl.constexpr,
+                    ACC: tl.constexpr):
+    """The centred input (x - mean - mean_lo) and the incoming gradient, masked by the fused ReLU's
+    pre-activation (its residual added) when there is one: shared by the backward reduce and apply."""
+    xc = (tl.load(X + off, mask=m, other=0.0).to(ACC) - mean[None, :]) - lo[None, :]
+    dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
+    if RELU:
+        pre = xc * scale[None, :] + beta[None, :]
+        if HAS_R:
+            pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
+        dy = tl.where(pre > 0.0, dy, 0.0)
+    return xc, dy
+
+
+@triton.jit
 def _bn_bwd_reduce_kernel(X, DY, R, MEAN, LO, VAR, W, B, P_SDY, P_SDYX, eps, C, S, sN, sC, sS,
                           num_sb, total, per_prog, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                           HAS_R: tl.constexpr, HAS_LO: tl.constexpr, RELU: tl.constexpr,
@@ -154,13 +169,7 @@ def _bn_bwd_reduce_kernel(X, DY, R, MEAN, LO, VAR, W, B, P_SDY, P_SDYX, eps, C, 
         m = ((offs_s < S) & (tl.full([BLOCK_S], j, tl.int32) < total))[:, None] & mask_c[None, :]
         off = (n.to(tl.int64) * sN + offs_s[:, None].to(tl.int64) * sS
                + offs_c[None, :].to(tl.int64) * sC)
-        xc = (tl.load(X + off, mask=m, other=0.0).to(ACC) - mean[None, :]) - lo[None, :]
-        dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
-        if RELU:
-            pre = xc * scale[None, :] + beta[None, :]
-            if HAS_R:
-                pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
-            dy = tl.where(pre > 0.0, dy, 0.0)
+        xc, dy = _centred_and_dy(X, DY, R, off, m, mean, lo, scale, beta, HAS_R, RELU, ACC)
         sdy += tl.sum(dy, axis=0)
         sdyx += tl.sum(dy * xc, axis=0)
     out = pid_p * C + offs_c
@@ -188,15 +197,9 @@ def _bn_bwd_apply_kernel(X, DY, R, DX, DR, MEAN, LO, VAR, W, B, SDY, SDYX, inv_c
     offs_c, mask_c, m, off = _tile(C, S, sN, sC, sS, num_sb, BLOCK_S, BLOCK_C)
     mean, lo, inv, scale, beta = _scale_shift(MEAN, LO, VAR, W, B, offs_c, mask_c, eps, HAS_W, HAS_B,
                                                HAS_LO, ACC)
-    xc = (tl.load(X + off, mask=m, other=0.0).to(ACC) - mean[None, :]) - lo[None, :]
-    dy = tl.load(DY + off, mask=m, other=0.0).to(ACC)
-    if RELU:
-        pre = xc * scale[None, :] + beta[None, :]
-        if HAS_R:
-            pre = pre + tl.load(R + off, mask=m, other=0.0).to(ACC)
-        dy = tl.where(pre > 0.0, dy, 0.0)
-        if HAS_R:
-            tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=m)
+    xc, dy = _centred_and_dy(X, DY, R, off, m, mean, lo, scale, beta, HAS_R, RELU, ACC)
+    if RELU and HAS_R:
+        tl.store(DR + off, dy.to(DR.dtype.element_ty), mask=m)
     if TRAINING:
         mdy = tl.load(SDY + offs_c, mask=mask_c, other=0.0) * inv_count
         mdyx = tl.load(SDYX + offs_c, mask=mask_c, other=0.0) * inv_count
