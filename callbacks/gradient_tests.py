@@ -16,24 +16,40 @@ cost at most that fraction of training. Each quantity's own seconds are logged u
 
 The model is probed in eval mode (BatchNorm with running statistics, no dropout): per-example
 gradients are not defined for a BatchNorm layer in train mode, whose output couples the examples.
+
+Further quantities (opt-in through ``quantities``, :mod:`shiftlab.callbacks.gradient_extras`):
+TIC (``tic_diag``, ``tic_trace`` with ``tic_trace_se``), gradient histograms (``grad_hist_1d``,
+``grad_hist_2d``; saved as ``plots/gradient_histograms.png``, which the run logs as an image),
+``distance`` from the initial parameters and ``update_size`` of the probed step (per parameter
+tensor under ``distance/<name>``, ``update_size/<name>``, and in total).
+
+DDP: every statistic is the one of the union of the ranks' batches (the batch the DDP step uses;
+each rank probes its first ``max_examples``), reduced by :mod:`shiftlab.callbacks.rank_union`, so
+every rank logs, stores and decides on the same values.
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from shiftlab.callbacks import gradient_stats as gs
+from shiftlab.callbacks.gradient_extras import EXTRA_QUANTITIES, GradientExtras
+from shiftlab.callbacks.rank_union import all_cat, is_distributed, union_moments
 from shiftlab.callbacks.stopping_rules import EvidenceRule
 from shiftlab.callbacks.probe_utils import eval_mode, probe_model
 from shiftlab.callbacks.reporting import Reporter
 
-__all__ = ["GradientTests", "QUANTITIES"]
+__all__ = ["GradientTests", "QUANTITIES", "DEFAULT_QUANTITIES"]
 
-QUANTITIES = (*gs.STATISTICS, "alpha")
+DEFAULT_QUANTITIES = (*gs.STATISTICS, "alpha")
+QUANTITIES = (*DEFAULT_QUANTITIES, *EXTRA_QUANTITIES)
 
 
 class GradientTests(L.Callback, Reporter):
@@ -42,8 +58,10 @@ class GradientTests(L.Callback, Reporter):
     Args:
         every_n_steps: probe period in optimizer steps (0: off).
         quantities: any of ``b_simple``, ``norm_test``, ``inner_product_test``,
-            ``orthogonality_test``, ``gsnr``, ``eb_criterion``, ``alpha`` (alpha also needs the
-            next step's batch: its end point is measured at the following step).
+            ``orthogonality_test``, ``gsnr``, ``eb_criterion``, ``alpha`` (the default set; alpha
+            also needs the next step's batch: its end point is measured at the following step),
+            and ``tic_diag``, ``tic_trace``, ``grad_hist_1d``, ``grad_hist_2d``, ``distance``,
+            ``update_size`` (measured at the following step, like alpha).
         max_overhead: probe seconds allowed per training-step second (``None``: no limit).
         stop_rule: ``evidence`` to stop training with :class:`EvidenceRule` on ``eb_criterion``
             (then always computed); ``None``: measure only.
@@ -53,12 +71,21 @@ class GradientTests(L.Callback, Reporter):
         max_examples: probe at most the first this many examples of the batch (the full-batch
             regime would otherwise form ``N x P`` per-example gradients for the whole data set);
             the statistics then describe a batch of that size. ``None``: the whole batch.
+        plot: save ``plots/gradient_histograms.png`` at the end of training (rank 0, with loggers).
+        hessian_diagonal, hessian_samples, max_exact_params, hist_bins, hist_range, hist2d_bins,
+            hist2d_range, seed: settings of the further quantities, see
+            :class:`~shiftlab.callbacks.gradient_extras.GradientExtras`.
     """
 
-    def __init__(self, every_n_steps: int = 10, quantities: Sequence[str] = QUANTITIES,
+    def __init__(self, every_n_steps: int = 10, quantities: Sequence[str] = DEFAULT_QUANTITIES,
                  max_overhead: float | None = 1.0, stop_rule: str | None = None,
                  stop_rule_kwargs: dict[str, Any] | None = None, chunk_size: int | None = None,
-                 max_examples: int | None = 512, log_prefix: str = "grad_tests/") -> None:
+                 max_examples: int | None = 512, log_prefix: str = "grad_tests/", plot: bool = True,
+                 hessian_diagonal: str = "auto", hessian_samples: int = 20, max_exact_params: int = 4096,
+                 hist_bins: int = 100, hist_range: Sequence[float] = (-2.0, 2.0),
+                 hist2d_bins: Sequence[int] = (40, 50),
+                 hist2d_range: Sequence[Sequence[float]] = ((-1.0, 1.0), (-2.0, 2.0)),
+                 seed: int = 0) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 0:
             raise ValueError(f"callbacks.gradient_tests.every_n_steps={every_n_steps} is not allowed; "
@@ -82,6 +109,10 @@ class GradientTests(L.Callback, Reporter):
         if stop_rule and "eb_criterion" not in self.quantities:
             self.quantities.append("eb_criterion")
         self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.extras = GradientExtras(self.quantities, hessian_diagonal, hessian_samples, max_exact_params,
+                                     hist_bins, hist_range, hist2d_bins, hist2d_range, seed)
+        self.plot = bool(plot)
+        self._distributed = False
         self.rule = EvidenceRule(**(stop_rule_kwargs or {})) if stop_rule else None
         self.chunk_size, self.log_prefix = chunk_size, log_prefix
         self.history: list[dict[str, float]] = []
@@ -94,15 +125,17 @@ class GradientTests(L.Callback, Reporter):
 
     # ------------------------------------------------------------------------------ measuring
     def measure(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                loss: Any = F.cross_entropy) -> tuple[dict[str, float], dict[str, float], Any]:
-        """(values, seconds per quantity, (losses, G)) of the statistics on one batch."""
+                loss: Any = F.cross_entropy, step: int = 0, distributed: bool = False
+                ) -> tuple[dict[str, float], dict[str, float], Any]:
+        """(values, seconds per quantity, (losses, G)) of the statistics on one batch (with
+        ``distributed``: on the union of the ranks' batches; ``losses``, ``G`` stay this rank's)."""
         cost: dict[str, float] = {}
         t = time.perf_counter()
         with eval_mode(model):
             G, losses = gs.per_example_gradients(model, x, y, loss, self.chunk_size)
         cost["per_example_gradients"] = time.perf_counter() - t
         t = time.perf_counter()
-        moments = gs.gradient_moments(G)
+        moments = union_moments(G) if distributed else gs.gradient_moments(G)
         cost["moments"] = time.perf_counter() - t
         values: dict[str, float] = {}
         for q in self.quantities:
@@ -110,6 +143,7 @@ class GradientTests(L.Callback, Reporter):
                 t = time.perf_counter()
                 values[q] = gs.STATISTICS[q](moments)
                 cost[q] = time.perf_counter() - t
+        values.update(self.extras.measure(model, x, y, loss, G, moments, step, distributed, cost))
         return values, cost, (losses, G)
 
     @property
@@ -137,13 +171,17 @@ class GradientTests(L.Callback, Reporter):
         model = probe_model(pl_module)
         loss = getattr(pl_module, "loss_fn", None) or F.cross_entropy
         x, y = batch[0][: self.max_examples], batch[1][: self.max_examples]
+        self._distributed = is_distributed(trainer)
         start = self._alpha_start
         if start is not None and step > start["step"]:
             self._alpha_start = None
             if step == start["step"] + 1:  # the end point of the previous probe's step
                 t = time.perf_counter()
-                a = self._alpha(model, start, x, y, loss)
-                self._record_alpha(trainer, start["step"], a, time.perf_counter() - t)
+                a = self._alpha(model, start, x, y, loss, self._distributed)
+                self._record(trainer, start["step"], {"alpha": a}, "alpha", time.perf_counter() - t)
+        update = self.extras.before_step(model, step)
+        if update is not None:
+            self._record(trainer, update["step"], update["values"], "update_size", update["seconds"])
         if self.every_n_steps and step % self.every_n_steps == 0 and (
                 not self.history or self.history[-1]["step"] != step):
             run = not self._over_budget(trainer)
@@ -164,7 +202,7 @@ class GradientTests(L.Callback, Reporter):
 
     def _probe(self, trainer: L.Trainer, model: torch.nn.Module, x: torch.Tensor,
                y: torch.Tensor, loss: Any, step: int) -> None:
-        values, cost, _ = self.measure(model, x, y, loss)
+        values, cost, _ = self.measure(model, x, y, loss, step, self._distributed)
         if "alpha" in self.quantities:
             self._alpha_start = {"step": step, "at": gs.snapshot(model), "x": x, "y": y}
         for k, v in cost.items():
@@ -182,9 +220,10 @@ class GradientTests(L.Callback, Reporter):
 
     @staticmethod
     def _alpha(model: torch.nn.Module, start: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
-               loss: Any) -> float:
+               loss: Any, distributed: bool = False) -> float:
         """Alpha of the step just taken: losses and gradients projected on it, at its start (the
-        stored batch and point) and at its end (this batch), by forward-mode products."""
+        stored batch and point) and at its end (this batch), by forward-mode products; with
+        ``distributed``, over the union of the ranks' batches (the step is the same everywhere)."""
         end = gs.snapshot(model)
         d = {n: end["params"][n] - v for n, v in start["at"]["params"].items()}
         t = float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
@@ -194,15 +233,20 @@ class GradientTests(L.Callback, Reporter):
         with eval_mode(model):
             l0, p0 = gs.per_example_directional(model, start["x"], start["y"], unit, loss, at=start["at"])
             l1, p1 = gs.per_example_directional(model, x, y, unit, loss, at=end)
+        if distributed:
+            l0, p0, l1, p1 = (all_cat(v) for v in (l0, p0, l1, p1))
         return gs.alpha_from_projections(t, l0, p0, l1, p1)
 
-    def _record_alpha(self, trainer: L.Trainer, step: int, alpha: float, seconds: float) -> None:
-        self.costs["alpha"] = self.costs.get("alpha", 0.0) + seconds
+    def _record(self, trainer: L.Trainer, step: int, values: dict[str, float], name: str,
+                seconds: float) -> None:
+        """File values measured a step late (alpha, update size) under the probe's step."""
+        self.costs[name] = self.costs.get(name, 0.0) + seconds
+        late = {**values, f"cost/{name}": seconds}
         for row in reversed(self.history):
             if row["step"] == step:
-                row.update({"alpha": alpha, "cost/alpha": seconds})
+                row.update(late)
                 break
-        self._log(trainer, step, {"alpha": alpha, "cost/alpha": seconds})
+        self._log(trainer, step, late)
 
     def _log(self, trainer: L.Trainer, step: int, row: dict[str, float]) -> None:
         ratio = self.overhead
@@ -220,19 +264,31 @@ class GradientTests(L.Callback, Reporter):
     def summary_items(self) -> dict[str, Any]:
         if not self.history:
             return {}
-        last = {f"{self.log_prefix}{k}": v for k, v in self.history[-1].items()
-                if not k.startswith("cost/") and k != "step"}
-        return {**last, f"{self.log_prefix}probes": len(self.history),
+        last = {f"{self.log_prefix}{k}": v for k, v in self.history[-1].items()  # totals, not per layer
+                if not k.startswith(("cost/", "distance/", "update_size/")) and k != "step"}
+        return {**last, **self.extras.summary_items(self.log_prefix),
+                f"{self.log_prefix}probes": len(self.history),
                 f"{self.log_prefix}skipped": self.skipped,
                 f"{self.log_prefix}overhead": round(self.overhead, 4),
                 f"{self.log_prefix}seconds": {k: round(v, 4) for k, v in self.costs.items()}}
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The histograms' PNG in the run directory (rank 0, a run with loggers writes files)."""
+        if not (self.plot and trainer.is_global_zero and trainer.loggers):
+            return
+        try:
+            self.extras.save_plot(Path(getattr(trainer, "default_root_dir", None) or os.getcwd()))
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a run
+            rank_zero_warn(f"gradient_tests: histogram plot failed: {e}")
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything but a pending alpha start point (a resume loses at most that one alpha)."""
+        """Everything but a pending alpha start point (a resume loses at most that one alpha);
+        the initial and pending update-size parameters are kept, so those resume exactly."""
         return {"history": [dict(r) for r in self.history], "costs": dict(self.costs),
                 "probe_seconds": self.probe_seconds, "train_seconds": self.train_seconds,
                 "skipped": self.skipped, "stop_reason": self.stop_reason,
-                "rule": None if self.rule is None else self.rule.state_dict()}
+                "rule": None if self.rule is None else self.rule.state_dict(),
+                "extras": self.extras.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict.get("history", [])]
@@ -243,3 +299,4 @@ class GradientTests(L.Callback, Reporter):
         self.stop_reason = state_dict.get("stop_reason")
         if self.rule is not None and state_dict.get("rule") is not None:
             self.rule.load_state_dict(state_dict["rule"])
+        self.extras.load_state_dict(state_dict.get("extras", {}))
