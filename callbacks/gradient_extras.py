@@ -64,7 +64,7 @@ class GradientExtras:
     """
 
     def __init__(self, quantities: Sequence[str], hessian_diagonal: str = "auto",
-                 hessian_samples: int = 20, max_exact_params: int = 4096, hist_bins: int = 100,
+                 hessian_samples: int = 20, max_exact_params: int = 1024, hist_bins: int = 100,
                  hist_range: Sequence[float] = gh.DEFAULT_RANGE_1D,
                  hist2d_bins: Sequence[int] = gh.DEFAULT_BINS_2D,
                  hist2d_range: Sequence[Sequence[float]] = gh.DEFAULT_RANGE_2D, seed: int = 0) -> None:

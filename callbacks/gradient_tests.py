@@ -81,7 +81,7 @@ class GradientTests(L.Callback, Reporter):
                  max_overhead: float | None = 1.0, stop_rule: str | None = None,
                  stop_rule_kwargs: dict[str, Any] | None = None, chunk_size: int | None = None,
                  max_examples: int | None = 512, log_prefix: str = "grad_tests/", plot: bool = True,
-                 hessian_diagonal: str = "auto", hessian_samples: int = 20, max_exact_params: int = 4096,
+                 hessian_diagonal: str = "auto", hessian_samples: int = 20, max_exact_params: int = 1024,
                  hist_bins: int = 100, hist_range: Sequence[float] = (-2.0, 2.0),
                  hist2d_bins: Sequence[int] = (40, 50),
                  hist2d_range: Sequence[Sequence[float]] = ((-1.0, 1.0), (-2.0, 2.0)),

@@ -111,7 +111,7 @@ def hessian_diagonal_hutchinson(model: nn.Module, x: Tensor, y: Tensor,
 
 
 def hessian_diagonal(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy,
-                     method: str = "auto", max_exact_params: int = 4096, samples: int = 20,
+                     method: str = "auto", max_exact_params: int = 1024, samples: int = 20,
                      generator: torch.Generator | None = None,
                      chunk_size: int | None = None) -> HessianDiagonal:
     """``exact``, ``hutchinson``, or ``auto``: exact up to ``max_exact_params`` parameters."""
