@@ -190,7 +190,7 @@ def test_callback_values_and_exact_resume(tmp_path):
     _drive(lambda s: first, model, opt, batches[:5])
     assert first.extras.update_start["step"] == 4
     torch.save(first.state_dict(), tmp_path / "cb.pt")
-    second.load_state_dict(torch.load(tmp_path / "cb.pt", weights_only=False))
+    second.load_state_dict(torch.load(tmp_path / "cb.pt", weights_only=True))  # as checkpoints load
     _drive(lambda s: second, model, opt, batches, first=5)
     assert _values(second.history) == _values(whole.history)
     for a, b in zip(second.extras.hists_1d, whole.extras.hists_1d):
@@ -220,21 +220,36 @@ def test_default_set_unchanged_and_bad_values_are_one_line():
         assert str(err.value).startswith(f"callbacks.gradient_tests.{key}") and "\n" not in str(err.value)
 
 
-@pytest.mark.timeout(180)
-def test_run_writes_histogram_png_and_logs_new_quantities(tmp_path):
+def _callback_state(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("GradientTests"))
+
+
+@pytest.mark.timeout(240)
+def test_run_writes_png_logs_new_quantities_and_resumes_exactly(tmp_path):
+    """A real run with every new quantity, and one interrupted after its first epoch (whose last step,
+    2, is a probe: its update size is pending in the checkpoint) then resumed: the same values."""
     from conftest import QUIET, compose_cfg
     from shiftlab.trainers.train import train
 
     quiet = [o for o in QUIET if not o.startswith("callbacks=")]
-    cfg = compose_cfg(quiet + ["trainer.max_epochs=1", "+trainer.limit_train_batches=4",
-                               "+trainer.limit_val_batches=1", "test=false", "callbacks=gradient_tests",
-                               "callbacks.gradient_tests.every_n_steps=2",
-                               "callbacks.gradient_tests.max_overhead=null",
-                               f"callbacks.gradient_tests.quantities=[gsnr,{','.join(EXTRAS)}]"], tmp_path)
-    s = train(cfg)
+    common = quiet + ["trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
+                      "test=false", "trainer.deterministic=true", "callbacks=gradient_tests",
+                      "callbacks.gradient_tests.every_n_steps=2", "callbacks.gradient_tests.max_overhead=null",
+                      f"callbacks.gradient_tests.quantities=[gsnr,{','.join(EXTRAS)}]"]
+    s = train(compose_cfg(common, tmp_path / "full"))
     for q in ("gsnr", "tic_diag", "tic_trace", "tic_trace_se", "distance", "update_size"):
         assert isinstance(s[f"grad_tests/{q}"], float), q
-    assert s["grad_tests/probes"] == 2 and s["grad_tests/distance"] > 0
+    assert s["grad_tests/probes"] == 3 and s["grad_tests/distance"] > 0  # steps 0, 2, 4
     assert s["grad_tests/tic_hessian_diagonal"] in ("exact", "hutchinson")
-    png = tmp_path / "plots" / "gradient_histograms.png"
+    png = tmp_path / "full" / "plots" / "gradient_histograms.png"
     assert png.exists() and png.stat().st_size > 1000
+    train(compose_cfg(common + ["+callbacks.stop._target_=helpers_callbacks.StopAfterEpoch",
+                                "+callbacks.stop.epoch=0"], tmp_path / "part"))
+    part = _callback_state(tmp_path / "part")
+    assert part["extras"]["update_start"]["step"] == 2 and part["extras"]["init"] is not None
+    train(compose_cfg(common + [f"ckpt_path={tmp_path}/part/checkpoints/last.ckpt"], tmp_path / "resumed"))
+    full, resumed = _callback_state(tmp_path / "full"), _callback_state(tmp_path / "resumed")
+    assert _values(resumed["history"]) == _values(full["history"])
+    assert "update_size" in resumed["history"][1]  # step 2's, measured after the resume
+    assert all(torch.equal(a, b) for a, b in zip(resumed["extras"]["hists_1d"], full["extras"]["hists_1d"]))
