@@ -74,6 +74,9 @@ class Profile:
     tune_noise: float = 0.0
     tune_seed: int = 0
     extra: list[str] = field(default_factory=list)
+    # stacked: the jobs of a multirun that differ only in seed (and in what acts per member) train as one
+    # stacked model in one process (trainers/stacked/); basic: one run at a time
+    launcher: str = "stacked"
 
 
 FULL_GRID = [0.3, 1.0, 3.0]
@@ -133,7 +136,7 @@ def launch_overrides(p: Profile, launch: Launch) -> list[str]:
     regime = [o.replace("${gnp_alpha}", repr(float(p.gnp_alpha))) for o in REGIMES[launch.regime]]
     return [f"experiment={p.experiment}", *regime, f"optimizer.lr={_fmt(launch.lrs)}",
             f"data.label_noise={_fmt(launch.noise)}", f"seed={_fmt(launch.seeds)}",
-            f"trainer.max_epochs={p.epochs}", *p.extra]
+            f"trainer.max_epochs={p.epochs}", f"launcher={p.launcher}", *p.extra]
 
 
 def _is_done(launch: Launch) -> bool:
@@ -261,7 +264,7 @@ def build_profile(args: argparse.Namespace) -> Profile:
         if unknown:
             raise SystemExit(f"batch_noise: --regimes {unknown} unknown; allowed: {', '.join(REGIMES)}")
         p = replace(p, regimes=args.regimes.split(","))
-    for name in ("epochs", "gnp_alpha", "tune_noise"):
+    for name in ("epochs", "gnp_alpha", "tune_noise", "launcher"):
         if getattr(args, name) is not None:
             p = replace(p, **{name: getattr(args, name)})
     if args.noise:
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--override", action="append", help="extra Hydra override for every run (repeatable)")
     run.add_argument("--skip-tune", action="store_true",
                      help="no tuning: every regime's --lr grid must hold exactly one lr, used as is")
+    run.add_argument("--launcher", choices=("stacked", "basic"),
+                     help="stacked (default): seeds of one multirun as one stacked model; basic: a run at a time")
     run.add_argument("--dry-run", action="store_true", help="print the multirun commands only")
     agg = sub.add_parser("aggregate", help="rebuild the report from finished runs")
     agg.add_argument("--out", type=Path, required=True)

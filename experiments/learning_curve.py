@@ -13,6 +13,7 @@ trained on), ``val`` = the last epoch's validation accuracy (or loss).
 Usage::
 
     python -m shiftlab.experiments.learning_curve --run                      # sweep + aggregate
+    python -m shiftlab.experiments.learning_curve --run --launcher basic     # one process per run
     python -m shiftlab.experiments.learning_curve --run trainer.max_epochs=10 data=mnist1d model=cnn
     python -m shiftlab.experiments.learning_curve --sweep-dir outputs/learning_curve/multiruns/<stamp>
 """
@@ -79,9 +80,10 @@ def write_outputs(table: list[dict], out: Path, metric: str, title: str = "") ->
     return csv_path, png_path
 
 
-def run_sweep(sweep_dir: Path, overrides: list[str]) -> None:
-    """``shiftlab-train -m experiment=learning_curve`` into ``sweep_dir`` (through the harness)."""
-    rc = harness.multirun(["experiment=learning_curve", *overrides], sweep_dir, quiet=False)
+def run_sweep(sweep_dir: Path, overrides: list[str], launcher: str = "stacked") -> None:
+    """``shiftlab-train -m experiment=learning_curve launcher=<launcher>`` into ``sweep_dir`` (through the
+    harness). ``stacked``: the seeds of each training-set size train as one stacked model in one process."""
+    rc = harness.multirun(["experiment=learning_curve", f"launcher={launcher}", *overrides], sweep_dir, quiet=False)
     if rc:
         raise SystemExit(f"learning_curve: the sweep failed (exit code {rc})")
 
@@ -93,6 +95,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                     help="multirun directory to aggregate (default with --run: a new one)")
     ap.add_argument("--metric", default="acc", help="acc | loss")
     ap.add_argument("--out", type=Path, default=None, help="default: the sweep directory")
+    ap.add_argument("--launcher", default="stacked", choices=("stacked", "basic"),
+                    help="stacked: each size's seeds as one stacked model (default); basic: a run at a time")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the sweep (with --run)")
     args = ap.parse_args(list(argv) if argv is not None else None)
     if args.metric not in METRICS:
@@ -101,7 +105,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.run:
         sweep_dir = sweep_dir or Path("outputs") / "learning_curve" / "multiruns" / time.strftime(
             "%Y-%m-%d_%H-%M-%S")
-        run_sweep(sweep_dir, args.overrides)
+        t0 = time.perf_counter()
+        run_sweep(sweep_dir, args.overrides, args.launcher)
+        print(f"learning_curve: sweep took {time.perf_counter() - t0:.1f} s (launcher={args.launcher})")
     if sweep_dir is None:
         ap.error("pass --run or --sweep-dir")
     rows = collect(sweep_dir)

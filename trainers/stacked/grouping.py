@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from shiftlab.trainers.stacked.probes import why_not_hosted
+
 NORMS = {"shiftlab.trainers.norms.none.build", "shiftlab.trainers.norms.layernorm.build",
          "shiftlab.trainers.norms.groupnorm.build"}
 OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
@@ -46,13 +48,15 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
         return f"scheduler={_target(cfg.scheduler)}: not an epoch-wise schedule the stacked engine knows"
     if float((cfg.model or {}).get("dropout") or 0.0) > 0:
         return "model.dropout>0: per-member dropout streams are not reproduced yet"
-    if float((cfg.data or {}).get("label_noise") or 0.0) > 0:
-        return "data.label_noise>0: per-member memorization probes are not stacked yet"
     if int((cfg.get("divergence") or {}).get("check_every", 1)) != 1:
         return "divergence.check_every>1: the stacked guard checks every step"
-    extra = sorted(set((cfg.get("callbacks") or {}).keys()) - BASE_CALLBACKS)
-    if extra:
-        return f"callbacks.{extra[0]}: a callback that needs its own Trainer"
+    callbacks = cfg.get("callbacks") or {}
+    for name in sorted(set(callbacks.keys()) - BASE_CALLBACKS):  # epoch probes run per member (probes.py)
+        reason = why_not_hosted(name, callbacks[name])
+        if reason:
+            return reason
+    if (cfg.get("probes") or {}).get("max_overhead") is not None:
+        return f"probes.max_overhead={cfg.probes.max_overhead}: the run-wide probe budget is not stacked"
     mc = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if mc is not None and (mc.get("monitor") != "val/acc" or mc.get("mode") != "max"):
         return f"callbacks.model_checkpoint.monitor={mc.get('monitor')}: only val/acc (max) is tracked per member"

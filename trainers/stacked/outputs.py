@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -74,14 +74,15 @@ def _checkpoint_callbacks(member: Member) -> list:
     return [cb for cb in build_callbacks(member.cfg) if isinstance(cb, ModelCheckpoint)]
 
 
-def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict, checkpoint_cbs: list
-                     ) -> dict[str, Any]:
+def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict, checkpoint_cbs: list,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The states a plain run's checkpoint callbacks and history hold after ``epochs`` epochs (keyed by
     ``state_key``, as Lightning restores them)."""
     rows = [dict(r) for r in member.history[:epochs]]
-    # ProbeBudget: the stacked path runs no probes, so its clock starts with the plain run's (0 s before)
+    # ProbeBudget: a stacked member has no run-wide probe budget (grouping.py), so its clock starts with the
+    # plain run's (0 s before); the member's epoch probes add their own states (``extra``)
     states: dict[str, Any] = {"EpochHistory": {"history": rows}, "DivergenceGuard": guard_state,
-                              "ProbeBudget": {"elapsed": 0.0}}
+                              "ProbeBudget": {"elapsed": 0.0}, **(extra or {})}
     if (member.cfg.get("callbacks") or {}).get("diagnosis") is not None:
         states["LearningCurveDiagnosis"] = {"history": {
             "epoch": [r["epoch"] for r in rows], "train_loss": [r["train/loss"] for r in rows],
@@ -100,9 +101,11 @@ def _callback_states(member: Member, out: Path, epochs: int, guard_state: dict, 
     return states
 
 
-def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path]):
+def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path],
+                 extra_states: Callable[[int], dict[str, Any]] | None = None):
     """``on_epoch_end(i, epoch, improved)`` for :meth:`StackedGroup.fit`: member ``i``'s last.ckpt every
-    epoch and best.ckpt when val/acc improved, as its plain run's two ModelCheckpoint callbacks write them."""
+    epoch and best.ckpt when val/acc improved, as its plain run's two ModelCheckpoint callbacks write them.
+    ``extra_states(i)``: further callback states of member ``i`` (its probes), keyed by ``state_key``."""
     prefixed = lambda sd: {f"model.{k}": v for k, v in sd.items()}  # noqa: E731 - the module's keys
     checkpoint_cbs = [_checkpoint_callbacks(m) for m in members]  # built once, not every epoch
 
@@ -114,7 +117,8 @@ def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path
         ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
                            group.member_optimizer_state(i), group.scheduler.state_dict() if group.scheduler else None,
                            _callback_states(member, out, epoch + 1, group.guard.state_dict(i),
-                                            checkpoint_cbs[i]))
+                                            checkpoint_cbs[i],
+                                            extra_states(i) if extra_states is not None else None))
         if nodes.get("last_checkpoint") is not None:
             atomic_save(ckpt, ckdir / "last.ckpt")
         if improved and nodes.get("model_checkpoint") is not None:
@@ -163,15 +167,17 @@ def finish_member(member: Member, group: StackedGroup, i: int, out: Path) -> Non
 
 def _metrics_csv(member: Member, batches: int) -> str:
     """metrics.csv as the plain run's CSV logger writes it: a val row and a train row per epoch, a test row."""
-    cols = ["epoch", "step", "test/acc", "test/f1_macro", "test/loss", "test/precision_macro",
-            "test/recall_macro", "train/acc", "train/loss", "val/acc", "val/loss", "val/loss_se"]
+    val_keys = ("val/acc", "val/loss", "val/loss_se")
+    probed = {k for r in member.history for k in r if k not in val_keys and k != "epoch"}  # train row: train/*, probes
+    cols = sorted({"epoch", "step", "test/acc", "test/f1_macro", "test/loss", "test/precision_macro",
+                   "test/recall_macro", *val_keys, *probed})  # the CSV logger's order: sorted keys
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in member.history:
         step = (r["epoch"] + 1) * batches - 1
-        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("val/acc", "val/loss", "val/loss_se")}})
-        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("train/acc", "train/loss")}})
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in val_keys}})
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: v for k, v in r.items() if k in probed}})
     if member.test_metrics:
         t = member.test_metrics
         w.writerow({"epoch": len(member.history), "step": len(member.history) * batches,
@@ -179,9 +185,10 @@ def _metrics_csv(member: Member, batches: int) -> str:
     return buf.getvalue()
 
 
-def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: float) -> dict[str, Any]:
+def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: float,
+                 probes: list | None = None) -> dict[str, Any]:
     """Write member ``i``'s metrics.csv, summary.json and plots (checkpoints are written every epoch by
-    :func:`epoch_writer`); return its summary."""
+    :func:`epoch_writer`); return its summary. ``probes``: the member's epoch probes (reporters)."""
     epochs = len(member.history)
     atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
     h = member.history[-1] if member.history else {}
@@ -213,7 +220,7 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
     summary["run_dir"] = str(out)
     summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
                           "wall_time_note": "wall_time_s is the whole group's time"}
-    reporters = diagnose_member(member, out)
+    reporters = [*(probes or []), *diagnose_member(member, out)]
     summary.update(reporting.summary_items(reporters))
     summary = {k: _finite(v) for k, v in summary.items()}
     write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}",
