@@ -169,12 +169,37 @@ class StackedGroup:
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
 
+    @torch.no_grad()
+    def _grad_norm_penalty(self, alpha: float, eps: float) -> None:
+        """``grad_norm_penalty_fd`` per member: ``h_k = eps / ||g_k||`` from member k's own gradient norm;
+        floating buffers (BN running statistics) touched by the extra pass are restored, as there."""
+        params = list(self.params.values())
+        g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        gnorm = torch.sqrt(sum((gi.double() ** 2).flatten(1).sum(1) for gi in g))  # (K,)
+        live = gnorm > 0
+        h = torch.where(live, eps / gnorm, torch.ones_like(gnorm)).float()
+        saved = {n: b.clone() for n, b in self.buffers.items() if b.is_floating_point()}
+        p0 = [p.clone() for p in params]
+        shape = lambda t: (-1, *([1] * (t.dim() - 1)))  # noqa: E731 - (K,) against a stacked tensor
+        for p, gi in zip(params, g):
+            p.add_(gi * h.view(shape(p)))
+        with torch.enable_grad():
+            self._full_gradient(None)
+        for p, gi, old in zip(params, g, p0):
+            p.copy_(old)
+            hg = (p.grad - gi) / h.view(shape(p)) if p.grad is not None else torch.zeros_like(gi)
+            p.grad = torch.where(live.view(shape(p)), gi + alpha * hg, gi)
+        for n, b in saved.items():
+            self.buffers[n].copy_(b)
+
     def full_batch_epoch(self, epoch: int) -> dict[str, Tensor]:
         """One optimizer step from each member's exact full-batch gradient (``FullBatchLoop.step``):
         the divergence guard reads the gradient after clipping, as the plain guard's
         ``on_before_optimizer_step`` does; train/loss and train/acc are those before the step."""
         correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
         losses = self._full_gradient(correct)
+        if self.full_batch.grad_norm_penalty:
+            self._grad_norm_penalty(float(self.full_batch.grad_norm_penalty), float(self.full_batch.grad_penalty_eps))
         if self.full_batch.clip_grad_norm:
             self._clip_per_member(float(self.full_batch.clip_grad_norm))
         self.guard.before_step(epoch, self.params.values())

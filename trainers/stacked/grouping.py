@@ -42,12 +42,9 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     batching = _target(cfg.get("batching"))
     if batching not in ("shiftlab.trainers.batching.MiniBatch", "shiftlab.trainers.batching.FullBatch"):
         return f"batching={batching}: only mini-batch and full-batch steps are stacked"
-    if float(cfg.batching.get("grad_norm_penalty") or 0.0) != 0.0:
-        return (f"batching.grad_norm_penalty={cfg.batching.grad_norm_penalty}: the finite-difference penalty is "
-                "not stacked (it magnifies float reassociation by 1/h)")
     norm = _target(cfg.get("norm"))
     if norm not in NORMS:
-        return f"norm={norm}: only none / layernorm / groupnorm / batchnorm are stacked (not BN variants)"
+        return f"norm={norm}: only none / layernorm / groupnorm / plain BatchNorm are stacked (not the BatchNorm variants)"
     if norm == BATCHNORM and cfg.norm.get("sync", False):
         return "norm.sync=true: the all-reducing BatchNorm is for DDP; stacked members use nn.BatchNorm"
     if norm == BATCHNORM and cfg.norm.get("momentum", 0.1) is None:
