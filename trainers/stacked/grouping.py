@@ -44,11 +44,13 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
         return f"batching={batching}: only mini-batch and full-batch steps are stacked"
     norm = _target(cfg.get("norm"))
     if norm not in NORMS:
-        return f"norm={norm}: only none / layernorm / groupnorm / plain BatchNorm are stacked (not the BatchNorm variants)"
+        return (f"norm={norm}: only none / layernorm / groupnorm / plain BatchNorm are stacked "
+                "(not the BatchNorm variants)")
     if norm == BATCHNORM and cfg.norm.get("sync", False):
         return "norm.sync=true: the all-reducing BatchNorm is for DDP; stacked members use nn.BatchNorm"
     if norm == BATCHNORM and cfg.norm.get("momentum", 0.1) is None:
-        return "norm.momentum=null: BN's cumulative average reads num_batches_tracked as a Python number (not under vmap)"
+        return ("norm.momentum=null: BN's cumulative average reads num_batches_tracked as a Python number, "
+                "which vmap does not allow")
     if _target(cfg.get("optimizer")) not in OPTIMIZERS:
         return f"optimizer={_target(cfg.get('optimizer'))}: only elementwise SGD / momentum / Adam / AdamW stack"
     if cfg.get("scheduler") is not None and _target(cfg.scheduler) not in SCHEDULERS:
