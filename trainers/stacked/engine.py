@@ -17,7 +17,8 @@ statistics), training in train mode, as Lightning switches the plain module.
 ``batching=full``: one step per epoch from the gradient of the mean loss over the whole training set,
 accumulated over the same ``chunk_size`` chunks in the same order as
 :class:`shiftlab.trainers.full_batch.FullBatchLoop` (with BatchNorm each chunk is normalized with its
-own statistics there and here); gradient clipping is applied per member.
+own statistics there and here); gradient clipping and the finite-difference gradient-norm penalty are
+applied per member (each member's own norm and step ``h``).
 """
 from __future__ import annotations
 
