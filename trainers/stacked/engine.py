@@ -6,6 +6,19 @@ then the module), so it starts from the same weights on the same split. Paramete
 over the stacked tensors: SGD / momentum / Adam / AdamW are elementwise, and the loss is the SUM of the
 members' mean losses, so member k's slice receives exactly its own gradient and its own update. Each
 member draws its own data order from the same seeded sampler its plain run uses.
+
+BatchNorm: the buffers (running_mean / running_var / num_batches_tracked) are stacked like the
+parameters and passed to ``vmap`` as batched inputs, so each member normalizes with its own batch
+statistics and BN's in-place running-stat update writes member k's slice only (the "Patching Batch
+Norm" way of torch.func that keeps the module's semantics exact; ``replace_all_batch_norm_modules_``
+would drop the running statistics). Validation and test run the template in eval mode (running
+statistics), training in train mode, as Lightning switches the plain module.
+
+``batching=full``: one step per epoch from the gradient of the mean loss over the whole training set,
+accumulated over the same ``chunk_size`` chunks in the same order as
+:class:`shiftlab.trainers.full_batch.FullBatchLoop` (with BatchNorm each chunk is normalized with its
+own statistics there and here); gradient clipping and the finite-difference gradient-norm penalty are
+applied per member (each member's own norm and step ``h``).
 """
 from __future__ import annotations
 
@@ -69,7 +82,7 @@ class StackedGroup:
         self.members, self.device = members, device
         self.k = len(members)
         lead = members[0]
-        self.template = copy.deepcopy(lead.module.model).to("meta")
+        self.template = copy.deepcopy(lead.module.model).to("meta").train()
         models = [m.module.model for m in members]
         params, buffers = stack_module_state(models)
         self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
@@ -84,7 +97,9 @@ class StackedGroup:
         self.n_train = len(lead.dm.train_set)
         if any(len(m.dm.train_set) != self.n_train for m in members):
             raise ValueError("stacked members must have training splits of one size")
-        self.batches = math.ceil(self.n_train / self.batch_size)
+        loop = getattr(lead.module, "full_batch", None)
+        self.full_batch = loop.batching if loop is not None else None  # FullBatch config, or None
+        self.batches = 1 if self.full_batch is not None else math.ceil(self.n_train / self.batch_size)
         self.x_train = torch.stack([m.dm.train_set.x for m in members]).to(device)
         self.y_train = torch.stack([m.dm.train_set.y for m in members]).to(device)
         self.samplers = [EpochSeededSampler(self.n_train, m.dm.seed) for m in members]
@@ -101,6 +116,8 @@ class StackedGroup:
         return per_sample.mean(dim=1), logits
 
     def train_epoch(self, epoch: int) -> dict[str, Tensor]:
+        if self.full_batch is not None:
+            return self.full_batch_epoch(epoch)
         for s in self.samplers:
             s.set_epoch(epoch)
         order = torch.tensor([list(iter(s)) for s in self.samplers], device=self.device)  # (K, N)
@@ -124,6 +141,77 @@ class StackedGroup:
             self.scheduler.step()
         return {"train/loss": (loss_sum / self.n_train).float(), "train/acc": correct.float() / self.n_train}
 
+    def _full_gradient(self, correct: Tensor | None) -> Tensor:
+        """Each member's full-batch gradient into ``p.grad`` (chunks as ``accumulate_chunks`` walks them:
+        ``sum(per-sample loss) / n`` per chunk, natural order); returns the members' mean losses (K,).
+        ``correct`` (K,) counts correct predictions when given."""
+        for p in self.params.values():
+            p.grad = None
+        total = torch.zeros(self.k, device=self.device)
+        chunk = self.full_batch.chunk_size
+        for start in range(0, self.n_train, chunk):
+            x, y = self.x_train[:, start:start + chunk], self.y_train[:, start:start + chunk]
+            logits = self.forward(self.params, self.buffers, x)
+            per = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            losses = per.sum(dim=1) / self.n_train
+            losses.sum().backward()
+            total += losses.detach()
+            if correct is not None:
+                with torch.no_grad():
+                    correct += (logits.argmax(-1) == y).sum(dim=1)
+        return total
+
+    @torch.no_grad()
+    def _clip_per_member(self, max_norm: float) -> None:
+        """``clip_grad_norm_`` for each member's slice: the norm over its own gradients only."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (P, K)
+        coef = (max_norm / (torch.linalg.vector_norm(norms, dim=0) + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+
+    @torch.no_grad()
+    def _grad_norm_penalty(self, alpha: float, eps: float) -> None:
+        """``grad_norm_penalty_fd`` per member: ``h_k = eps / ||g_k||`` from member k's own gradient norm;
+        floating buffers (BN running statistics) touched by the extra pass are restored, as there."""
+        params = list(self.params.values())
+        g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        gnorm = torch.sqrt(sum((gi.double() ** 2).flatten(1).sum(1) for gi in g))  # (K,)
+        live = gnorm > 0
+        h = torch.where(live, eps / gnorm, torch.ones_like(gnorm)).float()
+        saved = {n: b.clone() for n, b in self.buffers.items() if b.is_floating_point()}
+        p0 = [p.clone() for p in params]
+        shape = lambda t: (-1, *([1] * (t.dim() - 1)))  # noqa: E731 - (K,) against a stacked tensor
+        for p, gi in zip(params, g):
+            p.add_(gi * h.view(shape(p)))
+        with torch.enable_grad():
+            self._full_gradient(None)
+        for p, gi, old in zip(params, g, p0):
+            p.copy_(old)
+            hg = (p.grad - gi) / h.view(shape(p)) if p.grad is not None else torch.zeros_like(gi)
+            p.grad = torch.where(live.view(shape(p)), gi + alpha * hg, gi)
+        for n, b in saved.items():
+            self.buffers[n].copy_(b)
+
+    def full_batch_epoch(self, epoch: int) -> dict[str, Tensor]:
+        """One optimizer step from each member's exact full-batch gradient (``FullBatchLoop.step``):
+        the divergence guard reads the gradient after clipping, as the plain guard's
+        ``on_before_optimizer_step`` does; train/loss and train/acc are those before the step."""
+        correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
+        losses = self._full_gradient(correct)
+        if self.full_batch.grad_norm_penalty:
+            self._grad_norm_penalty(float(self.full_batch.grad_norm_penalty), float(self.full_batch.grad_penalty_eps))
+        if self.full_batch.clip_grad_norm:
+            self._clip_per_member(float(self.full_batch.clip_grad_norm))
+        self.guard.before_step(epoch, self.params.values())
+        self.optimizer.step()  # elementwise optimizers call a closure once: same as stepping after it
+        with torch.no_grad():
+            self.guard.after_step(epoch + 1, losses)
+        self.guard.end_epoch()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"train/loss": losses, "train/acc": correct.float() / self.n_train}
+
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Tensor]:
         """val/loss, val/acc, val/loss_se per member (K,) on each member's own split."""
@@ -131,11 +219,15 @@ class StackedGroup:
         ys = torch.stack([getattr(m.dm, f"{split}_set").y for m in self.members]).to(self.device)
         per = []
         correct = torch.zeros(self.k, dtype=torch.long, device=self.device)
-        for s in range(0, xs.shape[1], self.eval_batch_size):
-            x, y = xs[:, s:s + self.eval_batch_size], ys[:, s:s + self.eval_batch_size]
-            logits = self.forward(self.params, self.buffers, x)
-            per.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
-            correct += (logits.argmax(-1) == y).sum(dim=1)
+        self.template.eval()  # BatchNorm: running statistics, as Lightning's validation loop
+        try:
+            for s in range(0, xs.shape[1], self.eval_batch_size):
+                x, y = xs[:, s:s + self.eval_batch_size], ys[:, s:s + self.eval_batch_size]
+                logits = self.forward(self.params, self.buffers, x)
+                per.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
+                correct += (logits.argmax(-1) == y).sum(dim=1)
+        finally:
+            self.template.train()
         losses = torch.cat(per, dim=1)
         n = losses.shape[1]
         return {f"{split}/loss": losses.mean(dim=1), f"{split}/acc": correct.float() / n,

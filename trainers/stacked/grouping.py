@@ -12,8 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from shiftlab.trainers.stacked.probes import why_not_hosted
 
+# BatchNorm: per-member batch and running statistics (stacked buffers under vmap; see engine.py).
+# Not stacked: ghost / renorm / noisy / triton / weight-std BN variants (their own modules and state).
 NORMS = {"shiftlab.trainers.norms.none.build", "shiftlab.trainers.norms.layernorm.build",
-         "shiftlab.trainers.norms.groupnorm.build"}
+         "shiftlab.trainers.norms.groupnorm.build", "shiftlab.trainers.norms.batchnorm.build"}
+BATCHNORM = "shiftlab.trainers.norms.batchnorm.build"
 OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
 SCHEDULERS = {"shiftlab.trainers.optim.constant_schedule", "shiftlab.trainers.optim.cosine_schedule",
               "shiftlab.trainers.optim.step_schedule"}
@@ -38,10 +41,18 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     one-line reason naming the key that prevents it."""
     if _target(cfg.get("module")) not in MODULES:
         return f"module={_target(cfg.get('module'))}: only classification is stacked so far"
-    if cfg.batching.get("_target_") != "shiftlab.trainers.batching.MiniBatch":
-        return "batching=full: full-batch steps are not stacked yet"
-    if _target(cfg.get("norm")) not in NORMS:
-        return f"norm={_target(cfg.get('norm'))}: only none / layernorm / groupnorm are stacked (BatchNorm not yet)"
+    batching = _target(cfg.get("batching"))
+    if batching not in ("shiftlab.trainers.batching.MiniBatch", "shiftlab.trainers.batching.FullBatch"):
+        return f"batching={batching}: only mini-batch and full-batch steps are stacked"
+    norm = _target(cfg.get("norm"))
+    if norm not in NORMS:
+        return (f"norm={norm}: only none / layernorm / groupnorm / plain BatchNorm are stacked "
+                "(not the BatchNorm variants)")
+    if norm == BATCHNORM and cfg.norm.get("sync", False):
+        return "norm.sync=true: the all-reducing BatchNorm is for DDP; stacked members use nn.BatchNorm"
+    if norm == BATCHNORM and cfg.norm.get("momentum", 0.1) is None:
+        return ("norm.momentum=null: BN's cumulative average reads num_batches_tracked as a Python number, "
+                "which vmap does not allow")
     if _target(cfg.get("optimizer")) not in OPTIMIZERS:
         return f"optimizer={_target(cfg.get('optimizer'))}: only elementwise SGD / momentum / Adam / AdamW stack"
     if cfg.get("scheduler") is not None and _target(cfg.scheduler) not in SCHEDULERS:
