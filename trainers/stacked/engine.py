@@ -1,11 +1,14 @@
-"""Train K configs that differ only in their seed as one stacked model.
+"""Train K configs that differ only in their seed (and in per-member values) as one stacked model.
 
 Each member is built exactly as its plain run builds it (``seed_everything(seed)``, the data module,
-then the module), so it starts from the same weights on the same split. Parameters are stacked with
-``torch.func.stack_module_state`` and the forward pass is ``vmap(functional_call)``. One optimizer runs
-over the stacked tensors: SGD / momentum / Adam / AdamW are elementwise, and the loss is the SUM of the
-members' mean losses, so member k's slice receives exactly its own gradient and its own update. Each
-member draws its own data order from the same seeded sampler its plain run uses.
+then the module), so it starts from the same weights on the same split. Each member's parameters are its
+own leaf tensors, in its own param group of one optimizer (built by the member's own optimizer factory, so
+it carries that member's learning rate and weight decay; a scheduler scales each group from its own base
+rate). Every step they are ``torch.stack``-ed for the ``vmap(functional_call)`` forward. SGD / momentum /
+Adam / AdamW are elementwise, and the loss is the SUM of the members' mean losses, so member k's leaves
+receive exactly its own gradient and its own update. A member that stopped (early stopping, divergence)
+freezes: its leaves get no gradient, so the optimizer skips them. Each member draws its own data order from
+the same seeded sampler its plain run uses.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch.nn import functional as F
 from shiftlab.trainers.build import build_datamodule, build_module
 from shiftlab.trainers.data.base import EpochSeededSampler
 from shiftlab.trainers.stacked.divergence import StackedGuard
+from shiftlab.trainers.stacked.members import MemberCallbacks, measure_memorization
 
 
 @dataclass
@@ -71,14 +75,17 @@ class StackedGroup:
         lead = members[0]
         self.template = copy.deepcopy(lead.module.model).to("meta")
         models = [m.module.model for m in members]
-        params, buffers = stack_module_state(models)
-        self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
+        _, buffers = stack_module_state(models)
         self.buffers = {n: b.to(device) for n, b in buffers.items()}
         self.names = [n for n, _ in lead.module.model.named_parameters()]
-        self.optimizer = lead.module.optimizer_factory([self.params[n] for n in self.names])
+        # member i's parameters: its own leaves, in param group i (its own lr / weight_decay)
+        self.leaves = [{n: p.detach().to(device, copy=True).requires_grad_(True)
+                        for n, p in m.module.model.named_parameters()} for m in members]
+        self.optimizer, self._foreach = self._member_optimizer()
         self.max_epochs = int(lead.cfg.trainer.max_epochs)
         fac = lead.module.scheduler_factory
         self.scheduler = fac(self.optimizer, max_epochs=self.max_epochs) if fac is not None else None
+        self.active = [True] * self.k  # False: the member stopped (early stopping, divergence) and is frozen
         self.batch_size = lead.dm.batch_size
         self.eval_batch_size = lead.dm.eval_batch_size
         self.n_train = len(lead.dm.train_set)
@@ -90,6 +97,31 @@ class StackedGroup:
         self.samplers = [EpochSeededSampler(self.n_train, m.dm.seed) for m in members]
         self.forward = vmap(self._forward_one)
         self.guard = StackedGuard(self.k, device, **(lead.cfg.get("divergence") or {}))
+        self.callbacks = [MemberCallbacks(m, self, i) for i, m in enumerate(members)]
+
+    def _member_optimizer(self) -> tuple[torch.optim.Optimizer, list]:
+        """One optimizer with one param group per member, each group as the member's own optimizer factory
+        builds it. The foreach implementation runs all of a group's tensors in one call (a plain run's
+        CPU default loops over tensors: K times as many here); each member's checkpoint keeps its configured
+        ``foreach`` value."""
+        opts = [m.module.optimizer_factory([lv[n] for n in self.names]) for m, lv in zip(self.members, self.leaves)]
+        configured = [o.param_groups[0].get("foreach") for o in opts]
+        optimizer = opts[0]
+        for o in opts[1:]:
+            optimizer.add_param_group(o.param_groups[0])
+        if all(c is None for c in configured):
+            for g in optimizer.param_groups:
+                g["foreach"] = True
+        return optimizer, configured
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The members' parameters stacked (K, ...) for the vmap forward (differentiable w.r.t. the leaves)."""
+        return {n: torch.stack([lv[n] for lv in self.leaves]) for n in self.names}
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Eval-mode logits (K, b, C) of every member on its own inputs ``x`` (K, b, ...)."""
+        return self.forward(self.params, self.buffers, x)
 
     def _forward_one(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
         return functional_call(self.template, (params, buffers), (x,))
@@ -113,7 +145,8 @@ class StackedGroup:
             losses, logits = self._losses(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            self.guard.before_step(epoch * self.batches + b, self.params.values())
+            self.guard.before_step(epoch * self.batches + b, [list(lv.values()) for lv in self.leaves])
+            self._freeze_stopped()
             self.optimizer.step()
             with torch.no_grad():
                 self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
@@ -133,7 +166,7 @@ class StackedGroup:
         correct = torch.zeros(self.k, dtype=torch.long, device=self.device)
         for s in range(0, xs.shape[1], self.eval_batch_size):
             x, y = xs[:, s:s + self.eval_batch_size], ys[:, s:s + self.eval_batch_size]
-            logits = self.forward(self.params, self.buffers, x)
+            logits = self.predict(x)
             per.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
             correct += (logits.argmax(-1) == y).sum(dim=1)
         losses = torch.cat(per, dim=1)
@@ -141,49 +174,77 @@ class StackedGroup:
         return {f"{split}/loss": losses.mean(dim=1), f"{split}/acc": correct.float() / n,
                 f"{split}/loss_se": losses.std(dim=1) / n ** 0.5}
 
+    def _freeze_stopped(self) -> None:
+        """A stopped member's leaves get no gradient, so the optimizer leaves them (and their state) alone."""
+        for lv, on in zip(self.leaves, self.active):
+            if not on:
+                for p in lv.values():
+                    p.grad = None
+
     def member_weights(self, i: int) -> dict[str, Tensor]:
         """Member ``i``'s parameters and buffers under the plain model's names (on the CPU)."""
-        out = {n: p[i].detach().cpu().clone() for n, p in self.params.items()}
+        out = {n: p.detach().cpu().clone() for n, p in self.leaves[i].items()}
         out.update({n: b[i].detach().cpu().clone() for n, b in self.buffers.items()})
         return out
 
+    @torch.no_grad()
+    def load_member_weights(self, i: int, weights: dict[str, Tensor]) -> None:
+        """Put ``weights`` (plain model names) into member ``i``'s leaves and buffer slices."""
+        for n, v in weights.items():
+            target = self.leaves[i][n] if n in self.leaves[i] else self.buffers[n][i]
+            target.copy_(v.to(target.device))
+
     def member_optimizer_state(self, i: int) -> dict[str, Any]:
-        """Member ``i``'s slice of the stacked optimizer, in the plain optimizer's ``state_dict`` form."""
+        """Member ``i``'s param group and state, in the plain optimizer's ``state_dict`` form."""
         sd = self.optimizer.state_dict()
-        state = {}
-        for idx, st in sd["state"].items():
-            shape = self.params[self.names[idx]].shape
-            state[idx] = {k: (v[i].detach().cpu().clone() if torch.is_tensor(v) and v.shape == shape else
-                              (v.detach().cpu().clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
-        return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
+        n = len(self.names)
+        state = {j: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i * n + j].items()}
+                 for j in range(n) if i * n + j in sd["state"]}
+        group = copy.deepcopy(sd["param_groups"][i])
+        group["params"], group["foreach"] = list(range(n)), self._foreach[i]
+        return {"state": state, "param_groups": [group]}
+
+    def member_scheduler_state(self, i: int) -> dict[str, Any] | None:
+        """Member ``i``'s view of the scheduler (its group's base and last rate), as a plain run's."""
+        if self.scheduler is None:
+            return None
+        sd = self.scheduler.state_dict()
+        return {k: ([v[i]] if isinstance(v, list) and len(v) == self.k else copy.deepcopy(v)) for k, v in sd.items()}
 
     def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None,
             signalled: Callable[[], str | None] | None = None) -> None:
         """Train all members for ``max_epochs``, recording each member's history; a member that diverges
-        stops being recorded at that step (its plain run would end there). ``on_epoch_end(i, epoch,
-        improved)`` runs for every member still training (it writes the member's checkpoints).
-        ``signalled()`` names a received SIGINT/SIGTERM (``interrupted`` / ``preempted``): the group stops
-        at the end of that epoch, after every member's ``last.ckpt`` is written (a plain run stops at the
-        next step with ``interrupted.ckpt``; a stacked group stops at the epoch boundary)."""
+        stops being recorded at that step (its plain run would end there), one whose early-stopping rule
+        fires stops after that epoch with its rule's best weights restored; both freeze. The group ends when
+        every member stopped. ``on_epoch_end(i, epoch, improved)`` runs for every member still training (it
+        writes the member's checkpoints). ``signalled()`` names a received SIGINT/SIGTERM (``interrupted`` /
+        ``preempted``): the group stops at the end of that epoch, after every member's ``last.ckpt`` is
+        written (a plain run stops at the next step with ``interrupted.ckpt``; a stacked group stops at the
+        epoch boundary)."""
         for epoch in range(self.max_epochs):
             status = signalled() if signalled is not None else None
             if status and epoch > 0:
-                for m in self.members:
-                    if m.status == "completed":
+                for i, m in enumerate(self.members):
+                    if self.active[i]:
                         m.status, m.stopped_step = status, epoch * self.batches
                         m.stop_reason = f"{status} after epoch {epoch - 1} (a stacked group stops at epoch ends)"
                 break
-            if all(m.status != "completed" for m in self.members):
+            if not any(self.active):
                 break
             train = self.train_epoch(epoch)
             for i, why in self.guard.newly_diverged(epoch):
-                m = self.members[i]
-                m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
+                if self.active[i]:
+                    m = self.members[i]
+                    m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
+                    self.active[i] = False
             val = self.evaluate("val")
-            for i, m in enumerate(self.members):
-                if m.status != "completed":
-                    continue
-                m.history.append({"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}})
+            rows = {i: {"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}}
+                    for i in range(self.k) if self.active[i]}
+            stops = {i: self.callbacks[i].early_stop(epoch, rows[i]) for i in rows}
+            measure_memorization(self, rows, epoch, (epoch + 1) * self.batches)
+            for i, row in rows.items():
+                m = self.members[i]
+                m.history.append(row)
                 score = val["val/acc"][i].detach().cpu()
                 # ModelCheckpoint(monitor=val/acc, mode=max): strictly better replaces the best
                 improved = m.best_score is None or bool(score > m.best_score)
@@ -191,3 +252,9 @@ class StackedGroup:
                     m.best_score, m.best_epoch = score.clone(), epoch
                 if on_epoch_end is not None:
                     on_epoch_end(i, epoch, improved)
+                if stops[i]:
+                    self.active[i] = False
+                    self.callbacks[i].end_training()  # the rule's best weights, as the plain run's on_train_end
+        for i, m in enumerate(self.members):
+            if self.active[i] and m.status == "completed":
+                self.callbacks[i].end_training()

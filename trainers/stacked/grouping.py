@@ -1,5 +1,6 @@
 """Which jobs of a multirun can train as one stacked model, and why the others cannot.
 
+Jobs form a group when their configs are equal except for the per-member keys (:data:`MEMBER_KEYS`).
 Why a whitelist: a stacked member must end exactly where its plain run ends. Only what the stacked
 engine (:mod:`shiftlab.trainers.stacked.engine`) reproduces member by member is accepted; everything
 else runs under the basic launcher with a one-line reason.
@@ -23,8 +24,13 @@ FREE_TRAINER_KEYS = {"_target_", "default_root_dir", "max_epochs", "min_epochs",
                      "enable_model_summary", "log_every_n_steps", "deterministic", "enable_checkpointing"}
 FIXED_TRAINER_KEYS = {"devices": 1, "num_nodes": 1, "precision": "32-true", "check_val_every_n_epoch": 1,
                       "sync_batchnorm": False}
-# the per-member keys: a group's configs may differ only here
+# the per-member keys: a group's configs may differ only here (the seed, and values that act per member
+# elementwise: each member's param group has its own lr / weight_decay, its data module its own label noise)
 SEED_KEYS = ("seed", "data.seed")
+MEMBER_KEYS = SEED_KEYS + ("optimizer.lr", "optimizer.weight_decay", "data.label_noise")
+EARLY_STOPPING = "shiftlab.callbacks.early_stopping.RuleEarlyStopping"
+# what a stacked member logs before its early-stopping rule decides (the rule's monitor must be one of them)
+MEMBER_METRICS = {"val/loss", "val/acc", "val/loss_se", "train/loss", "train/acc"}
 
 
 def _target(node: Any) -> str | None:
@@ -46,13 +52,18 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
         return f"scheduler={_target(cfg.scheduler)}: not an epoch-wise schedule the stacked engine knows"
     if float((cfg.model or {}).get("dropout") or 0.0) > 0:
         return "model.dropout>0: per-member dropout streams are not reproduced yet"
-    if float((cfg.data or {}).get("label_noise") or 0.0) > 0:
-        return "data.label_noise>0: per-member memorization probes are not stacked yet"
+    if float((cfg.data or {}).get("label_noise") or 0.0) > 0 and (cfg.get("probes") or {}).get("max_overhead"):
+        return "probes.max_overhead with data.label_noise>0: probe skipping depends on the run's own timing"
     if int((cfg.get("divergence") or {}).get("check_every", 1)) != 1:
         return "divergence.check_every>1: the stacked guard checks every step"
     extra = sorted(set((cfg.get("callbacks") or {}).keys()) - BASE_CALLBACKS)
-    if extra:
-        return f"callbacks.{extra[0]}: a callback that needs its own Trainer"
+    stops = [k for k in extra if _target(cfg.callbacks[k]) == EARLY_STOPPING]
+    others = [k for k in extra if k not in stops]
+    if others:
+        return f"callbacks.{others[0]}: a callback that needs its own Trainer"
+    reason = _why_not_early_stopping(cfg, stops)
+    if reason:
+        return reason
     mc = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if mc is not None and (mc.get("monitor") != "val/acc" or mc.get("mode") != "max"):
         return f"callbacks.model_checkpoint.monitor={mc.get('monitor')}: only val/acc (max) is tracked per member"
@@ -72,12 +83,33 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     return None
 
 
+def _why_not_early_stopping(cfg: DictConfig, names: list[str]) -> str | None:
+    """The stacked engine runs one RuleEarlyStopping per member on the metrics it logs itself."""
+    if len(names) > 1:
+        return f"callbacks.{names[1]}: more than one early-stopping callback runs alone"
+    for name in names:
+        node = cfg.callbacks[name]
+        for key, default in (("monitor", "val/loss"), ("train_monitor", "train/loss")):
+            value = node.get(key, default)
+            if value is not None and value not in MEMBER_METRICS:
+                return f"callbacks.{name}.{key}={value}: a stacked member logs only {', '.join(sorted(MEMBER_METRICS))}"
+        if int((cfg.trainer or {}).get("min_epochs") or 0) > 1:
+            return f"trainer.min_epochs={cfg.trainer.min_epochs} with early stopping: runs alone"
+    return None
+
+
 def group_key(cfg: DictConfig) -> str:
-    """The config with the per-member keys removed, unresolved: jobs with equal keys form a group."""
+    """The config with the per-member keys removed, unresolved: jobs with equal keys form a group. A
+    per-member key other than the seed that another value interpolates stays in the key (that value would
+    differ between members too)."""
     node = OmegaConf.to_container(cfg, resolve=False)
     node.pop("hydra", None)
-    node.pop("seed", None)
-    (node.get("data") or {}).pop("seed", None)
+    text = OmegaConf.to_yaml(OmegaConf.create(node))
+    for key in MEMBER_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        holder = node.get(parent) if parent else node
+        if isinstance(holder, dict) and leaf in holder and (key in SEED_KEYS or "${" + key + "}" not in text):
+            holder.pop(leaf)
     return OmegaConf.to_yaml(OmegaConf.create(node), sort_keys=True)
 
 
@@ -94,7 +126,7 @@ def plan(configs: list[DictConfig]) -> tuple[list[list[int]], dict[int, str]]:
     stacked = []
     for members in groups.values():
         if len(members) == 1:
-            alone[members[0]] = "no other job differs from it only in seed"
+            alone[members[0]] = f"no other job differs from it only in {', '.join(MEMBER_KEYS)}"
         else:
             stacked.append(members)
     return stacked, alone
