@@ -6,6 +6,8 @@ recorded in device tensors and read once per epoch, so K members cost no more ho
 from __future__ import annotations
 
 import math
+from typing import Iterable
+
 import torch
 from torch import Tensor
 
@@ -40,14 +42,13 @@ class StackedGuard:
         self.bad_value = torch.where(new, value.float(), self.bad_value)
 
     @torch.no_grad()
-    def before_step(self, step: int, member_params: list[list[Tensor]]) -> None:
-        """Gradient norm per member (``member_params[i]``: member i's leaves, all with a gradient), before
-        the optimizer applies it (the plain guard's order); one fused norm over every member's tensors."""
+    def before_step(self, step: int, params: Iterable[Tensor]) -> None:
+        """Gradient norm per member, before the optimizer applies it (the plain guard's order)."""
         if not self.check_grad:
             return
-        grads = [p.grad.detach().float() for ps in member_params for p in ps]
-        per_tensor = torch.stack(torch._foreach_norm(grads)).view(len(member_params), -1)
-        norm = torch.linalg.vector_norm(per_tensor, dim=1)
+        norms = [torch.linalg.vector_norm(p.grad.detach().float().flatten(1), dim=1) for p in params
+                 if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
         self._mark(~torch.isfinite(norm), step, GRAD, norm)
 
     def after_step(self, step: int, losses: Tensor) -> None:

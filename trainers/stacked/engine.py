@@ -1,14 +1,15 @@
 """Train K configs that differ only in their seed (and in per-member values) as one stacked model.
 
 Each member is built exactly as its plain run builds it (``seed_everything(seed)``, the data module,
-then the module), so it starts from the same weights on the same split. Each member's parameters are its
-own leaf tensors, in its own param group of one optimizer (built by the member's own optimizer factory, so
-it carries that member's learning rate and weight decay; a scheduler scales each group from its own base
-rate). Every step they are ``torch.stack``-ed for the ``vmap(functional_call)`` forward. SGD / momentum /
-Adam / AdamW are elementwise, and the loss is the SUM of the members' mean losses, so member k's leaves
-receive exactly its own gradient and its own update. A member that stopped (early stopping, divergence)
-freezes: its leaves get no gradient, so the optimizer skips them. Each member draws its own data order from
-the same seeded sampler its plain run uses.
+then the module), so it starts from the same weights on the same split. Parameters are stacked with
+``torch.func.stack_module_state`` and the forward pass is ``vmap(functional_call)``. The loss is the SUM
+of the members' mean losses, so member k's slice of each stacked gradient is exactly its own gradient.
+One optimizer holds member k's slices (views of the stacked tensors) as param group k, built by member k's
+own optimizer factory, so each member keeps its own learning rate and weight decay and a scheduler scales
+each group from its own base rate; SGD / momentum / Adam / AdamW are elementwise, so each member gets
+exactly its own update. A member that stopped (early stopping, divergence) freezes: its slices get no
+gradient, so the optimizer skips them. Each member draws its own data order from the same seeded sampler
+its plain run uses.
 """
 from __future__ import annotations
 
@@ -75,13 +76,13 @@ class StackedGroup:
         lead = members[0]
         self.template = copy.deepcopy(lead.module.model).to("meta")
         models = [m.module.model for m in members]
-        _, buffers = stack_module_state(models)
+        params, buffers = stack_module_state(models)
+        self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
         self.buffers = {n: b.to(device) for n, b in buffers.items()}
         self.names = [n for n, _ in lead.module.model.named_parameters()]
-        # member i's parameters: its own leaves, in param group i (its own lr / weight_decay)
-        self.leaves = [{n: p.detach().to(device, copy=True).requires_grad_(True)
-                        for n, p in m.module.model.named_parameters()} for m in members]
-        self.optimizer, self._foreach = self._member_optimizer()
+        # member i's slices of the stacked parameters (leaves that share their storage): param group i
+        self.slices = [{n: self.params[n].detach()[i] for n in self.names} for i in range(self.k)]
+        self.optimizer = self._member_optimizer()
         self.max_epochs = int(lead.cfg.trainer.max_epochs)
         fac = lead.module.scheduler_factory
         self.scheduler = fac(self.optimizer, max_epochs=self.max_epochs) if fac is not None else None
@@ -99,25 +100,14 @@ class StackedGroup:
         self.guard = StackedGuard(self.k, device, **(lead.cfg.get("divergence") or {}))
         self.callbacks = [MemberCallbacks(m, self, i) for i, m in enumerate(members)]
 
-    def _member_optimizer(self) -> tuple[torch.optim.Optimizer, list]:
-        """One optimizer with one param group per member, each group as the member's own optimizer factory
-        builds it. The foreach implementation runs all of a group's tensors in one call (a plain run's
-        CPU default loops over tensors: K times as many here); each member's checkpoint keeps its configured
-        ``foreach`` value."""
-        opts = [m.module.optimizer_factory([lv[n] for n in self.names]) for m, lv in zip(self.members, self.leaves)]
-        configured = [o.param_groups[0].get("foreach") for o in opts]
-        optimizer = opts[0]
+    def _member_optimizer(self) -> torch.optim.Optimizer:
+        """One optimizer, param group i as member i's own optimizer factory builds it over its slices
+        (``foreach`` as configured: torch's default takes it on CUDA; on a CPU the per-tensor loop measured
+        faster here)."""
+        opts = [m.module.optimizer_factory([sl[n] for n in self.names]) for m, sl in zip(self.members, self.slices)]
         for o in opts[1:]:
-            optimizer.add_param_group(o.param_groups[0])
-        if all(c is None for c in configured):
-            for g in optimizer.param_groups:
-                g["foreach"] = True
-        return optimizer, configured
-
-    @property
-    def params(self) -> dict[str, Tensor]:
-        """The members' parameters stacked (K, ...) for the vmap forward (differentiable w.r.t. the leaves)."""
-        return {n: torch.stack([lv[n] for lv in self.leaves]) for n in self.names}
+            opts[0].add_param_group(o.param_groups[0])
+        return opts[0]
 
     def predict(self, x: Tensor) -> Tensor:
         """Eval-mode logits (K, b, C) of every member on its own inputs ``x`` (K, b, ...)."""
@@ -143,10 +133,11 @@ class StackedGroup:
             idx = order[:, b * self.batch_size:(b + 1) * self.batch_size]
             x, y = self.x_train[rows, idx], self.y_train[rows, idx]
             losses, logits = self._losses(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params.values():
+                p.grad = None
             losses.sum().backward()
-            self.guard.before_step(epoch * self.batches + b, [list(lv.values()) for lv in self.leaves])
-            self._freeze_stopped()
+            self.guard.before_step(epoch * self.batches + b, self.params.values())
+            self._member_grads()
             self.optimizer.step()
             with torch.no_grad():
                 self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
@@ -174,24 +165,25 @@ class StackedGroup:
         return {f"{split}/loss": losses.mean(dim=1), f"{split}/acc": correct.float() / n,
                 f"{split}/loss_se": losses.std(dim=1) / n ** 0.5}
 
-    def _freeze_stopped(self) -> None:
-        """A stopped member's leaves get no gradient, so the optimizer leaves them (and their state) alone."""
-        for lv, on in zip(self.leaves, self.active):
-            if not on:
-                for p in lv.values():
-                    p.grad = None
+    def _member_grads(self) -> None:
+        """Each member's slices get their slice of the stacked gradient; a stopped member's get none, so the
+        optimizer leaves them (and their state) alone."""
+        grads = {n: p.grad for n, p in self.params.items()}
+        for i, sl in enumerate(self.slices):
+            for n, p in sl.items():
+                p.grad = grads[n][i] if self.active[i] else None
 
     def member_weights(self, i: int) -> dict[str, Tensor]:
         """Member ``i``'s parameters and buffers under the plain model's names (on the CPU)."""
-        out = {n: p.detach().cpu().clone() for n, p in self.leaves[i].items()}
+        out = {n: p[i].detach().cpu().clone() for n, p in self.params.items()}
         out.update({n: b[i].detach().cpu().clone() for n, b in self.buffers.items()})
         return out
 
     @torch.no_grad()
     def load_member_weights(self, i: int, weights: dict[str, Tensor]) -> None:
-        """Put ``weights`` (plain model names) into member ``i``'s leaves and buffer slices."""
+        """Put ``weights`` (plain model names) into member ``i``'s parameter and buffer slices."""
         for n, v in weights.items():
-            target = self.leaves[i][n] if n in self.leaves[i] else self.buffers[n][i]
+            target = self.slices[i][n] if n in self.slices[i] else self.buffers[n][i]
             target.copy_(v.to(target.device))
 
     def member_optimizer_state(self, i: int) -> dict[str, Any]:
@@ -201,7 +193,7 @@ class StackedGroup:
         state = {j: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i * n + j].items()}
                  for j in range(n) if i * n + j in sd["state"]}
         group = copy.deepcopy(sd["param_groups"][i])
-        group["params"], group["foreach"] = list(range(n)), self._foreach[i]
+        group["params"] = list(range(n))
         return {"state": state, "param_groups": [group]}
 
     def member_scheduler_state(self, i: int) -> dict[str, Any] | None:
