@@ -160,3 +160,36 @@ def test_members_stop_early_where_their_plain_runs_stop(tmp_path):
         wait = lambda rows: [r["early_stop/wait"] for r in rows if r["early_stop/wait"]]  # noqa: E731
         assert wait(_csv_rows(d / "metrics.csv")) == wait(_csv_rows(p / "metrics.csv"))
     assert epochs == [2, 4, 6]
+
+
+def test_a_diverging_member_freezes_and_the_others_end_where_their_plain_runs_end(tmp_path):
+    """lr 1e3 blows member 0 up in its first epoch (diverged, at its plain run's step); member 1 (lr 0.05)
+    trains on, unaffected, to its plain run's weights."""
+    members = [(0, ("optimizer.lr=1e3",)), (1, ("optimizer.lr=0.05",))]
+    (bad, bad_plain, _, _), (good, good_plain, d, p) = _run_both(
+        tmp_path, members, "norm=none", "optimizer=sgd", "scheduler=constant", "divergence.max_loss_ratio=100")
+    assert bad_plain["status"] == "diverged" and good_plain["status"] == "completed"
+    for got, want in ((bad, bad_plain), (good, good_plain)):
+        assert (got["status"], got["epochs_run"], got["global_step"]) == \
+            (want["status"], want["epochs_run"], want["global_step"])
+    assert bad["stop_reason"].split(" at epoch")[1].split(";")[0] == \
+        bad_plain["stop_reason"].split(" at epoch")[1].split(";")[0]
+    for key in ("val/loss", "train/loss", "test/acc"):
+        _close(good[key], good_plain[key], key)
+    _assert_tensors_close(_ckpt(d)["state_dict"], _ckpt(p)["state_dict"], "member 1 weights")
+
+
+def test_the_group_ends_when_every_member_has_stopped(tmp_path, monkeypatch):
+    """Members stopping after epochs 1 and 3 (of max 6): the group trains 4 epochs, not 6."""
+    from shiftlab.trainers.stacked.engine import StackedGroup
+
+    trained = []
+    original = StackedGroup.train_epoch
+    monkeypatch.setattr(StackedGroup, "train_epoch", lambda self, epoch: trained.append(epoch) or original(self, epoch))
+    common = ["norm=none", "optimizer=sgd", "scheduler=constant", "callbacks=patience_stop",
+              "callbacks.patience_stop.patience=1", "trainer.max_epochs=6", "data.train_fraction=0.3"]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    got = train_stacked([compose_cfg(SMALL + common + ["seed=0", "optimizer.lr=2.0"], dirs[0]),
+                         compose_cfg(SMALL + common + ["seed=1", "optimizer.lr=1.0"], dirs[1])], dirs)
+    assert [g["epochs_run"] for g in got] == [2, 4] and trained == [0, 1, 2, 3]
+    assert all(g["early_stopping"]["stopped"] for g in got)

@@ -139,7 +139,7 @@ def measure_memorization(group: StackedGroup, rows: dict[int, dict[str, float]],
         raise ValueError("stacked memorization probes must share max_samples, seed and chunk_size")
     start = time.perf_counter()
     idx = fixed_subset(group.n_train, first.max_samples, first.seed)
-    x = group.x_train[:, idx.to(group.device)]
+    x = group.x_train if idx.numel() == group.n_train else group.x_train[:, idx.to(group.device)]
     logits = torch.cat([group.predict(x[:, s:s + first.chunk_size])
                         for s in range(0, idx.numel(), first.chunk_size)], dim=1).float().cpu()
     values = {}
