@@ -157,6 +157,9 @@ def test_members_stop_early_where_their_plain_runs_stop(tmp_path):
         _assert_tensors_close(mine["state_dict"], plain["state_dict"], f"member {j}: last.ckpt weights")
         key = next(k for k in plain["callbacks"] if k.startswith("PatienceStopping"))
         _assert_tensors_close(mine["callbacks"][key], plain["callbacks"][key], f"member {j}: rule state")
+        mine, plain = _ckpt(d, "best.ckpt"), _ckpt(p, "best.ckpt")
+        assert mine["epoch"] == plain["epoch"]
+        _assert_tensors_close(mine["callbacks"][key], plain["callbacks"][key], f"member {j}: best.ckpt rule state")
         wait = lambda rows: [r["early_stop/wait"] for r in rows if r["early_stop/wait"]]  # noqa: E731
         assert wait(_csv_rows(d / "metrics.csv")) == wait(_csv_rows(p / "metrics.csv"))
     assert epochs == [2, 4, 6]
