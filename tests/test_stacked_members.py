@@ -196,3 +196,22 @@ def test_the_group_ends_when_every_member_has_stopped(tmp_path, monkeypatch):
                          compose_cfg(SMALL + common + ["seed=1", "optimizer.lr=1.0"], dirs[1])], dirs)
     assert [g["epochs_run"] for g in got] == [2, 4] and trained == [0, 1, 2, 3]
     assert all(g["early_stopping"]["stopped"] for g in got)
+
+
+def test_curvature_rule_sees_the_members_standard_errors_and_logs_its_diagnostics(tmp_path):
+    """callbacks=curvature_stop (reads val/loss, train/loss and val/loss_se, logs early_stop/* every epoch):
+    each member's rule state, summary entry and logged diagnostics equal its plain run's."""
+    members = [(0, ("optimizer.lr=0.05",)), (1, ("optimizer.lr=0.5",))]
+    for j, (got, want, d, p) in enumerate(_run_both(tmp_path, members, "norm=none", "optimizer=sgd",
+                                                    "callbacks=curvature_stop", "callbacks.curvature_stop.warmup=2",
+                                                    "trainer.max_epochs=5")):
+        assert (got["status"], got["epochs_run"], got["stop_reason"]) == \
+            (want["status"], want["epochs_run"], want["stop_reason"])
+        _assert_tensors_close(got["early_stopping"], want["early_stopping"], f"member {j}: early_stopping")
+        rows = lambda d: [{k: v for k, v in r.items() if k.startswith("early_stop/")}  # noqa: E731
+                          for r in _ckpt(d)["callbacks"]["EpochHistory"]["history"]]
+        assert any(rows(p)) and [r.keys() for r in rows(d)] == [r.keys() for r in rows(p)]
+        for a, b in zip(rows(d), rows(p)):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+        key = next(k for k in _ckpt(p)["callbacks"] if k.startswith("CurvatureEarlyStopping"))
+        _assert_tensors_close(_ckpt(d)["callbacks"][key], _ckpt(p)["callbacks"][key], f"member {j}: rule state")
