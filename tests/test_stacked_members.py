@@ -60,8 +60,11 @@ def test_members_with_different_seeds_lr_weight_decay_and_label_noise_form_one_g
     cfgs = [compose_cfg(SMALL + [f"seed={s}", "norm=none", *own]) for s, own in LR_WD]
     cfgs.append(compose_cfg(SMALL + ["seed=3", "norm=none", "data.label_noise=0.2"]))
     cfgs.append(compose_cfg(SMALL + ["seed=4", "norm=none", "optimizer.betas=[0.8,0.99]"]))
+    # a value that interpolates the learning rate differs with it: such jobs are not one group
+    cfgs += [compose_cfg(SMALL + [f"seed={s}", "norm=none", f"optimizer.lr={lr}", "+lr_copy=${optimizer.lr}"])
+             for s, lr in ((5, 0.1), (6, 0.2))]
     groups, alone = plan(cfgs)
-    assert groups == [[0, 1, 2, 3]] and list(alone) == [4]
+    assert groups == [[0, 1, 2, 3]] and sorted(alone) == [4, 5, 6]
     assert why_not_stacked(compose_cfg(SMALL + ["norm=none", "callbacks=patience_stop",
                                                 "callbacks.patience_stop.monitor=mem/clean_acc"])) \
         .startswith("callbacks.patience_stop.monitor=mem/clean_acc")
