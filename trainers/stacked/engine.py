@@ -1,11 +1,15 @@
-"""Train K configs that differ only in their seed as one stacked model.
+"""Train K configs that differ only in their seed (and in per-member values) as one stacked model.
 
 Each member is built exactly as its plain run builds it (``seed_everything(seed)``, the data module,
 then the module), so it starts from the same weights on the same split. Parameters are stacked with
-``torch.func.stack_module_state`` and the forward pass is ``vmap(functional_call)``. One optimizer runs
-over the stacked tensors: SGD / momentum / Adam / AdamW are elementwise, and the loss is the SUM of the
-members' mean losses, so member k's slice receives exactly its own gradient and its own update. Each
-member draws its own data order from the same seeded sampler its plain run uses.
+``torch.func.stack_module_state`` and the forward pass is ``vmap(functional_call)``. The loss is the SUM
+of the members' mean losses, so member k's slice of each stacked gradient is exactly its own gradient.
+One optimizer holds member k's slices (views of the stacked tensors) as param group k, built by member k's
+own optimizer factory, so each member keeps its own learning rate and weight decay and a scheduler scales
+each group from its own base rate; SGD / momentum / Adam / AdamW are elementwise, so each member gets
+exactly its own update. A member that stopped (early stopping, divergence) freezes: its slices get no
+gradient, so the optimizer skips them. Each member draws its own data order from the same seeded sampler
+its plain run uses.
 
 BatchNorm: the buffers (running_mean / running_var / num_batches_tracked) are stacked like the
 parameters and passed to ``vmap`` as batched inputs, so each member normalizes with its own batch
@@ -37,6 +41,7 @@ from torch.nn import functional as F
 from shiftlab.trainers.build import build_datamodule, build_module
 from shiftlab.trainers.data.base import EpochSeededSampler
 from shiftlab.trainers.stacked.divergence import StackedGuard
+from shiftlab.trainers.stacked.members import MemberCallbacks, measure_memorization
 
 
 @dataclass
@@ -88,10 +93,13 @@ class StackedGroup:
         self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
         self.buffers = {n: b.to(device) for n, b in buffers.items()}
         self.names = [n for n, _ in lead.module.model.named_parameters()]
-        self.optimizer = lead.module.optimizer_factory([self.params[n] for n in self.names])
+        # member i's slices of the stacked parameters (leaves that share their storage): param group i
+        self.slices = [{n: self.params[n].detach()[i] for n in self.names} for i in range(self.k)]
+        self.optimizer = self._member_optimizer()
         self.max_epochs = int(lead.cfg.trainer.max_epochs)
         fac = lead.module.scheduler_factory
         self.scheduler = fac(self.optimizer, max_epochs=self.max_epochs) if fac is not None else None
+        self.active = [True] * self.k  # False: the member stopped (early stopping, divergence) and is frozen
         self.batch_size = lead.dm.batch_size
         self.eval_batch_size = lead.dm.eval_batch_size
         self.n_train = len(lead.dm.train_set)
@@ -105,6 +113,25 @@ class StackedGroup:
         self.samplers = [EpochSeededSampler(self.n_train, m.dm.seed) for m in members]
         self.forward = vmap(self._forward_one)
         self.guard = StackedGuard(self.k, device, **(lead.cfg.get("divergence") or {}))
+        self.callbacks = [MemberCallbacks(m, self, i) for i, m in enumerate(members)]
+
+    def _member_optimizer(self) -> torch.optim.Optimizer:
+        """One optimizer, param group i as member i's own optimizer factory builds it over its slices
+        (``foreach`` as configured: torch's default takes it on CUDA; on a CPU the per-tensor loop measured
+        faster here)."""
+        opts = [m.module.optimizer_factory([sl[n] for n in self.names]) for m, sl in zip(self.members, self.slices)]
+        for o in opts[1:]:
+            opts[0].add_param_group(o.param_groups[0])
+        return opts[0]
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Eval-mode logits (K, b, C) of every member on its own inputs ``x`` (K, b, ...): BatchNorm uses its
+        running statistics, as in Lightning's validation loop and the plain probes."""
+        self.template.eval()
+        try:
+            return self.forward(self.params, self.buffers, x)
+        finally:
+            self.template.train()
 
     def _forward_one(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
         return functional_call(self.template, (params, buffers), (x,))
@@ -128,9 +155,11 @@ class StackedGroup:
             idx = order[:, b * self.batch_size:(b + 1) * self.batch_size]
             x, y = self.x_train[rows, idx], self.y_train[rows, idx]
             losses, logits = self._losses(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params.values():
+                p.grad = None
             losses.sum().backward()
             self.guard.before_step(epoch * self.batches + b, self.params.values())
+            self._member_grads()
             self.optimizer.step()
             with torch.no_grad():
                 self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
@@ -204,6 +233,7 @@ class StackedGroup:
         if self.full_batch.clip_grad_norm:
             self._clip_per_member(float(self.full_batch.clip_grad_norm))
         self.guard.before_step(epoch, self.params.values())
+        self._member_grads()
         self.optimizer.step()  # elementwise optimizers call a closure once: same as stepping after it
         with torch.no_grad():
             self.guard.after_step(epoch + 1, losses)
@@ -219,19 +249,23 @@ class StackedGroup:
         ys = torch.stack([getattr(m.dm, f"{split}_set").y for m in self.members]).to(self.device)
         per = []
         correct = torch.zeros(self.k, dtype=torch.long, device=self.device)
-        self.template.eval()  # BatchNorm: running statistics, as Lightning's validation loop
-        try:
-            for s in range(0, xs.shape[1], self.eval_batch_size):
-                x, y = xs[:, s:s + self.eval_batch_size], ys[:, s:s + self.eval_batch_size]
-                logits = self.forward(self.params, self.buffers, x)
-                per.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
-                correct += (logits.argmax(-1) == y).sum(dim=1)
-        finally:
-            self.template.train()
+        for s in range(0, xs.shape[1], self.eval_batch_size):
+            x, y = xs[:, s:s + self.eval_batch_size], ys[:, s:s + self.eval_batch_size]
+            logits = self.predict(x)
+            per.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape))
+            correct += (logits.argmax(-1) == y).sum(dim=1)
         losses = torch.cat(per, dim=1)
         n = losses.shape[1]
         return {f"{split}/loss": losses.mean(dim=1), f"{split}/acc": correct.float() / n,
                 f"{split}/loss_se": losses.std(dim=1) / n ** 0.5}
+
+    def _member_grads(self) -> None:
+        """Each member's slices get their slice of the stacked gradient; a stopped member's get none, so the
+        optimizer leaves them (and their state) alone."""
+        grads = {n: p.grad for n, p in self.params.items()}
+        for i, sl in enumerate(self.slices):
+            for n, p in sl.items():
+                p.grad = grads[n][i] if self.active[i] else None
 
     def member_weights(self, i: int) -> dict[str, Tensor]:
         """Member ``i``'s parameters and buffers under the plain model's names (on the CPU)."""
@@ -239,43 +273,64 @@ class StackedGroup:
         out.update({n: b[i].detach().cpu().clone() for n, b in self.buffers.items()})
         return out
 
+    @torch.no_grad()
+    def load_member_weights(self, i: int, weights: dict[str, Tensor]) -> None:
+        """Put ``weights`` (plain model names) into member ``i``'s parameter and buffer slices."""
+        for n, v in weights.items():
+            target = self.slices[i][n] if n in self.slices[i] else self.buffers[n][i]
+            target.copy_(v.to(target.device))
+
     def member_optimizer_state(self, i: int) -> dict[str, Any]:
-        """Member ``i``'s slice of the stacked optimizer, in the plain optimizer's ``state_dict`` form."""
+        """Member ``i``'s param group and state, in the plain optimizer's ``state_dict`` form."""
         sd = self.optimizer.state_dict()
-        state = {}
-        for idx, st in sd["state"].items():
-            shape = self.params[self.names[idx]].shape
-            state[idx] = {k: (v[i].detach().cpu().clone() if torch.is_tensor(v) and v.shape == shape else
-                              (v.detach().cpu().clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
-        return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
+        n = len(self.names)
+        state = {j: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i * n + j].items()}
+                 for j in range(n) if i * n + j in sd["state"]}
+        group = copy.deepcopy(sd["param_groups"][i])
+        group["params"] = list(range(n))
+        return {"state": state, "param_groups": [group]}
+
+    def member_scheduler_state(self, i: int) -> dict[str, Any] | None:
+        """Member ``i``'s view of the scheduler (its group's base and last rate), as a plain run's."""
+        if self.scheduler is None:
+            return None
+        sd = self.scheduler.state_dict()
+        return {k: ([v[i]] if isinstance(v, list) and len(v) == self.k else copy.deepcopy(v)) for k, v in sd.items()}
 
     def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None,
             signalled: Callable[[], str | None] | None = None) -> None:
         """Train all members for ``max_epochs``, recording each member's history; a member that diverges
-        stops being recorded at that step (its plain run would end there). ``on_epoch_end(i, epoch,
-        improved)`` runs for every member still training (it writes the member's checkpoints).
-        ``signalled()`` names a received SIGINT/SIGTERM (``interrupted`` / ``preempted``): the group stops
-        at the end of that epoch, after every member's ``last.ckpt`` is written (a plain run stops at the
-        next step with ``interrupted.ckpt``; a stacked group stops at the epoch boundary)."""
+        stops being recorded at that step (its plain run would end there), one whose early-stopping rule
+        fires stops after that epoch with its rule's best weights restored; both freeze. The group ends when
+        every member stopped. ``on_epoch_end(i, epoch, improved)`` runs for every member still training (it
+        writes the member's checkpoints). ``signalled()`` names a received SIGINT/SIGTERM (``interrupted`` /
+        ``preempted``): the group stops at the end of that epoch, after every member's ``last.ckpt`` is
+        written (a plain run stops at the next step with ``interrupted.ckpt``; a stacked group stops at the
+        epoch boundary)."""
         for epoch in range(self.max_epochs):
             status = signalled() if signalled is not None else None
             if status and epoch > 0:
-                for m in self.members:
-                    if m.status == "completed":
+                for i, m in enumerate(self.members):
+                    if self.active[i]:
                         m.status, m.stopped_step = status, epoch * self.batches
                         m.stop_reason = f"{status} after epoch {epoch - 1} (a stacked group stops at epoch ends)"
                 break
-            if all(m.status != "completed" for m in self.members):
+            if not any(self.active):
                 break
             train = self.train_epoch(epoch)
             for i, why in self.guard.newly_diverged(epoch):
-                m = self.members[i]
-                m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
+                if self.active[i]:
+                    m = self.members[i]
+                    m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
+                    self.active[i] = False
             val = self.evaluate("val")
-            for i, m in enumerate(self.members):
-                if m.status != "completed":
-                    continue
-                m.history.append({"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}})
+            rows = {i: {"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}}
+                    for i in range(self.k) if self.active[i]}
+            stops = {i: self.callbacks[i].early_stop(epoch, rows[i]) for i in rows}
+            measure_memorization(self, rows, epoch, (epoch + 1) * self.batches)
+            for i, row in rows.items():
+                m = self.members[i]
+                m.history.append(row)
                 score = val["val/acc"][i].detach().cpu()
                 # ModelCheckpoint(monitor=val/acc, mode=max): strictly better replaces the best
                 improved = m.best_score is None or bool(score > m.best_score)
@@ -283,3 +338,9 @@ class StackedGroup:
                     m.best_score, m.best_epoch = score.clone(), epoch
                 if on_epoch_end is not None:
                     on_epoch_end(i, epoch, improved)
+                if stops[i]:
+                    self.active[i] = False
+                    self.callbacks[i].end_training()  # the rule's best weights, as the plain run's on_train_end
+        for i, m in enumerate(self.members):
+            if self.active[i] and m.status == "completed":
+                self.callbacks[i].end_training()

@@ -1,5 +1,6 @@
 """Which jobs of a multirun can train as one stacked model, and why the others cannot.
 
+Jobs form a group when their configs are equal except for the per-member keys (:data:`MEMBER_KEYS`).
 Why a whitelist: a stacked member must end exactly where its plain run ends. Only what the stacked
 engine (:mod:`shiftlab.trainers.stacked.engine`) reproduces member by member is accepted; everything
 else runs under the basic launcher with a one-line reason.
@@ -28,8 +29,13 @@ FREE_TRAINER_KEYS = {"_target_", "default_root_dir", "max_epochs", "min_epochs",
                      "enable_model_summary", "log_every_n_steps", "deterministic", "enable_checkpointing"}
 FIXED_TRAINER_KEYS = {"devices": 1, "num_nodes": 1, "precision": "32-true", "check_val_every_n_epoch": 1,
                       "sync_batchnorm": False}
-# the per-member keys: a group's configs may differ only here
+# the per-member keys: a group's configs may differ only here (the seed, and values that act per member
+# elementwise: each member's param group has its own lr / weight_decay, its data module its own label noise)
 SEED_KEYS = ("seed", "data.seed")
+MEMBER_KEYS = SEED_KEYS + ("optimizer.lr", "optimizer.weight_decay", "data.label_noise")
+EARLY_STOPPING = "shiftlab.callbacks.early_stopping.RuleEarlyStopping"
+# what a stacked member logs before its early-stopping rule decides (the rule's monitor must be one of them)
+MEMBER_METRICS = {"val/loss", "val/acc", "val/loss_se", "train/loss", "train/acc"}
 
 
 def _target(node: Any) -> str | None:
@@ -62,12 +68,20 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     if int((cfg.get("divergence") or {}).get("check_every", 1)) != 1:
         return "divergence.check_every>1: the stacked guard checks every step"
     callbacks = cfg.get("callbacks") or {}
-    for name in sorted(set(callbacks.keys()) - BASE_CALLBACKS):  # epoch probes run per member (probes.py)
+    extra = sorted(set(callbacks.keys()) - BASE_CALLBACKS)
+    stops = [k for k in extra if _target(callbacks[k]) == EARLY_STOPPING]
+    probes = [k for k in extra if k not in stops]
+    for name in probes:  # epoch probes run per member (probes.py)
         reason = why_not_hosted(name, callbacks[name])
         if reason:
             return reason
-    if (cfg.get("probes") or {}).get("max_overhead") is not None:
-        return f"probes.max_overhead={cfg.probes.max_overhead}: the run-wide probe budget is not stacked"
+    reason = _why_not_early_stopping(cfg, stops)
+    if reason:
+        return reason
+    noisy = float((cfg.data or {}).get("label_noise") or 0.0) > 0  # label noise adds a memorization probe
+    if (cfg.get("probes") or {}).get("max_overhead") is not None and (probes or noisy):
+        return (f"probes.max_overhead={cfg.probes.max_overhead}: the run-wide probe budget is not stacked "
+                "(probe skipping depends on the run's own timing)")
     mc = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if mc is not None and (mc.get("monitor") != "val/acc" or mc.get("mode") != "max"):
         return f"callbacks.model_checkpoint.monitor={mc.get('monitor')}: only val/acc (max) is tracked per member"
@@ -87,12 +101,33 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     return None
 
 
+def _why_not_early_stopping(cfg: DictConfig, names: list[str]) -> str | None:
+    """The stacked engine runs one RuleEarlyStopping per member on the metrics it logs itself."""
+    if len(names) > 1:
+        return f"callbacks.{names[1]}: more than one early-stopping callback runs alone"
+    for name in names:
+        node = cfg.callbacks[name]
+        for key, default in (("monitor", "val/loss"), ("train_monitor", "train/loss")):
+            value = node.get(key, default)
+            if value is not None and value not in MEMBER_METRICS:
+                return f"callbacks.{name}.{key}={value}: a stacked member logs only {', '.join(sorted(MEMBER_METRICS))}"
+        if int((cfg.trainer or {}).get("min_epochs") or 0) > 1:
+            return f"trainer.min_epochs={cfg.trainer.min_epochs} with early stopping: runs alone"
+    return None
+
+
 def group_key(cfg: DictConfig) -> str:
-    """The config with the per-member keys removed, unresolved: jobs with equal keys form a group."""
+    """The config with the per-member keys removed, unresolved: jobs with equal keys form a group. A
+    per-member key other than the seed that another value interpolates stays in the key (that value would
+    differ between members too)."""
     node = OmegaConf.to_container(cfg, resolve=False)
     node.pop("hydra", None)
-    node.pop("seed", None)
-    (node.get("data") or {}).pop("seed", None)
+    text = OmegaConf.to_yaml(OmegaConf.create(node))
+    for key in MEMBER_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        holder = node.get(parent) if parent else node
+        if isinstance(holder, dict) and leaf in holder and (key in SEED_KEYS or "${" + key + "}" not in text):
+            holder.pop(leaf)
     return OmegaConf.to_yaml(OmegaConf.create(node), sort_keys=True)
 
 
@@ -109,7 +144,7 @@ def plan(configs: list[DictConfig]) -> tuple[list[list[int]], dict[int, str]]:
     stacked = []
     for members in groups.values():
         if len(members) == 1:
-            alone[members[0]] = "no other job differs from it only in seed"
+            alone[members[0]] = f"no other job differs from it only in {', '.join(MEMBER_KEYS)}"
         else:
             stacked.append(members)
     return stacked, alone

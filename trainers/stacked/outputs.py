@@ -16,7 +16,7 @@ from shiftlab.callbacks.run_contract import EXIT_CODES
 from shiftlab.trainers.build import build_callbacks
 from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text, load_weights_only
 from shiftlab.trainers.stacked.engine import Member, StackedGroup
-from shiftlab.trainers.summary import _finite, evaluate_split, write_outputs
+from shiftlab.trainers.summary import _finite, write_outputs
 
 
 def _progress(total: dict, current: dict) -> dict:
@@ -114,11 +114,11 @@ def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path
         nodes = (member.cfg.get("callbacks") or {})
         ckdir = out / "checkpoints"
         ckdir.mkdir(parents=True, exist_ok=True)
+        states = _callback_states(member, out, epoch + 1, group.guard.state_dict(i), checkpoint_cbs[i])
+        states.update(group.callbacks[i].states())  # early stopping, memorization probe
+        states.update(extra_states(i) if extra_states is not None else {})  # the member's epoch probes
         ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
-                           group.member_optimizer_state(i), group.scheduler.state_dict() if group.scheduler else None,
-                           _callback_states(member, out, epoch + 1, group.guard.state_dict(i),
-                                            checkpoint_cbs[i],
-                                            extra_states(i) if extra_states is not None else None))
+                           group.member_optimizer_state(i), group.member_scheduler_state(i), states)
         if nodes.get("last_checkpoint") is not None:
             atomic_save(ckpt, ckdir / "last.ckpt")
         if improved and nodes.get("model_checkpoint") is not None:
@@ -133,15 +133,16 @@ def finish_member(member: Member, group: StackedGroup, i: int, out: Path) -> Non
         return
     module, device = member.module, group.device
     module.model.load_state_dict(group.member_weights(i))
-    module.model.to(device)
-    split = member.dm.train_set
-    final = evaluate_split(module.model, split.x, split.y, device)
-    member.train_metrics = {"train/loss": final["loss"], "train/acc": final["acc"]}
+    module.to(device)
+    member.train_metrics = module.final_train_metrics(member.dm.train_set)
     if not member.cfg.get("test", True):
         return
     which = member.cfg.get("test_ckpt") or "best"
     best, last = out / "checkpoints" / "best.ckpt", out / "checkpoints" / "last.ckpt"
-    if which == "best" and best.is_file():
+    restored = group.callbacks[i].restored_note() if which == "best" else None
+    if restored:
+        member.test_weights = restored
+    elif which == "best" and best.is_file():
         module.load_state_dict(load_weights_only(best)["state_dict"])
         member.test_weights = f"best: best.ckpt, val/acc={float(member.best_score):.4f}"
     elif which == "last" and last.is_file():
@@ -167,17 +168,18 @@ def finish_member(member: Member, group: StackedGroup, i: int, out: Path) -> Non
 
 def _metrics_csv(member: Member, batches: int) -> str:
     """metrics.csv as the plain run's CSV logger writes it: a val row and a train row per epoch, a test row."""
-    val_keys = ("val/acc", "val/loss", "val/loss_se")
-    probed = {k for r in member.history for k in r if k not in val_keys and k != "epoch"}  # train row: train/*, probes
-    cols = sorted({"epoch", "step", "test/acc", "test/f1_macro", "test/loss", "test/precision_macro",
-                   "test/recall_macro", *val_keys, *probed})  # the CSV logger's order: sorted keys
+    cols = ["epoch", "step", "test/acc", "test/f1_macro", "test/loss", "test/precision_macro",
+            "test/recall_macro", "train/acc", "train/loss", "val/acc", "val/loss", "val/loss_se"]
+    # epoch-end values of the member's callbacks (early_stop/*, mem/*, probe_cost/*) go in the train row
+    extra = sorted({k for r in member.history for k in r} - set(cols))
+    cols = sorted(cols + extra)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in member.history:
         step = (r["epoch"] + 1) * batches - 1
-        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in val_keys}})
-        w.writerow({"epoch": r["epoch"], "step": step, **{k: v for k, v in r.items() if k in probed}})
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("val/acc", "val/loss", "val/loss_se")}})
+        w.writerow({"epoch": r["epoch"], "step": step, **{k: r[k] for k in ("train/acc", "train/loss", *extra) if k in r}})
     if member.test_metrics:
         t = member.test_metrics
         w.writerow({"epoch": len(member.history), "step": len(member.history) * batches,
@@ -193,7 +195,8 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
     atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
     h = member.history[-1] if member.history else {}
     done = member.status == "completed"
-    reason = f"max_epochs={group.max_epochs} reached" if done else member.stop_reason
+    reporters = [*(probes or []), *diagnose_member(member, out), *group.callbacks[i].reporters()]
+    reason = (reporting.stop_reason(reporters) or f"max_epochs={group.max_epochs} reached") if done else member.stop_reason
     last = out / "checkpoints" / "last.ckpt"
     if not done:
         reason += f"; {last} kept (end of the last finished epoch)" if last.is_file() else \
@@ -220,8 +223,8 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
     summary["run_dir"] = str(out)
     summary["stacked"] = {"group_size": group.k, "member": i, "device": str(group.device),
                           "wall_time_note": "wall_time_s is the whole group's time"}
-    reporters = [*(probes or []), *diagnose_member(member, out)]
     summary.update(reporting.summary_items(reporters))
+    group.callbacks[i].write_files(out)
     summary = {k: _finite(v) for k, v in summary.items()}
     write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}",
                   note="; ".join(reporting.plot_notes(reporters)) or None)

@@ -80,12 +80,11 @@ class _ModuleView:
 
 
 class MemberProbes:
-    """The epoch probes of one stacked member (``probes`` built from its config, plus ``extra``)."""
+    """The configured epoch probes of one stacked member."""
 
-    def __init__(self, member: Any, out: Path, max_epochs: int, group_size: int, extra: list | None = None) -> None:
+    def __init__(self, member: Any, out: Path, max_epochs: int, group_size: int) -> None:
         self.member, self.group_size = member, group_size
         self.probes: list[Probe] = [cb for cb in build_callbacks(member.cfg) if isinstance(cb, Probe)]
-        self.probes += [p for p in (extra or []) if not any(type(q) is type(p) for q in self.probes)]
         self.trainer = _TrainerView(member.dm, str(out), max_epochs)
         self.module = _ModuleView(member.module)
         for p in self.probes:

@@ -18,8 +18,6 @@ from shiftlab.trainers.stacked.probes import MemberProbes
 def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str, Any]]:
     """Like ``[train(c) for c in cfgs]`` for configs that differ only in their seed (see
     :func:`shiftlab.trainers.stacked.grouping.why_not_stacked`); returns the members' summaries."""
-    from shiftlab.trainers.train import label_noise_probe
-
     start = time.perf_counter()
     for cfg in cfgs:
         check_config(cfg)
@@ -28,9 +26,9 @@ def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str
         members = [build_member(cfg) for cfg in cfgs]
         group = StackedGroup(members, pick_device(cfgs[0]))
         dirs = [Path(d) for d in out_dirs]
-        probes = [MemberProbes(m, dirs[i], group.max_epochs, group.k,
-                               extra=label_noise_probe(m.cfg, m.module, []))  # as train() adds it
-                  for i, m in enumerate(members)]
+        # the configured epoch probes; the memorization probe a label-noise run adds is the group's
+        # (members.py: one vmap forward for all members)
+        probes = [MemberProbes(m, dirs[i], group.max_epochs, group.k) for i, m in enumerate(members)]
         write = epoch_writer(members, group, dirs, extra_states=lambda i: probes[i].states())
         fit_start = time.perf_counter()
 
