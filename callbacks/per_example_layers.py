@@ -1,0 +1,266 @@
+"""Per-example gradient quantities from each layer's inputs and output gradients, without forming the
+``N x P`` per-example gradients: the fast path behind :func:`shiftlab.callbacks.gradient_stats.batch_moments`,
+and the exact Gauss-Newton trace :func:`ggn_trace`.
+
+Why it exists: a cost target. The gradient tests need only moments of the per-example gradients (norms,
+dot products with the mean, sums of squares); ``vmap`` over ``grad`` materialises all of them (23k
+numbers per example on the issue's MLP) and cost several times Cockpit's norm test, and Hutchinson's
+trace to a 5% standard error cost tens of Hessian-vector products where BackPACK's exact diagonal cost
+about one backward pass. For ``nn.Linear`` on 2-d inputs the per-example weight gradient is the outer
+product ``d_n a_n^T`` of the layer's output gradient ``d_n`` and input ``a_n`` (BackPACK's trick), so
+
+* ``|g_n|^2 = |a_n|^2 |d_n|^2`` (bias: ``|d_n|^2``), ``<g_n, v> = d_n^T V a_n``,
+* ``sum_n g_n^2 = (d^2)^T (a^2)`` elementwise,
+
+all from one forward and one backward pass. Eval-mode BatchNorm (a per-feature affine map) has
+per-example gradients ``d_n * xhat_n`` and ``d_n``, formed directly (they are ``N x C``).
+
+When it is used: :func:`fast_path_reason` returns None, i.e. every trainable parameter is the weight or
+bias of an ``nn.Linear`` or of an eval-mode BatchNorm layer with running statistics, no BatchNorm
+layer uses batch statistics (train mode: its output couples the examples, so per-example gradients are
+not defined), and at run time no such layer is called twice. Otherwise callers fall back to the
+``torch.func`` path, which stays the reference and the general method. Both paths assume what
+per-example gradients mean: each output row depends only on its own input row.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["NotApplicable", "fast_path_reason", "layer_moments", "layer_gradients", "ggn_trace", "ggn_is_hessian_trace",
+           "GGNTrace"]
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+BN_EVAL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Leaves through which the diagonal of the Hessian equals that of the Gauss-Newton matrix: every
+# parameter enters the output linearly and the activations are piecewise linear (zero second derivative).
+PIECEWISE_LINEAR = (nn.Linear, *BN_EVAL, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.Identity,
+                    nn.Flatten, nn.Unflatten, nn.Dropout)
+
+
+def _owners(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], str | None]:
+    """``[(name, module, 'weight'|'bias')]`` for the trainable parameters in ``named_parameters`` order,
+    or a reason the fast path does not apply."""
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+            return [], f"{name or 'model'}: BatchNorm with batch statistics couples the examples"
+    modules = dict(model.named_modules())
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        m = modules.get(prefix)
+        if not isinstance(m, (nn.Linear, *BN_EVAL)) or leaf not in ("weight", "bias"):
+            return [], f"parameter {name} is not the weight or bias of a Linear or eval-mode BatchNorm layer"
+        out.append((name, m, leaf))
+    if not out:
+        return [], "model has no trainable parameters"
+    return out, None
+
+
+def fast_path_reason(model: nn.Module) -> str | None:
+    """None when :func:`layer_moments` applies to ``model`` as it is now, else why not."""
+    return _owners(model)[1]
+
+
+@dataclass
+class _Record:
+    inputs: Tensor
+    output: Tensor
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def _capture(model: nn.Module, modules: list[nn.Module]) -> Iterator[dict[nn.Module, _Record]]:
+    """Record the input (detached) and output (in the graph) of each module during a forward pass."""
+    rec: dict[nn.Module, _Record] = {}
+
+    def hook(m: nn.Module, inputs: tuple, output: Tensor) -> None:
+        r = rec.get(m)
+        rec[m] = _Record(inputs[0].detach(), output, (r.calls if r else 0) + 1)
+
+    handles = [m.register_forward_hook(hook) for m in dict.fromkeys(modules)]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward(model: nn.Module, x: Tensor, owners) -> tuple[Tensor, dict[nn.Module, _Record]]:
+    with _capture(model, [m for _, m, _ in owners]) as rec, torch.enable_grad():
+        out = model(x)
+    twice = [type(m).__name__ for m, r in rec.items() if r.calls > 1]
+    if twice:
+        raise NotApplicable(f"a layer is called more than once ({', '.join(twice)})")
+    return out, rec
+
+
+class NotApplicable(RuntimeError):
+    """Raised when a run-time check rules the fast path out (callers fall back)."""
+
+
+def _xhat(m: nn.Module, a: Tensor) -> Tensor:
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    return (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+
+
+def _dense(m: nn.Module, leaf: str, a: Tensor, d: Tensor) -> Tensor | None:
+    """Per-example gradients ``(..., N, k)`` of one parameter from input ``a`` (N, ...) and output gradients
+    ``d`` (..., N, ...), or None for a 2-d Linear weight (kept as factors). Leading dims of ``d`` batch it."""
+    lead = d.dim() - a.dim()
+    if isinstance(m, nn.Linear):
+        if leaf == "bias":
+            return d.reshape(*d.shape[: lead + 1], -1, d.shape[-1]).sum(-2)
+        if a.dim() == 2:
+            return None
+        pe = torch.einsum("...nto,nti->...noi", d.flatten(lead + 1, -2), a.flatten(1, -2))
+        return pe.flatten(-2)
+    red = tuple(range(lead + 2, d.dim()))  # BatchNorm: sum over the positions of each channel
+    g = d * _xhat(m, a) if leaf == "weight" else d
+    return g.sum(red) if red else g
+
+
+def layer_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy):
+    """``(GradientMoments, losses)`` of the per-example gradients of ``loss`` (applied to one example at a
+    time, as in :func:`~shiftlab.callbacks.gradient_stats.per_example_gradients`) from one forward and one
+    backward pass. Raises ValueError when :func:`fast_path_reason` is not None."""
+    from shiftlab.callbacks.gradient_stats import GradientMoments
+
+    owners, why = _owners(model)
+    if why:
+        raise ValueError(why)
+    out, rec = _forward(model, x, owners)
+    losses = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+    mods = list(dict.fromkeys(m for _, m, _ in owners))
+    outs = torch.autograd.grad(losses.sum(), [rec[m].output for m in mods], allow_unused=True)
+    dgrad = {m: (torch.zeros_like(rec[m].output) if g is None else g.detach()) for m, g in zip(mods, outs)}
+    n = x.shape[0]
+    means, coords, sq, blocks = [], [], 0.0, []
+    for _, m, leaf in owners:
+        a, d = rec[m].inputs, dgrad[m]
+        pe = _dense(m, leaf, a, d)
+        if pe is None:  # Linear weight on (N, in): per-example gradient d_n a_n^T
+            mean = d.T @ a / n
+            sq = sq + d.square().sum(1) * a.square().sum(1)
+            coords.append((d.square().T @ a.square()).reshape(-1) / n)
+            blocks.append(((d @ mean) * a).sum(1))
+        else:
+            mean = pe.mean(0)
+            sq = sq + pe.square().sum(1)
+            coords.append(pe.square().mean(0))
+            blocks.append(pe @ mean)
+        means.append(mean.reshape(-1))
+    grad = torch.cat(means)
+    return (GradientMoments(n, grad.numel(), grad.double(), torch.as_tensor(sq).double(),
+                            torch.stack(blocks).sum(0).double(), torch.cat(coords).double()),
+            losses.detach())
+
+
+def layer_gradients(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy) -> tuple[Tensor, Tensor]:
+    """``(G, losses)`` as :func:`~shiftlab.callbacks.gradient_stats.per_example_gradients` returns them, built
+    from the layer factors (``einsum``) for callers that need the per-example gradients themselves."""
+    owners, why = _owners(model)
+    if why:
+        raise ValueError(why)
+    out, rec = _forward(model, x, owners)
+    losses = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+    mods = list(dict.fromkeys(m for _, m, _ in owners))
+    outs = torch.autograd.grad(losses.sum(), [rec[m].output for m in mods], allow_unused=True)
+    dgrad = {m: (torch.zeros_like(rec[m].output) if g is None else g.detach()) for m, g in zip(mods, outs)}
+    cols = []
+    for _, m, leaf in owners:
+        a, d = rec[m].inputs, dgrad[m]
+        pe = _dense(m, leaf, a, d)
+        cols.append(torch.einsum("no,ni->noi", d, a).flatten(1) if pe is None else pe)
+    return torch.cat(cols, 1), losses.detach()
+
+
+@dataclass
+class GGNTrace:
+    """``tr(GGN)`` of the mean cross-entropy and whether it equals ``tr(Hessian)`` for that model."""
+
+    trace: float
+    equals_hessian_trace: bool
+    reason: str | None  # why not, when it does not
+
+
+def ggn_is_hessian_trace(model: nn.Module, x: Tensor) -> str | None:
+    """None when ``tr(GGN) = tr(H)`` for ``model`` on ``x`` (checked by one forward pass), else why not.
+
+    Exact when the network is a chain of leaf modules (each leaf's input is the previous leaf's output
+    tensor, the model's output the last one's: no tensor operation outside the leaves), every leaf is
+    piecewise linear (``PIECEWISE_LINEAR``), and :func:`fast_path_reason` holds. Then every parameter enters
+    the logits linearly and the activations have zero second derivative, so the diagonal of the residual
+    term ``sum_c dL/df_c * d^2 f_c / dtheta^2`` vanishes: the Hessian's diagonal is the GGN's (its
+    off-diagonal blocks are not)."""
+    why = fast_path_reason(model)
+    if why:
+        return why
+    leaves = [m for m in model.modules() if not list(m.children())]
+    bad = sorted({type(m).__name__ for m in leaves if not isinstance(m, PIECEWISE_LINEAR)})
+    if bad:
+        return f"not piecewise linear: {', '.join(bad)}"
+    chain: dict[str, object] = {"last": x, "ok": True}
+
+    def hook(m: nn.Module, inputs: tuple, output: Tensor) -> None:
+        chain["ok"] = chain["ok"] and inputs[0] is chain["last"]
+        chain["last"] = output
+
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not (chain["ok"] and out is chain["last"]):
+        return "the forward pass is not a chain of its leaf modules (operations outside them)"
+    return None
+
+
+def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> GGNTrace:
+    """Exact trace of the generalized Gauss-Newton matrix of ``cross_entropy(model(x), y)`` (mean):
+    ``tr G = (1/N) sum_n sum_c |J_n^T s_nc|^2`` with ``S_n S_n^T = diag(p_n) - p_n p_n^T``,
+    ``s_nc = sqrt(p_nc) (e_c - p_n)``. The ``C`` columns are backpropagated to the layer outputs in one
+    batched backward pass (``is_grads_batched``); per Linear layer the trace is then
+    ``sum_n |a_n|^2 sum_c |d_nc|^2`` (bias ``sum |d_nc|^2``), as BackPACK's exact diagonal GGN.
+
+    Cost: one forward and one ``C``-fold batched backward pass, against one double-backward pass per
+    Hutchinson probe. Equals the Hessian trace when :func:`ggn_is_hessian_trace` says so (e.g. ReLU MLPs,
+    with or without eval-mode BatchNorm); otherwise it is the GGN's trace (tanh nets: a positive
+    semi-definite approximation). Raises ValueError where :func:`fast_path_reason` is not None."""
+    owners, why = _owners(model)
+    if why:
+        raise ValueError(why)
+    reason = ggn_is_hessian_trace(model, x)
+    out, rec = _forward(model, x, owners)
+    if out.dim() != 2:
+        raise ValueError(f"ggn_trace needs logits of shape (N, C), got {tuple(out.shape)}")
+    n, c = out.shape
+    p = torch.softmax(out.detach(), 1)
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    s = p.sqrt().T.unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))  # (C, N, C): s[c, n] = s_nc
+    mods = list(dict.fromkeys(m for _, m, _ in owners))
+    outs = torch.autograd.grad(out, [rec[m].output for m in mods], grad_outputs=s, is_grads_batched=True,
+                               allow_unused=True)
+    grads = dict(zip(mods, outs))
+    total = torch.zeros((), dtype=torch.float64, device=out.device)
+    for _, m, leaf in owners:
+        if grads[m] is None:  # a layer the logits do not depend on
+            continue
+        a, d = rec[m].inputs, grads[m].detach()
+        pe = _dense(m, leaf, a, d)
+        if pe is None:
+            total += (a.square().sum(1) * d.square().sum(2)).sum().double()
+        else:
+            total += pe.square().sum().double()
+    return GGNTrace(float(total) / n, reason is None, reason)
