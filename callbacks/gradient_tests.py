@@ -4,8 +4,9 @@ Why a callback of its own: these statistics describe the very mini-batch gradien
 is about to use (the norm / inner-product / orthogonality tests of adaptive-batch methods, the
 gradient SNR, the evidence-based stopping criterion, B_simple, Cockpit's alpha), so they are
 measured in ``on_train_batch_start`` on that batch, at the parameters the step starts from. The
-math is in :mod:`shiftlab.callbacks.gradient_stats`: one ``torch.func`` pass gives the per-example
-gradients, every statistic is a reduction of them.
+math is in :mod:`shiftlab.callbacks.gradient_stats`: one pass gives the moments of the per-example
+gradients (from layer factors when every parameter belongs to a Linear / eval-mode BatchNorm layer,
+else ``torch.func``; ``layer_path`` logs 1 or 0), every statistic is a reduction of them.
 
 Cost budget (``max_overhead``): the wall time of the probes and of the training steps (from the
 end of a ``on_train_batch_start`` to ``on_train_batch_end``) are both measured; a due probe is
@@ -98,13 +99,11 @@ class GradientTests(L.Callback, Reporter):
         """(values, seconds per quantity, (losses, G)) of the statistics on one batch."""
         cost: dict[str, float] = {}
         t = time.perf_counter()
-        with eval_mode(model):
-            G, losses = gs.per_example_gradients(model, x, y, loss, self.chunk_size)
+        with eval_mode(model):  # layer factors where every parameter allows, else vmap (batch_moments)
+            bm = gs.batch_moments(model, x, y, loss, self.chunk_size)
         cost["per_example_gradients"] = time.perf_counter() - t
-        t = time.perf_counter()
-        moments = gs.gradient_moments(G)
-        cost["moments"] = time.perf_counter() - t
-        values: dict[str, float] = {}
+        moments, losses, G = bm.moments, bm.losses, bm.gradients
+        values: dict[str, float] = {"layer_path": float(bm.path == "layers")}
         for q in self.quantities:
             if q in gs.STATISTICS:
                 t = time.perf_counter()
