@@ -180,8 +180,8 @@ def test_the_gradient_tests_callback_records_the_path():
     cb = GradientTests(every_n_steps=1, max_overhead=None)
     fast, cost, (losses, G) = cb.measure(_mlp(bn=True), x, y)
     ln = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
-    slow, _, (_, G_slow) = cb.measure(ln, x, y)
+    slow, _, _ = cb.measure(ln, x, y)
     assert fast["layer_path"] == 1.0 and G is None and cost["per_example_gradients"] > 0
-    assert slow["layer_path"] == 0.0 and G_slow.shape == (16, sum(p.numel() for p in ln.parameters()))
+    assert slow["layer_path"] == 0.0
     ref = gs.batch_moments(_mlp(bn=True), x, y, path="vmap").moments
     assert fast["norm_test"] == pytest.approx(gs.norm_test(ref), rel=1e-5)
