@@ -245,7 +245,7 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
     model = make_model(bn)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     costs: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
+    t0, ticks = time.perf_counter(), [time.perf_counter()]
     for step, (xb, yb) in enumerate(batches(x, y, steps, seed=1)):
         if probe is not None and step % EVERY == 0:
             for k, v in probe(model, xb, yb, step).items():
@@ -257,8 +257,22 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
             GradientTests._alpha(model, start, xb, yb, F.cross_entropy)
             costs.setdefault("alpha", []).append(time.perf_counter() - t)
         sgd_step(model.train(), opt, xb, yb)
-    return {"seconds": time.perf_counter() - t0,
+        ticks.append(time.perf_counter())
+    return {"seconds": time.perf_counter() - t0, "added_ms_per_probe": added_ms_per_probe(ticks),
             "ms_per_probe": {k: 1e3 * statistics.median(v) for k, v in costs.items()}}
+
+
+def added_ms_per_probe(ticks: list[float], every: int = EVERY) -> float:
+    """Milliseconds a probe adds to training, from the step times of one run: the median time of each
+    step phase (``step % every``) over the run's cycles, summed, minus ``every`` times the median
+    of the phases that do no probing work in either tool (``2 .. every-1``; phase 1 holds alpha's
+    end point). Why not run time minus an unprobed run: on a shared machine two runs' load differs
+    by more than a few-millisecond probe adds; phases of one run see the same load, and medians
+    drop the steps another job interrupted."""
+    dt = [b - a for a, b in zip(ticks, ticks[1:])]
+    cycles = len(dt) // every
+    phase = [statistics.median(dt[k : cycles * every : every]) for k in range(every)]
+    return 1e3 * (sum(phase) - every * statistics.median(phase[2:]))
 
 
 def cost_section(x, y, steps: int, subset: int = SUBSET) -> dict[str, Any]:

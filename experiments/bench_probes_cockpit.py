@@ -38,8 +38,9 @@ def _import() -> tuple[Any, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _run(x, y, steps: int, quantities: list | None) -> float:
-    """Wall time of ``steps`` SGD steps with Cockpit tracking ``quantities`` (None: no Cockpit)."""
+def _run(x, y, steps: int, quantities: list | None) -> tuple[float, float]:
+    """Wall time of ``steps`` SGD steps with Cockpit tracking ``quantities`` (None: no Cockpit) and the
+    milliseconds added per probe from its step times (:func:`bench_probes.added_ms_per_probe`)."""
     from backpack import extend
     from cockpit import Cockpit
 
@@ -48,6 +49,7 @@ def _run(x, y, steps: int, quantities: list | None) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=bp.LR)
     ck = Cockpit(model.parameters(), quantities=quantities) if quantities is not None else None
     t0 = time.perf_counter()
+    ticks = [t0]
     for step, (xb, yb) in enumerate(bp.batches(x, y, steps, seed=1)):
         out = model(xb)
         loss = loss_fn(out, yb)
@@ -60,7 +62,8 @@ def _run(x, y, steps: int, quantities: list | None) -> float:
                                 "optimizer": opt}):
                 loss.backward(create_graph=ck.create_graph(step))
         opt.step()
-    return time.perf_counter() - t0
+        ticks.append(time.perf_counter())
+    return time.perf_counter() - t0, bp.added_ms_per_probe(ticks)
 
 
 def _values_at(state: dict, xb, yb) -> dict[str, Any]:
@@ -108,12 +111,13 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
 
     sched = linear(bp.EVERY)
     n_probes = len(range(0, steps, bp.EVERY))
-    base = min(_run(x, y, steps, None) for _ in range(2))
-    ratios = {c: _run(x, y, steps, configuration(c, track_schedule=sched)) / base
-              for c in ("economy", "business", "full")}
-    ms = {}
+    base = min(_run(x, y, steps, None)[0] for _ in range(2))
+    ratios, ms, added = {}, {}, {}
+    for c in ("economy", "business", "full"):
+        t, added[c] = _run(x, y, steps, configuration(c, track_schedule=sched))
+        ratios[c] = t / base
     for q in SINGLE:
-        t = _run(x, y, steps, [getattr(quantities, q)(track_schedule=sched)])
+        t, added[q] = _run(x, y, steps, [getattr(quantities, q)(track_schedule=sched)])
         ms[q] = 1e3 * max(t - base, 0.0) / n_probes
     states = bp.train_checkpoints(False, x, y, checkpoints)
     xb, yb = x[: bp.BATCH], y[: bp.BATCH]
@@ -127,7 +131,7 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
                               "shiftlab": abs(v["shiftlab"]["trace_layer_factors"] - exact) / abs(exact)}
     return {"available": True, "version": getattr(ck, "__version__", "1.0.2?"),
             "unprobed_seconds_backpack_model": base, "unprobed_seconds_shiftlab_loop": unprobed_seconds,
-            "ratios": ratios, "ms_per_probe": ms, "probes": n_probes,
+            "ratios": ratios, "ms_per_probe": ms, "added_ms_per_probe": added, "probes": n_probes,
             "values_on_first_batch": values,
             "max_rel_diff_shared": max(abs(v["cockpit"][k] - v["shiftlab"][s]) / max(abs(v["shiftlab"][s]), 1e-12)
                                        for v in values.values() for k, s in SHARED.items()),

@@ -109,20 +109,16 @@ def tables(res: dict[str, Any]) -> str:
 
 
 def same_quantity_table(res: dict[str, Any], ck: dict[str, Any] | None) -> list[str]:
-    """Cost of one quantity alone, shiftlab against Cockpit, both as run time minus the unprobed run per
-    probe (plain model); Cockpit's figures only where it ran here."""
-    rows, probes = res["cost"]["plain"], len(range(0, res["cost_steps"], res.get("every", EVERY)))
+    """Cost of one quantity alone, shiftlab against Cockpit, both as milliseconds added per probe from the
+    step times of one run (``bench_probes.added_ms_per_probe``; plain model); Cockpit's figures only where
+    it ran here."""
+    rows = res["cost"]["plain"]
 
     def added(name: str) -> float | None:
-        v = rows.get(name)
-        return None if v is None else 1e3 * (v["seconds"] - rows["unprobed_seconds"]) / probes
+        return rows.get(name, {}).get("added_ms_per_probe")
 
     def cockpit(name: str) -> float | None:
-        if ck is None:
-            return None
-        if name in ck["ratios"]:
-            return 1e3 * (ck["ratios"][name] - 1) * ck["unprobed_seconds_backpack_model"] / ck["probes"]
-        return ck["ms_per_probe"].get(name)
+        return None if ck is None else ck.get("added_ms_per_probe", {}).get(name)
 
     eig = rows.get("gradient_tests+curvature", {}).get("ms_per_probe", {}).get("lanczos_eigenvalue_batch")
     table = [  # (quantity, ours, ours before, Cockpit's name)
@@ -133,7 +129,8 @@ def same_quantity_table(res: dict[str, Any], ck: dict[str, Any] | None) -> list[
         ("top eigenvalue of the batch loss", ("Lanczos tol 1e-3, ms per call", eig), None, "HessMaxEV"),
         ("economy-like set", ("7 gradient tests + alpha", added("gradient_tests")), None, "economy"),
     ]
-    out = ["", "Same quantity alone, ms added per probe (run time minus unprobed run, per probe; plain model):", "",
+    out = ["", "Same quantity alone, ms added per probe (per-phase median step times of one run, minus the "
+           "probe-free phases; plain model):", "",
            "| quantity | shiftlab | shiftlab before | Cockpit | no higher than Cockpit |", "|---|---|---|---|---|"]
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     for name, (how, ours), before, theirs_name in table:
