@@ -163,7 +163,7 @@ def batch_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_e
                 return BatchMoments(gradient_moments(G), losses, G, "layers", None)
             m, losses = pel.layer_moments(model, x, y, loss)
             return BatchMoments(m, losses, None, "layers", None)
-        except pel.NotApplicable as e:  # found during the forward pass (a layer called twice)
+        except pel.NotApplicable as e:  # found in the forward pass (a layer called twice, an in-place change)
             if path == "layers":
                 raise ValueError(f"the layer path does not apply: {e}") from None
             why = str(e)

@@ -76,6 +76,10 @@ class _Record:
     inputs: Tensor
     output: Tensor
     calls: int = 0
+    versions: tuple[int, int] = (0, 0)  # of input and output when recorded (an in-place change shows)
+
+    def changed(self) -> bool:
+        return (self.inputs._version, self.output._version) != self.versions
 
 
 @contextlib.contextmanager
@@ -85,7 +89,8 @@ def _capture(model: nn.Module, modules: list[nn.Module]) -> Iterator[dict[nn.Mod
 
     def hook(m: nn.Module, inputs: tuple, output: Tensor) -> None:
         r = rec.get(m)
-        rec[m] = _Record(inputs[0].detach(), output, (r.calls if r else 0) + 1)
+        rec[m] = _Record(inputs[0].detach(), output, (r.calls if r else 0) + 1,
+                         (inputs[0]._version, output._version))
 
     handles = [m.register_forward_hook(hook) for m in dict.fromkeys(modules)]
     try:
@@ -101,6 +106,8 @@ def _forward(model: nn.Module, x: Tensor, owners) -> tuple[Tensor, dict[nn.Modul
     twice = [type(m).__name__ for m, r in rec.items() if r.calls > 1]
     if twice:
         raise NotApplicable(f"a layer is called more than once ({', '.join(twice)})")
+    if any(r.changed() for r in rec.values()):  # e.g. ReLU(inplace=True) after a Linear
+        raise NotApplicable("a layer's input or output is modified in place later in the forward pass")
     return out, rec
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from shiftlab.callbacks.stopping_rules import StoppingRule, make_rule
 from shiftlab.callbacks.hessian import epsilon_sharpness, hutchinson_trace, top_hessian_eigenvalue
 from shiftlab.callbacks.curvature_estimates import hutchinson_trace_se, lanczos_eigenvalues, probe_mode
-from shiftlab.callbacks.per_example_layers import fast_path_reason, ggn_is_hessian_trace, ggn_trace
+from shiftlab.callbacks.per_example_layers import NotApplicable, fast_path_reason, ggn_is_hessian_trace, ggn_trace
 from shiftlab.callbacks.probe import Probe
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,
@@ -96,15 +96,20 @@ def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
         if power_iters > 0:
             out["seconds_top_eigenvalue"] = time.perf_counter() - t
         t = time.perf_counter()
-        use_ggn = trace_samples > 0 and (
-            trace_method == "ggn" or (trace_method == "auto" and ggn_is_hessian_trace(net, x) is None))
-        if trace_samples > 0:
-            out["trace_method"] = "ggn" if use_ggn else "hutchinson"
-        if use_ggn:
+        g = None
+        if trace_samples > 0 and (
+                trace_method == "ggn" or (trace_method == "auto" and ggn_is_hessian_trace(net, x) is None)):
             why = fast_path_reason(net)
-            if why:
+            if why is None:
+                try:
+                    g = ggn_trace(net, x, y)
+                except NotApplicable as e:  # found in the forward pass (a layer called twice, in-place ops)
+                    why = str(e)
+            if g is None and trace_method == "ggn":
                 raise ValueError(f"trace_method=ggn is not allowed for this model ({why}); allowed: auto, hutchinson")
-            g = ggn_trace(net, x, y)
+        if trace_samples > 0:
+            out["trace_method"] = "hutchinson" if g is None else "ggn"
+        if g is not None:
             out.update(trace=g.trace, trace_exact=float(g.equals_hessian_trace))
         elif trace_samples >= 2 and trace_target_rel_error:
             tr = hutchinson_trace_se(loss_fn, params, target_rel_error=trace_target_rel_error,

@@ -185,3 +185,26 @@ def test_the_gradient_tests_callback_records_the_path():
     assert slow["layer_path"] == 0.0
     ref = gs.batch_moments(_mlp(bn=True), x, y, path="vmap").moments
     assert fast["norm_test"] == pytest.approx(gs.norm_test(ref), rel=1e-5)
+
+
+def test_in_place_activations_fall_back():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    x, y = _batch()
+    r = gs.batch_moments(model, x, y)
+    assert r.path == "vmap" and "in place" in r.fallback_reason
+    _assert_moments_close(r.moments, gs.gradient_moments(_loop(model, x, y)))
+    with pytest.raises(pel.NotApplicable, match="in place"):
+        pel.ggn_trace(model, x, y)
+
+
+def test_the_projects_mlp_takes_both_fast_paths():
+    from shiftlab.trainers.models.mlp import MLP
+
+    torch.manual_seed(5)
+    model = MLP((6,), 3, hidden=(8, 8)).double()
+    x, y = _batch(10)
+    assert gs.batch_moments(model, x, y).path == "layers"
+    r = pel.ggn_trace(model, x, y)
+    assert r.equals_hessian_trace
+    assert r.trace == pytest.approx(float(torch.trace(dense_hessian(model, x, y))), rel=1e-5)
