@@ -8,7 +8,7 @@ Two paths give the moments (:func:`batch_moments`, which logs the one it took): 
 ``grad`` (the reference, any model whose examples do not interact) and, to meet a cost target
 (Cockpit's norm test cost a fraction of the ``vmap`` pass), the layer-factor path of
 :mod:`shiftlab.callbacks.per_example_layers`, used automatically when every trainable parameter
-belongs to a ``Linear`` or eval-mode BatchNorm layer: it gets the same moments from one forward
+belongs to a ``Linear``, ``Conv1d``/``Conv2d`` or eval-mode BatchNorm layer: it gets the same moments from one forward
 and one backward pass without forming the per-example gradients.
 
 Conventions follow Cockpit (Schneider et al. 2021) so values are comparable, with ``N`` the batch

@@ -5,7 +5,7 @@ is about to use (the norm / inner-product / orthogonality tests of adaptive-batc
 gradient SNR, the evidence-based stopping criterion, B_simple, Cockpit's alpha), so they are
 measured in ``on_train_batch_start`` on that batch, at the parameters the step starts from. The
 math is in :mod:`shiftlab.callbacks.gradient_stats`: one pass gives the moments of the per-example
-gradients (from layer factors when every parameter belongs to a Linear / eval-mode BatchNorm layer,
+gradients (from layer factors when every parameter belongs to a Linear / Conv / eval-mode BatchNorm layer,
 else ``torch.func``; ``layer_path`` logs 1 or 0), every statistic is a reduction of them.
 
 Cost budget (``max_overhead``): the wall time of the probes and of the training steps (from the

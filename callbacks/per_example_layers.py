@@ -13,10 +13,12 @@ product ``d_n a_n^T`` of the layer's output gradient ``d_n`` and input ``a_n`` (
 * ``sum_n g_n^2 = (d^2)^T (a^2)`` elementwise,
 
 all from one forward and one backward pass. Eval-mode BatchNorm (a per-feature affine map) has
-per-example gradients ``d_n * xhat_n`` and ``d_n``, formed directly (they are ``N x C``).
+per-example gradients ``d_n * xhat_n`` and ``d_n``, formed directly (they are ``N x C``); so have
+``Conv1d`` / ``Conv2d`` (``groups=1``, numeric padding) from their unfolded input patches, and Linear
+layers on inputs with a sequence dimension (``einsum``): small next to a ``vmap`` over the network.
 
 When it is used: :func:`fast_path_reason` returns None, i.e. every trainable parameter is the weight or
-bias of an ``nn.Linear`` or of an eval-mode BatchNorm layer with running statistics, no BatchNorm
+bias of an ``nn.Linear``, a supported convolution or an eval-mode BatchNorm layer with running statistics, no BatchNorm
 layer uses batch statistics (train mode: its output couples the examples, so per-example gradients are
 not defined), and at run time no such layer is called twice. Otherwise callers fall back to the
 ``torch.func`` path, which stays the reference and the general method. Both paths assume what
@@ -39,10 +41,13 @@ __all__ = ["NotApplicable", "fast_path_reason", "layer_moments", "layer_gradient
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 BN_EVAL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONV = (nn.Conv1d, nn.Conv2d)
+SUPPORTED = (nn.Linear, *CONV, *BN_EVAL)
 # Leaves through which the diagonal of the Hessian equals that of the Gauss-Newton matrix: every
 # parameter enters the output linearly and the activations are piecewise linear (zero second derivative).
-PIECEWISE_LINEAR = (nn.Linear, *BN_EVAL, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.Identity,
-                    nn.Flatten, nn.Unflatten, nn.Dropout)
+PIECEWISE_LINEAR = (*SUPPORTED, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Flatten,
+                    nn.Unflatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 
 
 def _owners(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], str | None]:
@@ -58,8 +63,11 @@ def _owners(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], str | N
             continue
         prefix, _, leaf = name.rpartition(".")
         m = modules.get(prefix)
-        if not isinstance(m, (nn.Linear, *BN_EVAL)) or leaf not in ("weight", "bias"):
-            return [], f"parameter {name} is not the weight or bias of a Linear or eval-mode BatchNorm layer"
+        if not isinstance(m, SUPPORTED) or leaf not in ("weight", "bias"):
+            return [], (f"parameter {name} is not the weight or bias of a Linear, Conv1d/2d or eval-mode "
+                        "BatchNorm layer")
+        if isinstance(m, CONV) and (m.groups != 1 or m.padding_mode != "zeros" or m.padding == "same"):
+            return [], f"{prefix}: only convolutions with groups=1 and numeric zero padding are supported"
         out.append((name, m, leaf))
     if not out:
         return [], "model has no trainable parameters"
@@ -120,6 +128,16 @@ def _xhat(m: nn.Module, a: Tensor) -> Tensor:
     return (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
 
 
+def _unfold(m: nn.Module, a: Tensor) -> Tensor:
+    """The convolution's input patches ``(N, C_in * prod(kernel), positions)`` (``F.unfold``), in the
+    weight's ``(C_in, *kernel)`` order; a 1-d convolution is unfolded as a 2-d one of width 1."""
+    pad = (0,) * len(m.kernel_size) if m.padding == "valid" else m.padding
+    if isinstance(m, nn.Conv1d):
+        return F.unfold(a.unsqueeze(-1), (m.kernel_size[0], 1), dilation=(m.dilation[0], 1),
+                        padding=(pad[0], 0), stride=(m.stride[0], 1))
+    return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+
+
 def _dense(m: nn.Module, leaf: str, a: Tensor, d: Tensor) -> Tensor | None:
     """Per-example gradients ``(..., N, k)`` of one parameter from input ``a`` (N, ...) and output gradients
     ``d`` (..., N, ...), or None for a 2-d Linear weight (kept as factors). Leading dims of ``d`` batch it."""
@@ -131,7 +149,11 @@ def _dense(m: nn.Module, leaf: str, a: Tensor, d: Tensor) -> Tensor | None:
             return None
         pe = torch.einsum("...nto,nti->...noi", d.flatten(lead + 1, -2), a.flatten(1, -2))
         return pe.flatten(-2)
-    red = tuple(range(lead + 2, d.dim()))  # BatchNorm: sum over the positions of each channel
+    red = tuple(range(lead + 2, d.dim()))  # positions of each channel
+    if isinstance(m, CONV):
+        if leaf == "bias":
+            return d.sum(red)
+        return torch.einsum("...nol,nkl->...nok", d.flatten(lead + 2), _unfold(m, a)).flatten(-2)
     g = d * _xhat(m, a) if leaf == "weight" else d
     return g.sum(red) if red else g
 

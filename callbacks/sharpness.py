@@ -145,7 +145,7 @@ class SharpnessMonitor(Probe):
         trace_samples: Rademacher vectors for the Hutchinson trace (0: no trace); with
             ``trace_target_rel_error`` the most probes, added until the standard error is that small.
         trace_method: ``auto`` (the exact trace by layer factors where it equals the Hessian's: ReLU
-            nets of Linear / eval-mode BatchNorm layers; else Hutchinson), ``ggn`` or ``hutchinson``.
+            nets of Linear / Conv / eval-mode BatchNorm layers; else Hutchinson), ``ggn`` or ``hutchinson``.
         epsilon_sharpness / eps / eps_steps: Keskar's epsilon-sharpness, box size and ascent steps.
         max_overhead: cost budget, a fraction of training time (None: probe whatever it costs).
         max_top_eigenvalue: stop once the top eigenvalue exceeds this (None: never).

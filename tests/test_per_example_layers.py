@@ -208,3 +208,32 @@ def test_the_projects_mlp_takes_both_fast_paths():
     r = pel.ggn_trace(model, x, y)
     assert r.equals_hessian_trace
     assert r.trace == pytest.approx(float(torch.trace(dense_hessian(model, x, y))), rel=1e-5)
+
+
+def _cnn(dims: int, seed: int = 6) -> nn.Module:
+    torch.manual_seed(seed)
+    conv, pool, bn = (nn.Conv1d, nn.MaxPool1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.MaxPool2d,
+                                                                                 nn.BatchNorm2d)
+    model = nn.Sequential(conv(2, 3, 3, padding=1), bn(3), nn.ReLU(), pool(2),
+                          conv(3, 4, 2, stride=2, dilation=1, padding="valid"), nn.ReLU(),
+                          conv(4, 2, 3, padding=2, dilation=2, bias=False), nn.Flatten(),
+                          nn.Linear(2 * 2 ** dims, 3)).double()
+    model.train()
+    model(torch.randn(20, 2, *(8,) * dims, dtype=torch.double))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convolutions_by_unfolded_patches(dims):
+    model = _cnn(dims)
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(9, 2, *(8,) * dims, generator=g, dtype=torch.double), torch.randint(0, 3, (9,), generator=g)
+    fast = gs.batch_moments(model, x, y, gradients=True)
+    assert fast.path == "layers"
+    torch.testing.assert_close(fast.gradients, _loop(model, x, y))
+    _assert_moments_close(gs.batch_moments(model, x, y).moments, gs.batch_moments(model, x, y, path="vmap").moments)
+    r = pel.ggn_trace(model, x, y)  # conv, eval-mode BN, ReLU, max-pool: piecewise linear
+    assert r.equals_hessian_trace
+    assert r.trace == pytest.approx(float(torch.trace(dense_hessian(model, x, y))), rel=1e-5)
+    grouped = nn.Sequential(nn.Conv1d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(12, 3))
+    assert "groups=1" in pel.fast_path_reason(grouped)
