@@ -158,12 +158,10 @@ def _dense(m: nn.Module, leaf: str, a: Tensor, d: Tensor) -> Tensor | None:
     return g.sum(red) if red else g
 
 
-def layer_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy):
-    """``(GradientMoments, losses)`` of the per-example gradients of ``loss`` (applied to one example at a
-    time, as in :func:`~shiftlab.callbacks.gradient_stats.per_example_gradients`) from one forward and one
-    backward pass. Raises ValueError when :func:`fast_path_reason` is not None."""
-    from shiftlab.callbacks.gradient_stats import GradientMoments
-
+def _loss_output_grads(model: nn.Module, x: Tensor, y: Tensor, loss: Loss):
+    """One forward and one backward pass: the owners, the layers' records, the gradients of the summed
+    per-example losses at each layer's output (``d_n`` of every example at once: examples do not
+    interact) and the per-example losses."""
     owners, why = _owners(model)
     if why:
         raise ValueError(why)
@@ -172,6 +170,16 @@ def layer_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_e
     mods = list(dict.fromkeys(m for _, m, _ in owners))
     outs = torch.autograd.grad(losses.sum(), [rec[m].output for m in mods], allow_unused=True)
     dgrad = {m: (torch.zeros_like(rec[m].output) if g is None else g.detach()) for m, g in zip(mods, outs)}
+    return owners, rec, dgrad, losses.detach()
+
+
+def layer_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy):
+    """``(GradientMoments, losses)`` of the per-example gradients of ``loss`` (applied to one example at a
+    time, as in :func:`~shiftlab.callbacks.gradient_stats.per_example_gradients`) from one forward and one
+    backward pass. Raises ValueError when :func:`fast_path_reason` is not None."""
+    from shiftlab.callbacks.gradient_stats import GradientMoments
+
+    owners, rec, dgrad, losses = _loss_output_grads(model, x, y, loss)
     n = x.shape[0]
     means, coords, sq, blocks = [], [], 0.0, []
     for _, m, leaf in owners:
@@ -190,27 +198,19 @@ def layer_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_e
         means.append(mean.reshape(-1))
     grad = torch.cat(means)
     return (GradientMoments(n, grad.numel(), grad.double(), torch.as_tensor(sq).double(),
-                            torch.stack(blocks).sum(0).double(), torch.cat(coords).double()),
-            losses.detach())
+                            torch.stack(blocks).sum(0).double(), torch.cat(coords).double()), losses)
 
 
 def layer_gradients(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy) -> tuple[Tensor, Tensor]:
     """``(G, losses)`` as :func:`~shiftlab.callbacks.gradient_stats.per_example_gradients` returns them, built
     from the layer factors (``einsum``) for callers that need the per-example gradients themselves."""
-    owners, why = _owners(model)
-    if why:
-        raise ValueError(why)
-    out, rec = _forward(model, x, owners)
-    losses = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
-    mods = list(dict.fromkeys(m for _, m, _ in owners))
-    outs = torch.autograd.grad(losses.sum(), [rec[m].output for m in mods], allow_unused=True)
-    dgrad = {m: (torch.zeros_like(rec[m].output) if g is None else g.detach()) for m, g in zip(mods, outs)}
+    owners, rec, dgrad, losses = _loss_output_grads(model, x, y, loss)
     cols = []
     for _, m, leaf in owners:
         a, d = rec[m].inputs, dgrad[m]
         pe = _dense(m, leaf, a, d)
         cols.append(torch.einsum("no,ni->noi", d, a).flatten(1) if pe is None else pe)
-    return torch.cat(cols, 1), losses.detach()
+    return torch.cat(cols, 1), losses
 
 
 @dataclass
