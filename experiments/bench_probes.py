@@ -234,9 +234,16 @@ def probe_sets(x, y, subset: int = SUBSET) -> dict[str, Callable[[nn.Module, Any
             return out
         return run
 
+    def eigenvalue(model, xb, yb, step):  # the top eigenvalue of the batch loss alone, as Cockpit's HessMaxEV
+        out: dict[str, float] = {}
+        with probe_mode(model, "eval") as m:
+            fn, params = _loss_params(m, xb, yb)
+            timed(out, "lanczos_eigenvalue_batch", lambda: lanczos_eigenvalues(fn, params, tol=1e-3))
+        return out
+
     return {"shiftlab_old": old, "gradient_tests": gradient_tests, "gradient_tests+curvature": both,
             "norm_test_layers": norm_test("layers"), "norm_test_vmap": norm_test("vmap"),
-            "trace_ggn": trace("ggn"), "trace_hutchinson": trace("hutchinson")}
+            "trace_ggn": trace("ggn"), "trace_hutchinson": trace("hutchinson"), "eigenvalue": eigenvalue}
 
 
 def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = False) -> dict[str, Any]:
