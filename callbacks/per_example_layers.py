@@ -231,29 +231,44 @@ def ggn_is_hessian_trace(model: nn.Module, x: Tensor) -> str | None:
     the logits linearly and the activations have zero second derivative, so the diagonal of the residual
     term ``sum_c dL/df_c * d^2 f_c / dtheta^2`` vanishes: the Hessian's diagonal is the GGN's (its
     off-diagonal blocks are not)."""
+    why = _static_reason(model)
+    if why:
+        return why
+    with _chain(model, x) as verdict, torch.no_grad():
+        verdict["out"] = model(x)
+    return verdict["reason"]
+
+
+def _static_reason(model: nn.Module) -> str | None:
     why = fast_path_reason(model)
     if why:
         return why
-    leaves = [m for m in model.modules() if not list(m.children())]
-    bad = sorted({type(m).__name__ for m in leaves if not isinstance(m, PIECEWISE_LINEAR)})
-    if bad:
-        return f"not piecewise linear: {', '.join(bad)}"
-    chain: dict[str, object] = {"last": x, "ok": True}
+    bad = sorted({type(m).__name__ for m in _leaves(model) if not isinstance(m, PIECEWISE_LINEAR)})
+    return f"not piecewise linear: {', '.join(bad)}" if bad else None
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if not list(m.children())]
+
+
+@contextlib.contextmanager
+def _chain(model: nn.Module, x: Tensor) -> Iterator[dict]:
+    """Watch one forward pass: on exit ``verdict["reason"]`` is None when each leaf's input was the previous
+    leaf's output (the first's ``x``) and the output put in ``verdict["out"]`` is the last leaf's."""
+    state: dict = {"last": x, "ok": True, "out": None, "reason": None}
 
     def hook(m: nn.Module, inputs: tuple, output: Tensor) -> None:
-        chain["ok"] = chain["ok"] and inputs[0] is chain["last"]
-        chain["last"] = output
+        state["ok"] = state["ok"] and inputs[0] is state["last"]
+        state["last"] = output
 
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles = [m.register_forward_hook(hook) for m in _leaves(model)]
     try:
-        with torch.no_grad():
-            out = model(x)
+        yield state
     finally:
         for h in handles:
             h.remove()
-    if not (chain["ok"] and out is chain["last"]):
-        return "the forward pass is not a chain of its leaf modules (operations outside them)"
-    return None
+    if not (state["ok"] and state["out"] is state["last"]):
+        state["reason"] = "the forward pass is not a chain of its leaf modules (operations outside them)"
 
 
 def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> GGNTrace:
@@ -270,8 +285,11 @@ def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> GGNTrace:
     owners, why = _owners(model)
     if why:
         raise ValueError(why)
-    reason = ggn_is_hessian_trace(model, x)
-    out, rec = _forward(model, x, owners)
+    reason = _static_reason(model)
+    with _chain(model, x) as verdict:  # the chain is checked on the same forward pass
+        out, rec = _forward(model, x, owners)
+        verdict["out"] = out
+    reason = reason or verdict["reason"]
     if out.dim() != 2:
         raise ValueError(f"ggn_trace needs logits of shape (N, C), got {tuple(out.shape)}")
     n, c = out.shape
