@@ -4,6 +4,13 @@ Why per-example gradients: every quantity here is a moment of the ``N`` individu
 ``g_i`` of one mini-batch (the batch gradient is their mean ``g``), so one ``torch.func`` pass
 (``vmap`` over ``grad``) gives them all; each statistic is then a few reductions.
 
+Two paths give the moments (:func:`batch_moments`, which logs the one it took): ``vmap`` over
+``grad`` (the reference, any model whose examples do not interact) and, to meet a cost target
+(Cockpit's norm test cost a fraction of the ``vmap`` pass), the layer-factor path of
+:mod:`shiftlab.callbacks.per_example_layers`, used automatically when every trainable parameter
+belongs to a ``Linear``, ``Conv1d``/``Conv2d`` or eval-mode BatchNorm layer: it gets the same moments from one forward
+and one backward pass without forming the per-example gradients.
+
 Conventions follow Cockpit (Schneider et al. 2021) so values are comparable, with ``N`` the batch
 size and sample variances over examples (divisor ``N - 1``):
 
@@ -42,6 +49,9 @@ from shiftlab.callbacks.gradient_noise import b_simple_from_moments
 
 __all__ = [
     "per_example_gradients",
+    "BatchMoments",
+    "batch_moments",
+    "PATHS",
     "GradientMoments",
     "gradient_moments",
     "norm_test",
@@ -113,6 +123,52 @@ def gradient_moments(G: Tensor) -> GradientMoments:
     return GradientMoments(G.shape[0], G.shape[1], mean.double(),
                            torch.linalg.vector_norm(G, dim=1).double() ** 2, (G @ mean).double(),
                            G.square().mean(0).double())
+
+
+PATHS = ("auto", "layers", "vmap")
+
+
+@dataclass
+class BatchMoments:
+    """What :func:`batch_moments` measured, and how."""
+
+    moments: GradientMoments
+    losses: Tensor  # (N,) per-example losses
+    gradients: Tensor | None  # (N, D) per-example gradients, when asked for
+    path: str  # "layers" (per-layer factors) or "vmap" (torch.func)
+    fallback_reason: str | None  # why the layer path was not taken (path "vmap" under "auto")
+
+
+def batch_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy,
+                  chunk_size: int | None = None, path: str = "auto",
+                  gradients: bool = False) -> BatchMoments:
+    """The moments of the per-example gradients of ``loss`` on ``(x, y)`` by the cheapest exact path.
+
+    ``path``: ``auto`` (layer factors when
+    :func:`~shiftlab.callbacks.per_example_layers.fast_path_reason` allows, else ``vmap``), ``layers``
+    (raise if not applicable) or ``vmap`` (the reference). ``gradients``: also return ``G`` (on the
+    layer path built from the factors, still without ``vmap``). Put the model in eval mode first
+    when it has BatchNorm (as :func:`per_example_gradients` needs)."""
+    from shiftlab.callbacks import per_example_layers as pel
+
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not allowed; allowed: {', '.join(PATHS)}")
+    why = None if path == "vmap" else pel.fast_path_reason(model)
+    if path == "layers" and why:
+        raise ValueError(f"the layer path does not apply: {why}")
+    if path != "vmap" and why is None:
+        try:
+            if gradients:
+                G, losses = pel.layer_gradients(model, x, y, loss)
+                return BatchMoments(gradient_moments(G), losses, G, "layers", None)
+            m, losses = pel.layer_moments(model, x, y, loss)
+            return BatchMoments(m, losses, None, "layers", None)
+        except pel.NotApplicable as e:  # found in the forward pass (a layer called twice, an in-place change)
+            if path == "layers":
+                raise ValueError(f"the layer path does not apply: {e}") from None
+            why = str(e)
+    G, losses = per_example_gradients(model, x, y, loss, chunk_size)
+    return BatchMoments(gradient_moments(G), losses, G if gradients else None, "vmap", why)
 
 
 def _nan_if_zero(den: float) -> float:

@@ -4,8 +4,9 @@ Why a callback of its own: these statistics describe the very mini-batch gradien
 is about to use (the norm / inner-product / orthogonality tests of adaptive-batch methods, the
 gradient SNR, the evidence-based stopping criterion, B_simple, Cockpit's alpha), so they are
 measured in ``on_train_batch_start`` on that batch, at the parameters the step starts from. The
-math is in :mod:`shiftlab.callbacks.gradient_stats`: one ``torch.func`` pass gives the per-example
-gradients, every statistic is a reduction of them.
+math is in :mod:`shiftlab.callbacks.gradient_stats`: one pass gives the moments of the per-example
+gradients (from layer factors when every parameter belongs to a Linear / Conv / eval-mode BatchNorm layer,
+else ``torch.func``; ``layer_path`` logs 1 or 0), every statistic is a reduction of them.
 
 Cost budget (``max_overhead``): the wall time of the probes and of the training steps (from the
 end of a ``on_train_batch_start`` to ``on_train_batch_end``) are both measured; a due probe is
@@ -50,6 +51,8 @@ __all__ = ["GradientTests", "QUANTITIES", "DEFAULT_QUANTITIES"]
 
 DEFAULT_QUANTITIES = (*gs.STATISTICS, "alpha")
 QUANTITIES = (*DEFAULT_QUANTITIES, *EXTRA_QUANTITIES)
+# the quantities that read the per-example gradients G themselves (the others need only their moments)
+NEEDS_GRADIENTS = ("tic_diag", "tic_trace", "grad_hist_1d", "grad_hist_2d")
 
 
 class GradientTests(L.Callback, Reporter):
@@ -131,13 +134,18 @@ class GradientTests(L.Callback, Reporter):
         ``distributed``: on the union of the ranks' batches; ``losses``, ``G`` stay this rank's)."""
         cost: dict[str, float] = {}
         t = time.perf_counter()
-        with eval_mode(model):
-            G, losses = gs.per_example_gradients(model, x, y, loss, self.chunk_size)
+        # G itself only where a quantity needs it (TIC, histograms) or the ranks merge their examples
+        needs_g = distributed or any(q in NEEDS_GRADIENTS for q in self.quantities)
+        with eval_mode(model):  # layer factors where every parameter allows, else vmap (batch_moments)
+            bm = gs.batch_moments(model, x, y, loss, self.chunk_size, gradients=needs_g)
         cost["per_example_gradients"] = time.perf_counter() - t
-        t = time.perf_counter()
-        moments = union_moments(G) if distributed else gs.gradient_moments(G)
-        cost["moments"] = time.perf_counter() - t
-        values: dict[str, float] = {}
+        losses, G = bm.losses, bm.gradients
+        moments = bm.moments
+        if distributed:
+            t = time.perf_counter()
+            moments = union_moments(G)
+            cost["moments"] = time.perf_counter() - t
+        values: dict[str, float] = {"layer_path": float(bm.path == "layers")}
         for q in self.quantities:
             if q in gs.STATISTICS:
                 t = time.perf_counter()

@@ -3,7 +3,7 @@
 The one sharpness callback (before, two classes logged the same ``sharpness/*`` keys with different
 definitions). What it measures, on the mean cross-entropy of the network in eval mode, with the plain
 functions of :mod:`shiftlab.callbacks.hessian`: the top Hessian eigenvalue (power iteration on
-Hessian-vector products), the Hessian trace (Hutchinson) and, optionally, Keskar et al.'s (2017)
+Hessian-vector products), the Hessian trace (exact from layer factors for ReLU nets, else Hutchinson) and, optionally, Keskar et al.'s (2017)
 epsilon-sharpness. Why a fixed subset: curvature measured on a different batch each time mixes its
 change with sampling noise, so the series would not be comparable across epochs.
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from shiftlab.callbacks.stopping_rules import StoppingRule, make_rule
 from shiftlab.callbacks.hessian import epsilon_sharpness, hutchinson_trace, top_hessian_eigenvalue
 from shiftlab.callbacks.curvature_estimates import hutchinson_trace_se, lanczos_eigenvalues, probe_mode
+from shiftlab.callbacks.per_example_layers import NotApplicable, fast_path_reason, ggn_is_hessian_trace, ggn_trace
 from shiftlab.callbacks.probe import Probe
 from shiftlab.callbacks.probe_utils import (
     check_positive_int,
@@ -49,6 +50,7 @@ __all__ = ["SEED_POLICIES", "SharpnessMonitor", "sharpness_on_subset"]
 
 SEED_POLICIES = ("fixed", "per_epoch")
 METHODS = ("lanczos", "power")
+TRACE_METHODS = ("auto", "ggn", "hutchinson")
 LEGACY_STATE_KEYS = ("SharpnessProbe",)  # the batch-regime class this one replaced
 
 
@@ -56,7 +58,8 @@ def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
                         tol: float = 1e-3, trace_samples: int = 10, eps_sharpness: float | None = None,
                         eps_steps: int = 10, generator: torch.Generator | None = None, method: str = "power",
                         model_mode: str = "eval", max_hvps: int = 300,
-                        trace_target_rel_error: float | None = None) -> dict[str, float]:
+                        trace_target_rel_error: float | None = None,
+                        trace_method: str = "hutchinson") -> dict[str, float]:
     """Curvature numbers of the mean cross-entropy of ``model`` on ``(x, y)``.
 
     ``method``: ``lanczos`` (scipy's ARPACK on Hessian-vector products: value, residual, products spent,
@@ -66,9 +69,16 @@ def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     ``trace_target_rel_error``: Hutchinson probes are added until the trace's standard error is below this
     fraction of it (at most ``trace_samples``); None: exactly ``trace_samples`` probes, no standard error.
     ``power_iters`` / ``trace_samples`` 0 leave out the eigenvalue / trace; ``eps_sharpness`` None leaves
-    out the epsilon-sharpness. One ``generator`` feeds the estimates in that order."""
+    out the epsilon-sharpness. One ``generator`` feeds the estimates in that order.
+    ``trace_method``: ``ggn`` (exact Gauss-Newton trace by layer factors,
+    :func:`~shiftlab.callbacks.per_example_layers.ggn_trace`; the Hessian's trace for ReLU nets, logged
+    ``trace_exact`` 1, else the GGN's, ``trace_exact`` 0), ``hutchinson`` (as above) or ``auto`` (``ggn``
+    where it equals the Hessian trace for this model in this mode, else ``hutchinson``); the method used
+    is recorded as ``trace_method``."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; allowed: {', '.join(METHODS)}")
+    if trace_method not in TRACE_METHODS:
+        raise ValueError(f"trace_method={trace_method!r} is not allowed; allowed: {', '.join(TRACE_METHODS)}")
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     out: dict[str, float] = {}
@@ -86,7 +96,22 @@ def sharpness_on_subset(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
         if power_iters > 0:
             out["seconds_top_eigenvalue"] = time.perf_counter() - t
         t = time.perf_counter()
-        if trace_samples >= 2 and trace_target_rel_error:
+        g = None
+        if trace_samples > 0 and (
+                trace_method == "ggn" or (trace_method == "auto" and ggn_is_hessian_trace(net, x) is None)):
+            why = fast_path_reason(net)
+            if why is None:
+                try:
+                    g = ggn_trace(net, x, y)
+                except NotApplicable as e:  # found in the forward pass (a layer called twice, in-place ops)
+                    why = str(e)
+            if g is None and trace_method == "ggn":
+                raise ValueError(f"trace_method=ggn is not allowed for this model ({why}); allowed: auto, hutchinson")
+        if trace_samples > 0:
+            out["trace_method"] = "hutchinson" if g is None else "ggn"
+        if g is not None:
+            out.update(trace=g.trace, trace_exact=float(g.equals_hessian_trace))
+        elif trace_samples >= 2 and trace_target_rel_error:
             tr = hutchinson_trace_se(loss_fn, params, target_rel_error=trace_target_rel_error,
                                      min_samples=min(20, trace_samples), max_samples=trace_samples,
                                      generator=generator)
@@ -119,13 +144,16 @@ class SharpnessMonitor(Probe):
             relative tolerance; max_hvps: Lanczos' budget of Hessian-vector products.
         trace_samples: Rademacher vectors for the Hutchinson trace (0: no trace); with
             ``trace_target_rel_error`` the most probes, added until the standard error is that small.
+        trace_method: ``auto`` (the exact trace by layer factors where it equals the Hessian's: ReLU
+            nets of Linear / Conv / eval-mode BatchNorm layers; else Hutchinson), ``ggn`` or ``hutchinson``.
         epsilon_sharpness / eps / eps_steps: Keskar's epsilon-sharpness, box size and ascent steps.
         max_overhead: cost budget, a fraction of training time (None: probe whatever it costs).
         max_top_eigenvalue: stop once the top eigenvalue exceeds this (None: never).
         stop_rule / stop_rule_kwargs: a rule name for :func:`make_rule` on the eigenvalue series.
 
-    Cost per probe: two forward+backward passes plus ``power_iters + trace_samples``
-    double-backward passes on ``subset_size`` samples (and ``eps_steps`` forward+backward passes).
+    Cost per probe: the eigenvalue's Hessian-vector products (double-backward passes) on ``subset_size``
+    samples, then the trace: one forward and one C-column batched backward pass when exact (``ggn``), else
+    up to ``trace_samples`` Hessian-vector products (and ``eps_steps`` forward+backward passes).
     """
 
     name = "sharpness"
@@ -135,7 +163,7 @@ class SharpnessMonitor(Probe):
                  tol: float = 1e-3, trace_samples: int = 10, epsilon_sharpness: bool = False,
                  eps: float = 1e-3, eps_steps: int = 10, max_overhead: float | None = None,
                  method: str = "lanczos", model_mode: str = "eval", max_hvps: int = 300,
-                 trace_target_rel_error: float | None = 0.05,
+                 trace_target_rel_error: float | None = 0.05, trace_method: str = "auto",
                  max_top_eigenvalue: float | None = None, stop_rule: str | None = None,
                  stop_rule_kwargs: dict[str, Any] | None = None, log_prefix: str = "sharpness") -> None:
         super().__init__(every_n_epochs=check_positive_int("every_n_epochs", every_n_epochs),
@@ -161,6 +189,9 @@ class SharpnessMonitor(Probe):
         if model_mode not in ("eval", "train"):
             raise ValueError(f"model_mode={model_mode!r} is unknown; allowed: eval, train")
         self.method, self.model_mode = method, model_mode
+        if trace_method not in TRACE_METHODS:
+            raise ValueError(f"trace_method={trace_method!r} is unknown; allowed: {', '.join(TRACE_METHODS)}")
+        self.trace_method = trace_method
         self.max_hvps = check_positive_int("max_hvps", max_hvps)
         self.trace_target_rel_error = None if not trace_target_rel_error else float(trace_target_rel_error)
         self.rule: StoppingRule | None = make_rule(stop_rule, **(stop_rule_kwargs or {})) if stop_rule else None
@@ -181,7 +212,8 @@ class SharpnessMonitor(Probe):
                                      eps_sharpness=self.eps if self.epsilon_sharpness else None,
                                      eps_steps=self.eps_steps, generator=gen, method=self.method,
                                      model_mode=self.model_mode, max_hvps=self.max_hvps,
-                                     trace_target_rel_error=self.trace_target_rel_error)
+                                     trace_target_rel_error=self.trace_target_rel_error,
+                                     trace_method=self.trace_method)
         return rank0_value(trainer, values)
 
     def after_record(self, trainer: Any, values: dict[str, Any]) -> None:

@@ -11,11 +11,14 @@ process. Writes ``results.json`` and ``bench_probes.png`` under ``--out``.
   against a converged reference (Lanczos, tol 1e-10), for the plain model, the BatchNorm model in
   eval mode and in train mode (on a copy). Hutchinson's trace (10 probes, and adaptive to a 5%
   relative SE) against the exact trace where affordable: ReLU nets with eval-mode BatchNorm are
-  piecewise linear, so their Hessian equals the Gauss-Newton matrix ``J^T H_out J``, whose trace
-  comes exactly from per-example output Jacobians (:func:`exact_trace_piecewise_linear`); a
-  train-mode BatchNorm Hessian has extra terms and gets no exact trace.
+  piecewise linear, so the diagonal of their Hessian equals that of the Gauss-Newton matrix
+  ``J^T H_out J``, whose trace comes exactly from per-example output Jacobians
+  (:func:`exact_trace_piecewise_linear`); a train-mode BatchNorm Hessian has extra terms and gets
+  no exact trace. The probes' exact trace by layer factors (:func:`~shiftlab.callbacks.
+  per_example_layers.ggn_trace`) is checked against it.
 * Cost: training runs with a probe every 10 steps against the unprobed run (ratio of wall
-  times), and the seconds per probe of each quantity.
+  times), and the seconds per probe of each quantity; single quantities (norm test, trace on the
+  batch) as Cockpit's are measured: run time minus the unprobed run, per probe.
 * Cockpit (cockpit-for-pytorch + backpack-for-pytorch), when importable: the same runs with its
   economy / business / full configurations and single quantities, and its values on the same
   batches (:mod:`shiftlab.experiments.bench_probes_cockpit`). Otherwise the issue's published
@@ -26,7 +29,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -38,11 +40,10 @@ from shiftlab.callbacks.gradient_noise import gradient_noise_scale
 from shiftlab.callbacks.gradient_tests import GradientTests
 from shiftlab.callbacks.hessian import hutchinson_trace, top_hessian_eigenvalue
 from shiftlab.callbacks.curvature_estimates import hutchinson_trace_se, lanczos_eigenvalues, probe_mode
-from shiftlab.experiments.harness import base_parser, machine, output_dir, plt, setup_threads
+from shiftlab.callbacks.per_example_layers import ggn_is_hessian_trace, ggn_trace
+from shiftlab.experiments.bench_probes_report import PUBLISHED_COCKPIT, plot, tables
+from shiftlab.experiments.harness import base_parser, machine, output_dir, setup_threads
 
-# Cockpit 1.0.2, as published in issue 17 (same model and data, ratio to the unprobed run).
-PUBLISHED_COCKPIT = {"economy": 7.9, "business": 8.7, "full": 20.1, "eigenvalue_ms": 36.0,
-                     "shiftlab_old_set": 11.4, "shiftlab_old_eigenvalue_ms": 92.0}
 LR, BATCH, SUBSET, EVERY = 0.1, 128, 512, 10
 
 
@@ -154,7 +155,11 @@ def trace_row(model: nn.Module, x, y, mode: str, seeds: int, exact: bool) -> dic
         fixed = [hutchinson_trace(fn, params, 10, torch.Generator().manual_seed(s)) for s in range(seeds)]
         adaptive = [hutchinson_trace_se(fn, params, target_rel_error=0.05, max_samples=100,
                                         generator=torch.Generator().manual_seed(100 + s)) for s in range(seeds)]
-    row: dict[str, Any] = {"exact": truth, "hutch10": fixed, "adaptive": [a.as_dict() for a in adaptive]}
+        layers = ggn_trace(m, x, y) if ggn_is_hessian_trace(m, x) is None else None
+    row: dict[str, Any] = {"exact": truth, "hutch10": fixed, "adaptive": [a.as_dict() for a in adaptive],
+                           "ggn": None if layers is None else layers.trace}
+    if truth is not None and layers is not None:
+        row["ggn_rel_err"] = abs(layers.trace - truth) / abs(truth)
     if truth is not None:
         row["hutch10_median_rel_err"] = statistics.median(abs(v - truth) / abs(truth) for v in fixed)
         row["adaptive_median_rel_err"] = statistics.median(abs(a.trace - truth) / abs(truth) for a in adaptive)
@@ -198,7 +203,10 @@ def probe_sets(x, y, subset: int = SUBSET) -> dict[str, Callable[[nn.Module, Any
                         else "eval") as m:
             fn, params = _loss_params(m, sub_x, sub_y)
             timed(out, "lanczos_eigenvalue_512", lambda: lanczos_eigenvalues(fn, params, tol=1e-3))
-            timed(out, "hutchinson_se5%_512", lambda: hutchinson_trace_se(fn, params, 0.05, max_samples=100))
+            if ggn_is_hessian_trace(m, sub_x) is None:  # the sharpness callback's trace_method=auto
+                timed(out, "ggn_trace_512", lambda: ggn_trace(m, sub_x, sub_y))
+            else:
+                timed(out, "hutchinson_se5%_512", lambda: hutchinson_trace_se(fn, params, 0.05, max_samples=100))
             fn, params = _loss_params(m, xb, yb)
             timed(out, "lanczos_eigenvalue_batch", lambda: lanczos_eigenvalues(fn, params, tol=1e-3))
         return out
@@ -206,7 +214,36 @@ def probe_sets(x, y, subset: int = SUBSET) -> dict[str, Callable[[nn.Module, Any
     def both(model, xb, yb, step):
         return {**gradient_tests(model, xb, yb, step), **curvature(model, xb, yb, step)}
 
-    return {"shiftlab_old": old, "gradient_tests": gradient_tests, "gradient_tests+curvature": both}
+    def norm_test(path: str) -> Callable:  # one quantity alone, as Cockpit's NormTest
+        def run(model, xb, yb, step):
+            out: dict[str, float] = {}
+            with probe_mode(model, "eval") as m:
+                timed(out, f"norm_test_{path}", lambda: gs.norm_test(gs.batch_moments(m, xb, yb, path=path).moments))
+            return out
+        return run
+
+    def trace(method: str) -> Callable:  # the trace of the batch's loss alone, as Cockpit's HessTrace
+        def run(model, xb, yb, step):
+            out: dict[str, float] = {}
+            with probe_mode(model, "eval") as m:
+                if method == "ggn":
+                    timed(out, "trace_ggn_batch", lambda: ggn_trace(m, xb, yb))
+                else:
+                    fn, params = _loss_params(m, xb, yb)
+                    timed(out, "trace_hutchinson_se5%_batch", lambda: hutchinson_trace_se(fn, params, 0.05))
+            return out
+        return run
+
+    def eigenvalue(model, xb, yb, step):  # the top eigenvalue of the batch loss alone, as Cockpit's HessMaxEV
+        out: dict[str, float] = {}
+        with probe_mode(model, "eval") as m:
+            fn, params = _loss_params(m, xb, yb)
+            timed(out, "lanczos_eigenvalue_batch", lambda: lanczos_eigenvalues(fn, params, tol=1e-3))
+        return out
+
+    return {"shiftlab_old": old, "gradient_tests": gradient_tests, "gradient_tests+curvature": both,
+            "norm_test_layers": norm_test("layers"), "norm_test_vmap": norm_test("vmap"),
+            "trace_ggn": trace("ggn"), "trace_hutchinson": trace("hutchinson"), "eigenvalue": eigenvalue}
 
 
 def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = False) -> dict[str, Any]:
@@ -215,7 +252,7 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
     model = make_model(bn)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     costs: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
+    t0, ticks = time.perf_counter(), [time.perf_counter()]
     for step, (xb, yb) in enumerate(batches(x, y, steps, seed=1)):
         if probe is not None and step % EVERY == 0:
             for k, v in probe(model, xb, yb, step).items():
@@ -227,8 +264,22 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
             GradientTests._alpha(model, start, xb, yb, F.cross_entropy)
             costs.setdefault("alpha", []).append(time.perf_counter() - t)
         sgd_step(model.train(), opt, xb, yb)
-    return {"seconds": time.perf_counter() - t0,
+        ticks.append(time.perf_counter())
+    return {"seconds": time.perf_counter() - t0, "added_ms_per_probe": added_ms_per_probe(ticks),
             "ms_per_probe": {k: 1e3 * statistics.median(v) for k, v in costs.items()}}
+
+
+def added_ms_per_probe(ticks: list[float], every: int = EVERY) -> float:
+    """Milliseconds a probe adds to training, from the step times of one run: the median time of each
+    step phase (``step % every``) over the run's cycles, summed, minus ``every`` times the median
+    of the phases that do no probing work in either tool (``2 .. every-1``; phase 1 holds alpha's
+    end point). Why not run time minus an unprobed run: on a shared machine two runs' load differs
+    by more than a few-millisecond probe adds; phases of one run see the same load, and medians
+    drop the steps another job interrupted."""
+    dt = [b - a for a, b in zip(ticks, ticks[1:])]
+    cycles = len(dt) // every
+    phase = [statistics.median(dt[k : cycles * every : every]) for k in range(every)]
+    return 1e3 * (sum(phase) - every * statistics.median(phase[2:]))
 
 
 def cost_section(x, y, steps: int, subset: int = SUBSET) -> dict[str, Any]:
@@ -239,95 +290,12 @@ def cost_section(x, y, steps: int, subset: int = SUBSET) -> dict[str, Any]:
         base = min(timed_run(bn, x, y, steps, None)["seconds"] for _ in range(2))
         rows = {"unprobed_seconds": base}
         for name, fn in sets.items():
-            r = timed_run(bn, x, y, steps, fn, alpha=name != "shiftlab_old")
+            r = timed_run(bn, x, y, steps, fn, alpha=name.startswith("gradient_tests"))
             rows[name] = {"ratio": r["seconds"] / base, **r}
         out[tag] = rows
     return out
 
 
-# ------------------------------------------------------------------------------------ main
-def plot(res: dict[str, Any], path: Path) -> None:
-    p = plt()
-    fig, (a, b) = p.subplots(1, 2, figsize=(10, 3.6))
-    acc = res["accuracy"]
-    labels, pw, lz = [], [], []
-    for variant, rows in acc.items():
-        for step, r in rows.items():
-            labels.append(f"{variant}\n@{step}")
-            pw.append(100 * r["eig"]["power_max_rel_err"])
-            lz.append(100 * r["eig"]["lanczos_max_rel_err"])
-    idx = range(len(labels))
-    a.bar([i - 0.2 for i in idx], pw, 0.4, label="power iteration (20, tol 1e-3)")
-    a.bar([i + 0.2 for i in idx], lz, 0.4, label="Lanczos (tol 1e-3)")
-    a.axhline(0.5, color="k", ls="--", lw=0.8, label="0.5% target")
-    a.set_yscale("symlog", linthresh=0.1)
-    a.set_xticks(list(idx), labels, fontsize=6)
-    a.set_ylabel("worst |error| of 5 starts, % of reference")
-    a.legend(fontsize=7)
-    names, ratios = [], []
-    for tag, rows in res["cost"].items():
-        for k, v in rows.items():
-            if isinstance(v, dict):
-                names.append(f"{tag}\n{k}")
-                ratios.append(v["ratio"])
-    for k, v in (res.get("cockpit") or {}).get("ratios", {}).items():
-        names.append(f"plain\ncockpit {k}")
-        ratios.append(v)
-    b.bar(range(len(names)), ratios, color=["C0" if "cockpit" not in n else "C3" for n in names])
-    b.set_xticks(range(len(names)), names, fontsize=5, rotation=60)
-    b.set_ylabel(f"wall time / unprobed (probe every {EVERY} steps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    p.close(fig)
-
-
-def tables(res: dict[str, Any]) -> str:
-    """The accuracy and cost tables as markdown (also written to SUMMARY.md)."""
-    lines = [f"Machine: {res['machine']} (shared with other jobs: timings are noisy)", "",
-             "| model/mode | step | reference (lambda_min) | power worst err | Lanczos worst err | "
-             "Lanczos HVPs | converged |", "|---|---|---|---|---|---|---|"]
-    for variant, rows in res["accuracy"].items():
-        for step, r in rows.items():
-            e = r["eig"]
-            lines.append(f"| {variant} | {step} | {e['reference']:.4g} ({e['lambda_min']:.3g}) | "
-                         f"{100 * e['power_max_rel_err']:.2f}% | {100 * e['lanczos_max_rel_err']:.1e}% | "
-                         f"{e['lanczos_hvps']:.0f} | {e['lanczos_converged']} |")
-    lines += ["", "| model/mode | step | exact trace | Hutchinson-10 median err | adaptive (5% SE) median err "
-              "| median probes | median SE | within 2 SE |", "|---|---|---|---|---|---|---|---|"]
-    for variant, rows in res["accuracy"].items():
-        for step, r in rows.items():
-            t = r.get("trace")
-            if not t:
-                continue
-            ex = "n/a" if t["exact"] is None else f"{t['exact']:.4g}"
-            fmt = lambda k: f"{100 * t[k]:.1f}%" if k in t else "n/a"  # noqa: E731
-            lines.append(f"| {variant} | {step} | {ex} | {fmt('hutch10_median_rel_err')} | "
-                         f"{fmt('adaptive_median_rel_err')} | {t['adaptive_median_samples']:.0f} | "
-                         f"{100 * t['adaptive_median_rel_se']:.1f}% | {t.get('adaptive_within_2se', 'n/a')} |")
-    lines += ["", f"Cost, {res['cost_steps']} SGD steps, a probe every {EVERY} steps "
-              "(ratio = wall time / unprobed run; ms = median per probe):", ""]
-    probes = len(range(0, res["cost_steps"], EVERY))
-    for tag, rows in res["cost"].items():
-        for k, v in rows.items():
-            if isinstance(v, dict):
-                ms = ", ".join(f"{a} {b:.1f}" for a, b in v["ms_per_probe"].items() if b >= 0.05)
-                added = 1e3 * (v["seconds"] - rows["unprobed_seconds"]) / probes
-                lines.append(f"- {tag} / {k}: ratio {v['ratio']:.2f}, {added:.0f} ms added per probe; ms: {ms}")
-    ck = res.get("cockpit")
-    if ck and ck.get("available"):
-        lines += ["", f"Cockpit measured here (plain model; its own loop's unprobed run "
-                  f"{ck['unprobed_seconds_backpack_model']:.2f} s vs shiftlab's {ck['unprobed_seconds_shiftlab_loop']:.2f} s): "
-                  + ", ".join(f"{k} {v:.2f}x ({1e3 * (v - 1) * ck['unprobed_seconds_backpack_model'] / ck['probes']:.0f} "
-                              "ms added per probe)" for k, v in ck["ratios"].items()),
-                  "Cockpit ms per probe (run time minus unprobed, per probe): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in ck["ms_per_probe"].items()),
-                  f"Shared quantities, largest relative difference shiftlab vs Cockpit: {ck['max_rel_diff_shared']:.1e}; "
-                  f"top eigenvalue median error vs reference: Cockpit {100 * ck['median_eig_rel_err']['cockpit']:.2f}%, "
-                  f"shiftlab Lanczos {100 * ck['median_eig_rel_err']['shiftlab_lanczos']:.1e}%"]
-    else:
-        lines += ["", f"Cockpit not importable here ({(ck or {}).get('reason', 'skipped')}); published in "
-                  f"issue 17 (not measured here): {PUBLISHED_COCKPIT}"]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(variant, step, json.dumps({k: v for k, v in row["eig"].items()
                                                  if not isinstance(v, list)}), flush=True)
     res: dict[str, Any] = {"machine": machine(), "quick": args.quick, "checkpoints": checkpoints,
-                           "accuracy": acc, "cost": cost_section(x, y, steps, subset), "cost_steps": steps,
+                           "accuracy": acc, "cost": cost_section(x, y, steps, subset), "cost_steps": steps, "every": EVERY,
                            "subset": subset,
                            "published_cockpit": PUBLISHED_COCKPIT, "cockpit": None}
     if not args.no_cockpit:

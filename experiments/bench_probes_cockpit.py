@@ -1,7 +1,10 @@
 """The Cockpit side of :mod:`shiftlab.experiments.bench_probes` (optional; needs cockpit-for-pytorch
 and backpack-for-pytorch importable).
 
-Why a separate module: Cockpit is an optional peer, not a dependency; when it cannot be imported
+How it is found: ``cockpit`` and ``backpack`` must be importable (e.g. ``pip install --target <dir>
+cockpit-for-pytorch==1.0.2 backpack-for-pytorch`` and that directory on ``PYTHONPATH``; cockpit 1.0.2
+imports ``pkg_resources`` for its version string only, so without setuptools a one-line stand-in
+module on the path does). Why a separate module: Cockpit is an optional peer, not a dependency; when it cannot be imported
 the benchmark reports the published figures of issue 17 instead. Only the plain MLP is run:
 BackPACK's individual gradients do not support BatchNorm in train mode.
 """
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from shiftlab.callbacks import gradient_stats as gs
 from shiftlab.callbacks.curvature_estimates import lanczos_eigenvalues
+from shiftlab.callbacks.per_example_layers import ggn_trace
 from shiftlab.experiments import bench_probes as bp
 
 SINGLE = ("NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "EarlyStopping", "Alpha", "HessTrace",
@@ -34,8 +38,9 @@ def _import() -> tuple[Any, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _run(x, y, steps: int, quantities: list | None) -> float:
-    """Wall time of ``steps`` SGD steps with Cockpit tracking ``quantities`` (None: no Cockpit)."""
+def _run(x, y, steps: int, quantities: list | None) -> tuple[float, float]:
+    """Wall time of ``steps`` SGD steps with Cockpit tracking ``quantities`` (None: no Cockpit) and the
+    milliseconds added per probe from its step times (:func:`bench_probes.added_ms_per_probe`)."""
     from backpack import extend
     from cockpit import Cockpit
 
@@ -44,6 +49,7 @@ def _run(x, y, steps: int, quantities: list | None) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=bp.LR)
     ck = Cockpit(model.parameters(), quantities=quantities) if quantities is not None else None
     t0 = time.perf_counter()
+    ticks = [t0]
     for step, (xb, yb) in enumerate(bp.batches(x, y, steps, seed=1)):
         out = model(xb)
         loss = loss_fn(out, yb)
@@ -56,7 +62,8 @@ def _run(x, y, steps: int, quantities: list | None) -> float:
                                 "optimizer": opt}):
                 loss.backward(create_graph=ck.create_graph(step))
         opt.step()
-    return time.perf_counter() - t0
+        ticks.append(time.perf_counter())
+    return time.perf_counter() - t0, bp.added_ms_per_probe(ticks)
 
 
 def _values_at(state: dict, xb, yb) -> dict[str, Any]:
@@ -79,14 +86,14 @@ def _values_at(state: dict, xb, yb) -> dict[str, Any]:
     theirs = ck.get_output()[0]
     plain = bp.make_model(False)
     plain.load_state_dict(state)
-    G, _ = gs.per_example_gradients(plain, xb, yb)
-    m = gs.gradient_moments(G)
+    m = gs.batch_moments(plain, xb, yb, path="layers").moments  # the probes' path on this model
     fn, params = bp._loss_params(plain, xb, yb)
     ref = lanczos_eigenvalues(fn, params, tol=1e-6, ncv=40, max_hvps=4000)
     ours = {v: gs.STATISTICS[v](m) for v in SHARED.values()}
     ours["top_eigenvalue_lanczos"] = lanczos_eigenvalues(fn, params, tol=1e-3).values[0]
     ours["reference_top_eigenvalue"] = ref.values[0]
     ours["exact_trace"] = bp.exact_trace_piecewise_linear(plain, xb, yb)
+    ours["trace_layer_factors"] = ggn_trace(plain, xb, yb).trace
     cockpit = {k: float(theirs[k]) for k in SHARED}
     cockpit["HessMaxEV"] = float(theirs["HessMaxEV"])
     ht = theirs["HessTrace"]
@@ -104,12 +111,13 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
 
     sched = linear(bp.EVERY)
     n_probes = len(range(0, steps, bp.EVERY))
-    base = min(_run(x, y, steps, None) for _ in range(2))
-    ratios = {c: _run(x, y, steps, configuration(c, track_schedule=sched)) / base
-              for c in ("economy", "business", "full")}
-    ms = {}
+    base = min(_run(x, y, steps, None)[0] for _ in range(2))
+    ratios, ms, added = {}, {}, {}
+    for c in ("economy", "business", "full"):
+        t, added[c] = _run(x, y, steps, configuration(c, track_schedule=sched))
+        ratios[c] = t / base
     for q in SINGLE:
-        t = _run(x, y, steps, [getattr(quantities, q)(track_schedule=sched)])
+        t, added[q] = _run(x, y, steps, [getattr(quantities, q)(track_schedule=sched)])
         ms[q] = 1e3 * max(t - base, 0.0) / n_probes
     states = bp.train_checkpoints(False, x, y, checkpoints)
     xb, yb = x[: bp.BATCH], y[: bp.BATCH]
@@ -118,12 +126,17 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
         ref = v["shiftlab"]["reference_top_eigenvalue"]
         v["cockpit_eig_rel_err"] = abs(v["cockpit"]["HessMaxEV"] - ref) / abs(ref)
         v["shiftlab_eig_rel_err"] = abs(v["shiftlab"]["top_eigenvalue_lanczos"] - ref) / abs(ref)
+        exact = v["shiftlab"]["exact_trace"]
+        v["trace_rel_err"] = {"cockpit": abs(v["cockpit"]["HessTrace"] - exact) / abs(exact),
+                              "shiftlab": abs(v["shiftlab"]["trace_layer_factors"] - exact) / abs(exact)}
     return {"available": True, "version": getattr(ck, "__version__", "1.0.2?"),
             "unprobed_seconds_backpack_model": base, "unprobed_seconds_shiftlab_loop": unprobed_seconds,
-            "ratios": ratios, "ms_per_probe": ms, "probes": n_probes,
+            "ratios": ratios, "ms_per_probe": ms, "added_ms_per_probe": added, "probes": n_probes,
             "values_on_first_batch": values,
             "max_rel_diff_shared": max(abs(v["cockpit"][k] - v["shiftlab"][s]) / max(abs(v["shiftlab"][s]), 1e-12)
                                        for v in values.values() for k, s in SHARED.items()),
+            "max_trace_rel_err": {k: max(v["trace_rel_err"][k] for v in values.values())
+                                  for k in ("cockpit", "shiftlab")},
             "median_eig_rel_err": {"cockpit": statistics.median(v["cockpit_eig_rel_err"] for v in values.values()),
                                    "shiftlab_lanczos": statistics.median(v["shiftlab_eig_rel_err"]
                                                                          for v in values.values())}}

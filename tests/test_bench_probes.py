@@ -37,4 +37,20 @@ def test_quick_run_writes_results(tmp_path):
             assert eig["reference_converged"] and eig["lanczos_converged"]
             assert eig["lanczos_max_rel_err"] < 5e-3  # the target, on every checkpoint
     assert res["cost"]["plain"]["gradient_tests"]["ratio"] > 1
+    for variant in ("plain-eval", "bn-eval"):  # the layer-factor trace is the exact trace
+        for row in res["accuracy"][variant].values():
+            if "trace" in row:
+                assert row["trace"]["ggn_rel_err"] < 1e-5
+    assert all(row["trace"]["ggn"] is None for row in res["accuracy"]["bn-train"].values() if "trace" in row)
+    assert {"norm_test_layers", "norm_test_vmap", "trace_ggn", "trace_hutchinson"} <= set(res["cost"]["plain"])
+    assert "| norm test alone |" in (tmp_path / "SUMMARY.md").read_text()
     assert res["cockpit"] is None
+
+
+def test_added_ms_per_probe_from_step_phases():
+    import itertools
+
+    dt = [0.001 + (0.005 if k % 10 == 0 else 0.002 if k % 10 == 1 else 0.0) for k in range(200)]
+    dt[57] += 0.5  # another job interrupts one ordinary step: the medians ignore it
+    ticks = [0.0, *itertools.accumulate(dt)]
+    assert bp.added_ms_per_probe(ticks) == pytest.approx(7.0)

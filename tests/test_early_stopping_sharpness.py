@@ -242,3 +242,36 @@ def test_resumed_fit_continues_the_same_series(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert [h["top_eigenvalue"] for h in resumed.history] == [h["top_eigenvalue"] for h in whole.history]
     assert repr(resumed.rule.state_dict()) == repr(whole.rule.state_dict())  # repr: NaN entries compare equal
+
+
+def _relu_mlp(act=torch.nn.ReLU, bn: bool = False) -> torch.nn.Module:
+    torch.manual_seed(2)
+    layers = [torch.nn.Linear(4, 6)] + ([torch.nn.BatchNorm1d(6)] if bn else []) + [act(), torch.nn.Linear(6, 3)]
+    return torch.nn.Sequential(*layers).double()
+
+
+def test_trace_method_auto_is_exact_for_relu_nets_and_hutchinson_elsewhere():
+    from helpers_hessian import dense_hessian
+
+    x, y = torch.randn(30, 4, dtype=torch.double), torch.randint(0, 3, (30,))
+    relu = _relu_mlp()
+    out = sharpness_on_subset(relu, x, y, power_iters=0, trace_samples=100, trace_target_rel_error=0.05,
+                              trace_method="auto")
+    assert out["trace_method"] == "ggn" and out["trace_exact"] == 1.0 and "trace_se" not in out
+    assert out["trace"] == pytest.approx(float(torch.trace(dense_hessian(relu.eval(), x, y))), rel=1e-5)
+    bn = _relu_mlp(bn=True)  # train mode: batch statistics couple the examples -> Hutchinson
+    out = sharpness_on_subset(bn, x, y, power_iters=0, trace_samples=30, trace_target_rel_error=0.05,
+                              trace_method="auto", model_mode="train", generator=torch.Generator().manual_seed(0))
+    assert out["trace_method"] == "hutchinson" and out["trace_se"] > 0
+    with pytest.raises(ValueError, match="batch statistics"):
+        sharpness_on_subset(bn, x, y, power_iters=0, trace_method="ggn", model_mode="train")
+    out = sharpness_on_subset(bn, x, y, power_iters=0, trace_method="auto", model_mode="eval")
+    assert out["trace_method"] == "ggn" and out["trace_exact"] == 1.0  # eval-mode BN is affine
+    tanh = _relu_mlp(torch.nn.Tanh)
+    out = sharpness_on_subset(tanh, x, y, power_iters=0, trace_samples=30, trace_method="auto",
+                              generator=torch.Generator().manual_seed(0))
+    assert out["trace_method"] == "hutchinson"
+    out = sharpness_on_subset(tanh, x, y, power_iters=0, trace_method="ggn")
+    assert out["trace_method"] == "ggn" and out["trace_exact"] == 0.0  # the GGN's trace, flagged
+    with pytest.raises(ValueError, match="trace_method"):
+        SharpnessMonitor(trace_method="exact")
