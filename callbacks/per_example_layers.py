@@ -37,7 +37,7 @@ from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["NotApplicable", "fast_path_reason", "layer_moments", "layer_gradients", "ggn_trace", "ggn_is_hessian_trace",
-           "GGNTrace"]
+           "GGNTrace", "ggn_diagonal", "GGNDiagonal", "ggn_static_reason"]
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 BN_EVAL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -239,6 +239,11 @@ def ggn_is_hessian_trace(model: nn.Module, x: Tensor) -> str | None:
     return verdict["reason"]
 
 
+def ggn_static_reason(model: nn.Module) -> str | None:
+    """The part of :func:`ggn_is_hessian_trace` that needs no forward pass (layers and activations)."""
+    return _static_reason(model)
+
+
 def _static_reason(model: nn.Module) -> str | None:
     why = fast_path_reason(model)
     if why:
@@ -271,6 +276,31 @@ def _chain(model: nn.Module, x: Tensor) -> Iterator[dict]:
         state["reason"] = "the forward pass is not a chain of its leaf modules (operations outside them)"
 
 
+def _ggn_backward(model: nn.Module, x: Tensor):
+    """One forward pass (chain check on it) and one ``C``-fold batched backward pass of the columns
+    ``s_nc = sqrt(p_nc) (e_c - p_n)`` of the softmax cross-entropy's output Hessian to every layer output:
+    ``(owners, records, {module: (C, N, ...) gradients}, N, reason)``, ``reason`` None when the GGN's
+    diagonal is the Hessian's (:func:`ggn_is_hessian_trace`)."""
+    owners, why = _owners(model)
+    if why:
+        raise ValueError(why)
+    reason = _static_reason(model)
+    with _chain(model, x) as verdict:  # the chain is checked on the same forward pass
+        out, rec = _forward(model, x, owners)
+        verdict["out"] = out
+    reason = reason or verdict["reason"]
+    if out.dim() != 2:
+        raise ValueError(f"the GGN needs logits of shape (N, C), got {tuple(out.shape)}")
+    n, c = out.shape
+    p = torch.softmax(out.detach(), 1)
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    s = p.sqrt().T.unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))  # (C, N, C): s[c, n] = s_nc
+    mods = list(dict.fromkeys(m for _, m, _ in owners))
+    outs = torch.autograd.grad(out, [rec[m].output for m in mods], grad_outputs=s, is_grads_batched=True,
+                               allow_unused=True)
+    return owners, rec, dict(zip(mods, outs)), n, reason
+
+
 def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> GGNTrace:
     """Exact trace of the generalized Gauss-Newton matrix of ``cross_entropy(model(x), y)`` (mean):
     ``tr G = (1/N) sum_n sum_c |J_n^T s_nc|^2`` with ``S_n S_n^T = diag(p_n) - p_n p_n^T``,
@@ -282,25 +312,8 @@ def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> GGNTrace:
     Hutchinson probe. Equals the Hessian trace when :func:`ggn_is_hessian_trace` says so (e.g. ReLU MLPs,
     with or without eval-mode BatchNorm); otherwise it is the GGN's trace (tanh nets: a positive
     semi-definite approximation). Raises ValueError where :func:`fast_path_reason` is not None."""
-    owners, why = _owners(model)
-    if why:
-        raise ValueError(why)
-    reason = _static_reason(model)
-    with _chain(model, x) as verdict:  # the chain is checked on the same forward pass
-        out, rec = _forward(model, x, owners)
-        verdict["out"] = out
-    reason = reason or verdict["reason"]
-    if out.dim() != 2:
-        raise ValueError(f"ggn_trace needs logits of shape (N, C), got {tuple(out.shape)}")
-    n, c = out.shape
-    p = torch.softmax(out.detach(), 1)
-    eye = torch.eye(c, dtype=p.dtype, device=p.device)
-    s = p.sqrt().T.unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))  # (C, N, C): s[c, n] = s_nc
-    mods = list(dict.fromkeys(m for _, m, _ in owners))
-    outs = torch.autograd.grad(out, [rec[m].output for m in mods], grad_outputs=s, is_grads_batched=True,
-                               allow_unused=True)
-    grads = dict(zip(mods, outs))
-    total = torch.zeros((), dtype=torch.float64, device=out.device)
+    owners, rec, grads, n, reason = _ggn_backward(model, x)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for _, m, leaf in owners:
         if grads[m] is None:  # a layer the logits do not depend on
             continue
@@ -311,3 +324,36 @@ def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> GGNTrace:
         else:
             total += pe.square().sum().double()
     return GGNTrace(float(total) / n, reason is None, reason)
+
+
+@dataclass
+class GGNDiagonal:
+    """``diag(GGN)`` of the mean cross-entropy (flat, trainable parameters in ``named_parameters`` order)
+    and whether it equals ``diag(Hessian)`` for that model."""
+
+    diag: Tensor
+    equals_hessian_diagonal: bool
+    reason: str | None  # why not, when it does not
+
+
+def ggn_diagonal(model: nn.Module, x: Tensor, y: Tensor) -> GGNDiagonal:
+    """Exact diagonal of the generalized Gauss-Newton matrix of ``cross_entropy(model(x), y)`` (mean), from
+    the same batched backward pass as :func:`ggn_trace` (BackPACK's ``DiagGGNExact``): for a Linear weight
+    ``diag_ij = (1/N) sum_n (sum_c d_nci^2) a_nj^2``, for the other parameters ``(1/N) sum_nc`` of the
+    squared per-example, per-column gradients. Equal to the Hessian's diagonal where
+    ``equals_hessian_diagonal`` (same condition as :func:`ggn_is_hessian_trace`: then it replaces one
+    Hessian-vector product per parameter, or Hutchinson's noisy estimate)."""
+    owners, rec, grads, n, reason = _ggn_backward(model, x)
+    parts = []
+    for name, m, leaf in owners:
+        p = getattr(m, leaf)
+        if grads[m] is None:
+            parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+            continue
+        a, d = rec[m].inputs, grads[m].detach()
+        pe = _dense(m, leaf, a, d)
+        if pe is None:
+            parts.append((d.square().sum(0).T @ a.square()).reshape(-1) / n)
+        else:
+            parts.append(pe.square().sum((0, 1)).reshape(-1) / n)
+    return GGNDiagonal(torch.cat(parts), reason is None, reason)

@@ -8,12 +8,22 @@ tracks two cheap forms, and so do we (same ``eps``, so values are comparable):
 * ``tic_diag = sum_j C_jj / (H_jj + eps)`` (Cockpit's ``TICDiag``),
 * ``tic_trace = tr(C) / (tr(H) + eps)`` (Cockpit's ``TICTrace``),
 
-with ``C_jj = mean_i g_ij^2``. ``C`` comes from the per-example gradients the gradient tests
-already form; the Hessian diagonal is either exact (one Hessian-vector product per parameter,
-``torch.func``: small models) or Hutchinson's estimate ``E[v * Hv]`` over Rademacher ``v``
-(general models), which is unbiased but noisy per coordinate, so ``tic_diag`` from it is rough;
-its ``tr(H)`` comes with a standard error that :func:`tic_trace_se` carries over to ``tic_trace``.
-Cockpit's default is BackPACK's exact ``DiagHessian``.
+with ``C_jj = mean_i g_ij^2``. ``C`` comes from the gradient tests' moments (on the layer-factor
+path ``(1/N) sum_n d_nj^2 a_n^2``, BackPACK's ``SumGradSquared`` form, without the per-example
+gradients). The Hessian diagonal, fastest first (``hessian_diagonal(method="auto")``):
+
+* ``layers``: the exact Gauss-Newton diagonal from layer factors
+  (:func:`~shiftlab.callbacks.per_example_layers.ggn_diagonal`, one ``C``-fold batched backward pass),
+  used where it *is* the Hessian's diagonal (cross-entropy on a chain of Linear / Conv / eval-mode
+  BatchNorm layers and piecewise-linear activations, e.g. ReLU MLPs); Cockpit's default is BackPACK's
+  exact ``DiagHessian``, which costs about the same;
+* ``exact``: one Hessian-vector product per parameter (``torch.func``: small models);
+* ``hutchinson``: ``E[v * Hv]`` over Rademacher ``v`` (general models), unbiased but noisy per
+  coordinate, so ``tic_diag`` from it is rough; its ``tr(H)`` comes with a standard error that
+  :func:`tic_trace_se` carries over to ``tic_trace``.
+
+The two ``torch.func`` paths stay the reference and the fallback; :class:`HessianDiagonal` records
+which path ran and, under ``auto``, why the layer path was not taken.
 """
 from __future__ import annotations
 
@@ -27,7 +37,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 __all__ = ["HessianDiagonal", "hessian_diagonal_exact", "hessian_diagonal_hutchinson",
-           "hessian_diagonal", "second_moment_diagonal", "tic_diag", "tic_trace", "tic_trace_se",
+           "hessian_diagonal", "hessian_diagonal_layers", "layers_reason", "METHODS",
+           "second_moment_diagonal", "tic_diag", "tic_trace", "tic_trace_se",
            "TIC_EPS"]
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -40,13 +51,15 @@ class HessianDiagonal:
     trainable parameters) and how it was obtained.
 
     ``trace_samples``: Hutchinson's per-probe ``v^T H v`` (``None`` when exact); ``method``:
-    ``exact`` or ``hutchinson``; ``hvps``: Hessian-vector products spent.
+    ``layers``, ``exact`` or ``hutchinson``; ``hvps``: Hessian-vector products spent;
+    ``fallback_reason``: why ``auto`` did not take the layer path.
     """
 
     diag: Tensor
     method: str
     hvps: int
     trace_samples: Tensor | None = None
+    fallback_reason: str | None = None
 
 
 def _flat_loss(model: nn.Module, x: Tensor, y: Tensor, loss: Loss) -> tuple[Callable, Tensor]:
@@ -110,17 +123,71 @@ def hessian_diagonal_hutchinson(model: nn.Module, x: Tensor, y: Tensor,
     return HessianDiagonal(prod.mean(0), "hutchinson", samples, prod.sum(1).double())
 
 
+METHODS = ("auto", "layers", "exact", "hutchinson")
+
+
+def _is_mean_cross_entropy(loss: Loss) -> bool:
+    """The layer path's Gauss-Newton factors are those of the mean softmax cross-entropy."""
+    if loss is F.cross_entropy:
+        return True
+    return (isinstance(loss, nn.CrossEntropyLoss) and loss.reduction == "mean" and loss.weight is None
+            and loss.label_smoothing == 0.0)
+
+
+def layers_reason(model: nn.Module, loss: Loss) -> str | None:
+    """None when :func:`hessian_diagonal_layers` may apply (checked without a forward pass), else why not."""
+    from shiftlab.callbacks.per_example_layers import ggn_static_reason
+
+    if not _is_mean_cross_entropy(loss):
+        return "the loss is not the mean cross-entropy"
+    return ggn_static_reason(model)
+
+
+def hessian_diagonal_layers(model: nn.Module, x: Tensor, y: Tensor,
+                            loss: Loss = F.cross_entropy) -> HessianDiagonal:
+    """``diag(H)`` as the exact Gauss-Newton diagonal from layer factors; raises ValueError where that is
+    not the Hessian's diagonal (:func:`~shiftlab.callbacks.per_example_layers.ggn_diagonal`)."""
+    from shiftlab.callbacks.per_example_layers import ggn_diagonal
+
+    why = layers_reason(model, loss)
+    if why:
+        raise ValueError(f"the layer path does not apply: {why}")
+    with torch.enable_grad():
+        g = ggn_diagonal(model, x, y)
+    if not g.equals_hessian_diagonal:
+        raise ValueError(f"the layer path does not apply: {g.reason}")
+    return HessianDiagonal(g.diag.detach(), "layers", 0)
+
+
 def hessian_diagonal(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy,
                      method: str = "auto", max_exact_params: int = 1024, samples: int = 20,
                      generator: torch.Generator | None = None,
                      chunk_size: int | None = None) -> HessianDiagonal:
-    """``exact``, ``hutchinson``, or ``auto``: exact up to ``max_exact_params`` parameters."""
-    if method not in ("auto", "exact", "hutchinson"):
-        raise ValueError(f"method={method} is not allowed; allowed: auto, exact, hutchinson")
+    """``layers``, ``exact``, ``hutchinson``, or ``auto``: the layer path where it is the Hessian's
+    diagonal, else exact up to ``max_exact_params`` parameters, else Hutchinson."""
+    if method not in METHODS:
+        raise ValueError(f"method={method} is not allowed; allowed: {', '.join(METHODS)}")
+    if method == "layers":
+        return hessian_diagonal_layers(model, x, y, loss)
+    from shiftlab.callbacks.per_example_layers import NotApplicable
+
+    why = None
+    if method == "auto":
+        why = layers_reason(model, loss)
+        if why is None:
+            try:
+                return hessian_diagonal_layers(model, x, y, loss)
+            except ValueError as e:  # found on the forward pass (not a chain of layers, a layer called twice)
+                why = str(e).removeprefix("the layer path does not apply: ")
+            except NotApplicable as e:
+                why = str(e)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if method == "exact" or (method == "auto" and n <= max_exact_params):
-        return hessian_diagonal_exact(model, x, y, loss, chunk_size or 256)
-    return hessian_diagonal_hutchinson(model, x, y, loss, samples, generator, chunk_size)
+        out = hessian_diagonal_exact(model, x, y, loss, chunk_size or 256)
+    else:
+        out = hessian_diagonal_hutchinson(model, x, y, loss, samples, generator, chunk_size)
+    out.fallback_reason = why
+    return out
 
 
 def second_moment_diagonal(G: Tensor) -> Tensor:
