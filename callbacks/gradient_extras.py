@@ -53,9 +53,12 @@ class GradientExtras:
 
     Args:
         quantities: the callback's quantity list (those of :data:`EXTRA_QUANTITIES` are measured).
-        hessian_diagonal: TIC's Hessian diagonal: ``exact`` (one Hessian-vector product per
-            parameter), ``hutchinson`` (``hessian_samples`` Rademacher probes), ``auto`` (exact up
-            to ``max_exact_params`` trainable parameters).
+        hessian_diagonal: TIC's Hessian diagonal: ``layers`` (the exact Gauss-Newton diagonal from
+            layer factors, where it is the Hessian's: cross-entropy, ReLU-type chains of Linear / Conv /
+            eval-mode BatchNorm), ``exact`` (one Hessian-vector product per parameter), ``hutchinson``
+            (``hessian_samples`` Rademacher probes), ``auto`` (``layers`` where it applies, else exact up
+            to ``max_exact_params`` trainable parameters, else Hutchinson). The path taken is in the
+            summary (``tic_hessian_diagonal``).
         hist_bins / hist_range: 1d histogram (Cockpit: 100 bins over [-2, 2]).
         hist2d_bins / hist2d_range: 2d histogram, gradient axis first (Cockpit: (40, 50) bins over
             [-1, 1] x [-2, 2]).
@@ -68,8 +71,8 @@ class GradientExtras:
                  hist_range: Sequence[float] = gh.DEFAULT_RANGE_1D,
                  hist2d_bins: Sequence[int] = gh.DEFAULT_BINS_2D,
                  hist2d_range: Sequence[Sequence[float]] = gh.DEFAULT_RANGE_2D, seed: int = 0) -> None:
-        if hessian_diagonal not in ("auto", "exact", "hutchinson"):
-            raise _bad("hessian_diagonal", hessian_diagonal, "auto, exact, hutchinson")
+        if hessian_diagonal not in tic.METHODS:
+            raise _bad("hessian_diagonal", hessian_diagonal, ", ".join(tic.METHODS))
         if not isinstance(hessian_samples, int) or isinstance(hessian_samples, bool) or hessian_samples < 2:
             raise _bad("hessian_samples", hessian_samples, "an integer >= 2")
         if not isinstance(max_exact_params, int) or max_exact_params < 0:

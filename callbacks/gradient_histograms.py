@@ -11,6 +11,12 @@ hides. Definitions follow Cockpit so the pictures are comparable:
 
 Counts are summed over ranks by the callback (same bins everywhere), so a DDP run's histogram is
 the one of the union of the ranks' batches.
+
+Cost (issue 17's target: no costlier than Cockpit's same quantity): ``G`` is read in blocks of rows
+that stay in cache, clipped into one reused buffer and binned by ``torch.histc`` (the fastest binning
+measured here, ahead of ``bincount`` and ``histogram``); the 2d histogram bins the flat index
+``x_bin * by + y_bin`` of each pair with one 1-d ``histc`` instead of ``torch.histogramdd`` over
+stacked pairs (kept as :func:`histogram_2d_reference`, the test reference; 4-5x slower here).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["histogram_1d", "histogram_2d", "bin_edges", "plot_gradient_histograms",
+__all__ = ["histogram_1d", "histogram_2d", "histogram_2d_reference", "bin_edges", "plot_gradient_histograms",
            "DEFAULT_BINS_1D", "DEFAULT_RANGE_1D", "DEFAULT_BINS_2D", "DEFAULT_RANGE_2D"]
 
 DEFAULT_BINS_1D, DEFAULT_RANGE_1D = 100, (-2.0, 2.0)  # Cockpit's defaults
@@ -37,21 +43,61 @@ def bin_edges(bins: int, range_: Sequence[float]) -> Tensor:
     return torch.linspace(float(range_[0]), float(range_[1]), bins + 1, dtype=torch.float64)
 
 
+ROWS = 8  # rows of G per block: 8 x 23k float32 stays in L2 (2 to 32 rows measured; 8 fastest)
+
+
+def _row_blocks(G: Tensor, rows: int = ROWS):
+    """``(block, buffer)`` pairs: consecutive row blocks of ``G`` (float32) and a reused buffer of their shape."""
+    G = G.detach().reshape(G.shape[0], -1)
+    if G.dtype != torch.float32:
+        G = G.float()
+    buf = torch.empty(min(rows, G.shape[0]), G.shape[1], device=G.device)
+    for s in range(0, G.shape[0], rows):
+        block = G[s:s + rows]
+        yield block, buf[:block.shape[0]]
+
+
 def histogram_1d(G: Tensor, bins: int = DEFAULT_BINS_1D,
                  range_: Sequence[float] = DEFAULT_RANGE_1D) -> Tensor:
     """Counts (float64, ``bins``) of the elements of the per-example gradients ``G`` (N, P),
-    clipped into ``range_`` (``torch.histc``; the last bin includes its upper edge)."""
+    clipped into ``range_`` (``torch.histc``; the last bin includes its upper edge), in row blocks."""
     lo, hi = float(range_[0]), float(range_[1])
     _check(bins, lo, hi)
-    g = G.detach().reshape(-1).float().clamp(lo, hi)
-    return torch.histc(g, bins=bins, min=lo, max=hi).double().cpu()
+    out = torch.zeros(bins, dtype=torch.float64, device=G.device)
+    for block, buf in _row_blocks(G):
+        torch.clamp(block, lo, hi, out=buf)
+        out += torch.histc(buf, bins=bins, min=lo, max=hi)
+    return out.cpu()
 
 
 def histogram_2d(G: Tensor, params: Tensor, bins: Sequence[int] = DEFAULT_BINS_2D,
                  range_: Sequence[Sequence[float]] = DEFAULT_RANGE_2D) -> Tensor:
     """Counts (float64, ``bins[0] x bins[1]``) of the pairs ``(G[i, j], params[j])``: per-example
     gradient elements against the flat parameter values (same order as ``G``'s columns), each
-    clipped into its range (``torch.histogramdd``, on the CPU)."""
+    clipped into its range. Bin ``floor((v - lo) * bins / (hi - lo))`` on both axes (the last bin
+    closed; parameters in float64, gradient elements in float32 as ``histc``); the pair's flat index
+    ``x_bin * by + y_bin + 1/2`` is binned by one ``histc`` over ``bx * by`` unit bins."""
+    (bx, by), ((xlo, xhi), (ylo, yhi)) = bins, range_
+    _check(bx, xlo, xhi)
+    _check(by, ylo, yhi)
+    if params.numel() != G.shape[1]:
+        raise ValueError(f"params has {params.numel()} elements, G has {G.shape[1]} columns")
+    xlo, xhi, ylo, yhi = float(xlo), float(xhi), float(ylo), float(yhi)
+    th = params.detach().reshape(-1).to(torch.float64).clamp(ylo, yhi)
+    y_bin = th.sub(ylo).mul_(by / (yhi - ylo)).floor_().clamp_(max=by - 1)
+    offset = (y_bin.float() + 0.5).to(G.device)  # + 1/2: each flat index in the middle of its unit bin
+    scale, cells = bx / (xhi - xlo), bx * by
+    out = torch.zeros(cells, dtype=torch.float64, device=G.device)
+    for block, buf in _row_blocks(G):
+        torch.clamp(block, xlo, xhi, out=buf)
+        buf.sub_(xlo).mul_(scale).floor_().clamp_(max=bx - 1).mul_(by).add_(offset)
+        out += torch.histc(buf, bins=cells, min=0, max=cells)
+    return out.view(bx, by).cpu()
+
+
+def histogram_2d_reference(G: Tensor, params: Tensor, bins: Sequence[int] = DEFAULT_BINS_2D,
+                           range_: Sequence[Sequence[float]] = DEFAULT_RANGE_2D) -> Tensor:
+    """:func:`histogram_2d` by ``torch.histogramdd`` over the stacked pairs (the reference; slower)."""
     (bx, by), ((xlo, xhi), (ylo, yhi)) = bins, range_
     _check(bx, xlo, xhi)
     _check(by, ylo, yhi)

@@ -51,8 +51,8 @@ __all__ = ["GradientTests", "QUANTITIES", "DEFAULT_QUANTITIES"]
 
 DEFAULT_QUANTITIES = (*gs.STATISTICS, "alpha")
 QUANTITIES = (*DEFAULT_QUANTITIES, *EXTRA_QUANTITIES)
-# the quantities that read the per-example gradients G themselves (the others need only their moments)
-NEEDS_GRADIENTS = ("tic_diag", "tic_trace", "grad_hist_1d", "grad_hist_2d")
+# the quantities that read the per-example gradients G themselves (the others, TIC included, need only their moments)
+NEEDS_GRADIENTS = ("grad_hist_1d", "grad_hist_2d")
 
 
 class GradientTests(L.Callback, Reporter):

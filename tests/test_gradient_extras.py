@@ -241,7 +241,7 @@ def test_run_writes_png_logs_new_quantities_and_resumes_exactly(tmp_path):
     for q in ("gsnr", "tic_diag", "tic_trace", "tic_trace_se", "distance", "update_size"):
         assert isinstance(s[f"grad_tests/{q}"], float), q
     assert s["grad_tests/probes"] == 3 and s["grad_tests/distance"] > 0  # steps 0, 2, 4
-    assert s["grad_tests/tic_hessian_diagonal"] in ("exact", "hutchinson")
+    assert s["grad_tests/tic_hessian_diagonal"] in ("layers", "exact", "hutchinson")
     png = tmp_path / "full" / "plots" / "gradient_histograms.png"
     assert png.exists() and png.stat().st_size > 1000
     train(compose_cfg(common + ["+callbacks.stop._target_=helpers_callbacks.StopAfterEpoch",
@@ -253,3 +253,56 @@ def test_run_writes_png_logs_new_quantities_and_resumes_exactly(tmp_path):
     assert _values(resumed["history"]) == _values(full["history"])
     assert "update_size" in resumed["history"][1]  # step 2's, measured after the resume
     assert all(torch.equal(a, b) for a, b in zip(resumed["extras"]["hists_1d"], full["extras"]["hists_1d"]))
+
+
+def test_tic_layer_path_is_the_exact_hessian_diagonal_and_needs_no_per_example_gradients():
+    """ReLU net: auto takes the layer-factor Gauss-Newton diagonal, equal to the dense Hessian's diagonal
+    (and to the torch.func reference) to 1e-5; C comes from the moments, and the callback forms no G."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(9, 4, dtype=torch.double), torch.randint(0, 3, (9,))
+    H = dense_hessian(model, x, y).double()
+    hd = tic.hessian_diagonal(model, x, y)
+    assert hd.method == "layers" and hd.hvps == 0 and hd.fallback_reason is None
+    torch.testing.assert_close(hd.diag, H.diagonal(), rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(hd.diag, tic.hessian_diagonal_exact(model, x, y).diag, rtol=1e-5, atol=1e-10)
+    assert tic.hessian_diagonal(model, x, y, nn.CrossEntropyLoss()).method == "layers"
+    other = tic.hessian_diagonal(model, x, y, lambda o, t: F.cross_entropy(o, t, reduction="sum"))
+    assert other.method == "exact" and "cross-entropy" in other.fallback_reason
+    tanh = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    fb = tic.hessian_diagonal(tanh, x, y)
+    assert fb.method == "exact" and "Tanh" in fb.fallback_reason
+    with pytest.raises(ValueError, match="Tanh"):
+        tic.hessian_diagonal(tanh, x, y, method="layers")
+    # the callback: the same TIC as from the loop's C and the dense diagonal, without forming G
+    G = _loop_gradients(model, x, y)
+    c = G.square().mean(0)
+    cb = GradientTests(every_n_steps=1, quantities=["tic_diag", "tic_trace"], max_overhead=None)
+    values, cost, (_, G_cb) = cb.measure(model, x, y)
+    assert G_cb is None and values["layer_path"] == 1.0 and cb.extras.hessian_used == "layers"
+    assert values["tic_trace"] == pytest.approx(float(c.sum() / (H.trace() + 1e-7)), rel=1e-5)
+    assert values["tic_diag"] == pytest.approx(float((c / (H.diagonal() + 1e-7)).sum()), rel=1e-5)
+    assert values["tic_trace_se"] == 0.0 and cost["hessian_diagonal"] > 0
+
+
+def test_fast_2d_histogram_matches_histogramdd_and_loops():
+    torch.manual_seed(6)
+    G = torch.randn(21, 37) * 0.6
+    G[:, :5] = 0.0  # dead units: exact zeros sit on an interior bin edge
+    G[3, 7], G[4, 8] = 1.0, -1.0  # the range's edges
+    flat = torch.randn(37) * 1.5
+    flat[0] = 0.0
+    bins, r2 = (8, 6), ((-1.0, 1.0), (-2.0, 2.0))
+    fast, ref = gh.histogram_2d(G, flat, bins, r2), gh.histogram_2d_reference(G, flat, bins, r2)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+    want = np.zeros(bins)
+    for i in range(G.shape[0]):
+        for j in range(G.shape[1]):
+            gx, py = np.clip(float(G[i, j]), *r2[0]), np.clip(float(flat[j]), *r2[1])
+            want += np.histogram2d([gx], [py], bins=list(bins), range=r2)[0]
+    np.testing.assert_allclose(fast.numpy(), want)
+    assert fast.sum() == G.numel() and (G.abs() > 1).any() and (flat.abs() > 2).any()
+    # more rows than one block, float64 input: the same counts as the plain formula
+    G64 = torch.randn(3 * gh.ROWS + 5, 11, dtype=torch.double)
+    np.testing.assert_allclose(gh.histogram_1d(G64, 7, (-1.5, 1.5)).numpy(),
+                               np.histogram(G64.float().clamp(-1.5, 1.5).numpy(), 7, (-1.5, 1.5))[0])
