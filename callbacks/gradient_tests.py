@@ -53,6 +53,7 @@ DEFAULT_QUANTITIES = (*gs.STATISTICS, "alpha")
 QUANTITIES = (*DEFAULT_QUANTITIES, *EXTRA_QUANTITIES)
 # the quantities that read the per-example gradients G themselves (the others, TIC included, need only their moments)
 NEEDS_GRADIENTS = ("grad_hist_1d", "grad_hist_2d")
+NEEDS_MOMENTS = (*gs.STATISTICS, "tic_diag", "tic_trace", *NEEDS_GRADIENTS)  # a per-example pass
 
 
 class GradientTests(L.Callback, Reporter):
@@ -133,8 +134,10 @@ class GradientTests(L.Callback, Reporter):
         """(values, seconds per quantity, (losses, G)) of the statistics on one batch (with
         ``distributed``: on the union of the ranks' batches; ``losses``, ``G`` stay this rank's)."""
         cost: dict[str, float] = {}
+        if not any(q in NEEDS_MOMENTS for q in self.quantities):  # distance, update size, alpha: no pass
+            return self.extras.measure(model, x, y, loss, None, None, step, distributed, cost), cost, (None, None)
         t = time.perf_counter()
-        # G itself only where a quantity needs it (TIC, histograms) or the ranks merge their examples
+        # G itself only where a quantity needs it (histograms) or the ranks merge their examples
         needs_g = distributed or any(q in NEEDS_GRADIENTS for q in self.quantities)
         with eval_mode(model):  # layer factors where every parameter allows, else vmap (batch_moments)
             bm = gs.batch_moments(model, x, y, loss, self.chunk_size, gradients=needs_g)

@@ -18,7 +18,9 @@ process. Writes ``results.json`` and ``bench_probes.png`` under ``--out``.
   per_example_layers.ggn_trace`) is checked against it.
 * Cost: training runs with a probe every 10 steps against the unprobed run (ratio of wall
   times), and the seconds per probe of each quantity; single quantities (norm test, trace on the
-  batch) as Cockpit's are measured: run time minus the unprobed run, per probe.
+  batch, top eigenvalue, and TIC diag / trace, gradient histograms 1d / 2d, distance, update size
+  through the gradient-tests callback) as Cockpit's: ms added per probe from one run's step times
+  (:func:`added_ms_per_probe`).
 * Cockpit (cockpit-for-pytorch + backpack-for-pytorch), when importable: the same runs with its
   economy / business / full configurations and single quantities, and its values on the same
   batches (:mod:`shiftlab.experiments.bench_probes_cockpit`). Otherwise the issue's published
@@ -35,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shiftlab.callbacks import gradient_histograms as gh
 from shiftlab.callbacks import gradient_stats as gs
+from shiftlab.callbacks.gradient_extras import EXTRA_QUANTITIES
 from shiftlab.callbacks.gradient_noise import gradient_noise_scale
 from shiftlab.callbacks.gradient_tests import GradientTests
 from shiftlab.callbacks.hessian import hutchinson_trace, top_hessian_eigenvalue
@@ -241,9 +245,36 @@ def probe_sets(x, y, subset: int = SUBSET) -> dict[str, Callable[[nn.Module, Any
             timed(out, "lanczos_eigenvalue_batch", lambda: lanczos_eigenvalues(fn, params, tol=1e-3))
         return out
 
+    def hist2d_reference(model, xb, yb, step):  # the histogramdd path, with G, as before this change
+        out: dict[str, float] = {}
+        with probe_mode(model, "eval") as m:
+            G = timed(out, "per_example_gradients", lambda: gs.batch_moments(m, xb, yb, gradients=True).gradients)
+            flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+            timed(out, "grad_hist_2d_histogramdd", lambda: gh.histogram_2d_reference(G, flat))
+        return out
+
     return {"shiftlab_old": old, "gradient_tests": gradient_tests, "gradient_tests+curvature": both,
             "norm_test_layers": norm_test("layers"), "norm_test_vmap": norm_test("vmap"),
-            "trace_ggn": trace("ggn"), "trace_hutchinson": trace("hutchinson"), "eigenvalue": eigenvalue}
+            "trace_ggn": trace("ggn"), "trace_hutchinson": trace("hutchinson"), "eigenvalue": eigenvalue,
+            **{q: extra(q) for q in EXTRA_SETS if q in EXTRA_QUANTITIES},
+            "tic_diag_hutchinson": extra("tic_diag", hessian_diagonal="hutchinson"),
+            "grad_hist_2d_histogramdd": hist2d_reference}
+
+
+# further quantities, each alone (plain model only: Cockpit's counterparts need BackPACK's individual gradients)
+EXTRA_SETS = (*EXTRA_QUANTITIES, "tic_diag_hutchinson", "grad_hist_2d_histogramdd")
+
+
+def extra(q: str, **kwargs: Any) -> Callable:
+    """One further quantity alone through the gradient-tests callback, as Cockpit's TICDiag, GradHist1d, ...;
+    its ``before_step`` is called at every step (the distance's start, the update size's end point)."""
+    cb = GradientTests(every_n_steps=1, quantities=[q], max_overhead=None, **kwargs)
+
+    def run(model, xb, yb, step):
+        return cb.measure(model, xb, yb, step=step)[1]
+
+    run.before_step = lambda model, step: cb.extras.before_step(model, step)  # type: ignore[attr-defined]
+    return run
 
 
 def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = False) -> dict[str, Any]:
@@ -252,8 +283,12 @@ def timed_run(bn: bool, x, y, steps: int, probe: Callable | None, alpha: bool = 
     model = make_model(bn)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     costs: dict[str, list[float]] = {}
+    each_step = getattr(probe, "before_step", None)
     t0, ticks = time.perf_counter(), [time.perf_counter()]
     for step, (xb, yb) in enumerate(batches(x, y, steps, seed=1)):
+        due = None if each_step is None else each_step(model, step)
+        if due:  # an end point measured a step late (the update size): its own seconds
+            costs.setdefault("update_size", []).append(due["seconds"])
         if probe is not None and step % EVERY == 0:
             for k, v in probe(model, xb, yb, step).items():
                 costs.setdefault(k, []).append(v)
@@ -290,6 +325,8 @@ def cost_section(x, y, steps: int, subset: int = SUBSET) -> dict[str, Any]:
         base = min(timed_run(bn, x, y, steps, None)["seconds"] for _ in range(2))
         rows = {"unprobed_seconds": base}
         for name, fn in sets.items():
+            if bn and name in EXTRA_SETS:
+                continue
             r = timed_run(bn, x, y, steps, fn, alpha=name.startswith("gradient_tests"))
             rows[name] = {"ratio": r["seconds"] / base, **r}
         out[tag] = rows

@@ -17,13 +17,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from shiftlab.callbacks import gradient_histograms as gh
 from shiftlab.callbacks import gradient_stats as gs
+from shiftlab.callbacks import tic
+from shiftlab.callbacks.gradient_tests import GradientTests
 from shiftlab.callbacks.curvature_estimates import lanczos_eigenvalues
 from shiftlab.callbacks.per_example_layers import ggn_trace
 from shiftlab.experiments import bench_probes as bp
 
 SINGLE = ("NormTest", "InnerTest", "OrthoTest", "MeanGSNR", "EarlyStopping", "Alpha", "HessTrace",
-          "HessMaxEV")
+          "HessMaxEV", "TICDiag", "TICTrace", "GradHist1d", "GradHist2d", "Distance", "UpdateSize")
+# Cockpit quantity -> shiftlab's further quantity (gradient_extras) for the same number
+SHARED_EXTRAS = {"TICDiag": "tic_diag", "TICTrace": "tic_trace", "GradHist1d": "grad_hist_1d",
+                 "GradHist2d": "grad_hist_2d"}
 # Cockpit quantity -> shiftlab's name for the same number
 SHARED = {"NormTest": "norm_test", "InnerTest": "inner_product_test", "OrthoTest": "orthogonality_test",
           "MeanGSNR": "gsnr", "EarlyStopping": "eb_criterion"}
@@ -66,7 +72,24 @@ def _run(x, y, steps: int, quantities: list | None) -> tuple[float, float]:
     return time.perf_counter() - t0, bp.added_ms_per_probe(ticks)
 
 
-def _values_at(state: dict, xb, yb) -> dict[str, Any]:
+def _extras(model, xb, yb, exact: bool) -> dict[str, Any]:
+    """shiftlab's TIC (the callback's default path) and histograms on one batch; with ``exact``, TIC from
+    the ``torch.func`` exact Hessian diagonal too (one product per parameter: ~45 s here)."""
+    cb = GradientTests(every_n_steps=1, quantities=["tic_diag", "tic_trace"], max_overhead=None)
+    out: dict[str, Any] = dict(cb.measure(model, xb, yb)[0])
+    out["tic_hessian_diagonal"] = cb.extras.hessian_used
+    G = gs.batch_moments(model, xb, yb, gradients=True).gradients
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    out["grad_hist_1d"] = gh.histogram_1d(G).tolist()
+    out["grad_hist_2d"] = gh.histogram_2d(G, flat).tolist()
+    if exact:
+        c = gs.batch_moments(model, xb, yb).moments.coord_sq_mean
+        h = tic.hessian_diagonal_exact(model, xb, yb, chunk_size=1024).diag
+        out["tic_diag_exact_reference"], out["tic_trace_exact_reference"] = tic.tic_diag(c, h), tic.tic_trace(c, h)
+    return out
+
+
+def _values_at(state: dict, xb, yb, exact: bool = False) -> dict[str, Any]:
     """Cockpit's and shiftlab's numbers on one batch at one checkpoint."""
     from backpack import extend
     from cockpit import Cockpit, quantities
@@ -74,7 +97,7 @@ def _values_at(state: dict, xb, yb) -> dict[str, Any]:
     model = extend(bp.make_model(False))
     model.load_state_dict(state)
     once = lambda s: s == 0  # noqa: E731
-    qs = [getattr(quantities, q)(track_schedule=once) for q in (*SHARED, "HessMaxEV", "HessTrace")]
+    qs = [getattr(quantities, q)(track_schedule=once) for q in (*SHARED, "HessMaxEV", "HessTrace", *SHARED_EXTRAS)]
     ck = Cockpit(model.parameters(), quantities=qs)
     opt = torch.optim.SGD(model.parameters(), lr=bp.LR)
     loss_fn = extend(torch.nn.CrossEntropyLoss())
@@ -94,7 +117,10 @@ def _values_at(state: dict, xb, yb) -> dict[str, Any]:
     ours["reference_top_eigenvalue"] = ref.values[0]
     ours["exact_trace"] = bp.exact_trace_piecewise_linear(plain, xb, yb)
     ours["trace_layer_factors"] = ggn_trace(plain, xb, yb).trace
-    cockpit = {k: float(theirs[k]) for k in SHARED}
+    ours.update(_extras(plain, xb, yb, exact))
+    cockpit = {k: float(theirs[k]) for k in (*SHARED, "TICDiag", "TICTrace")}
+    for k in ("GradHist1d", "GradHist2d"):
+        cockpit[k] = torch.as_tensor(theirs[k]["hist"]).double().tolist()
     cockpit["HessMaxEV"] = float(theirs["HessMaxEV"])
     ht = theirs["HessTrace"]
     cockpit["HessTrace"] = float(sum(ht)) if isinstance(ht, (list, tuple)) else float(ht)
@@ -121,7 +147,7 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
         ms[q] = 1e3 * max(t - base, 0.0) / n_probes
     states = bp.train_checkpoints(False, x, y, checkpoints)
     xb, yb = x[: bp.BATCH], y[: bp.BATCH]
-    values = {step: _values_at(state, xb, yb) for step, state in states.items()}
+    values = {step: _values_at(state, xb, yb, exact=step == min(states)) for step, state in states.items()}
     for v in values.values():
         ref = v["shiftlab"]["reference_top_eigenvalue"]
         v["cockpit_eig_rel_err"] = abs(v["cockpit"]["HessMaxEV"] - ref) / abs(ref)
@@ -129,7 +155,8 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
         exact = v["shiftlab"]["exact_trace"]
         v["trace_rel_err"] = {"cockpit": abs(v["cockpit"]["HessTrace"] - exact) / abs(exact),
                               "shiftlab": abs(v["shiftlab"]["trace_layer_factors"] - exact) / abs(exact)}
-    return {"available": True, "version": getattr(ck, "__version__", "1.0.2?"),
+    extras = extras_agreement(values)
+    return {"available": True, "extras_agreement": extras, "version": getattr(ck, "__version__", "1.0.2?"),
             "unprobed_seconds_backpack_model": base, "unprobed_seconds_shiftlab_loop": unprobed_seconds,
             "ratios": ratios, "ms_per_probe": ms, "added_ms_per_probe": added, "probes": n_probes,
             "values_on_first_batch": values,
@@ -140,3 +167,27 @@ def compare(x, y, steps: int, unprobed_seconds: float, checkpoints: list[int]) -
             "median_eig_rel_err": {"cockpit": statistics.median(v["cockpit_eig_rel_err"] for v in values.values()),
                                    "shiftlab_lanczos": statistics.median(v["shiftlab_eig_rel_err"]
                                                                          for v in values.values())}}
+
+
+def extras_agreement(values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Over the checkpoints: the largest relative difference of TIC diag / trace, shiftlab vs Cockpit (and
+    vs the exact ``torch.func`` diagonal where measured), and of the histograms the largest count
+    difference and the fraction of elements in a different bin."""
+    out: dict[str, Any] = {"tic_hessian_diagonal": sorted({v["shiftlab"]["tic_hessian_diagonal"]
+                                                           for v in values.values()})}
+    for theirs, ours in (("TICDiag", "tic_diag"), ("TICTrace", "tic_trace")):
+        out[f"{ours}_max_rel_diff_cockpit"] = max(abs(v["cockpit"][theirs] - v["shiftlab"][ours])
+                                                  / abs(v["shiftlab"][ours]) for v in values.values())
+        exact = [v["shiftlab"][ours] - v["shiftlab"][f"{ours}_exact_reference"] for v in values.values()
+                 if f"{ours}_exact_reference" in v["shiftlab"]]
+        ref = [v["shiftlab"][f"{ours}_exact_reference"] for v in values.values()
+               if f"{ours}_exact_reference" in v["shiftlab"]]
+        if ref:
+            out[f"{ours}_max_rel_diff_exact"] = max(abs(d) / abs(r) for d, r in zip(exact, ref))
+    for theirs, ours in (("GradHist1d", "grad_hist_1d"), ("GradHist2d", "grad_hist_2d")):
+        diffs = [torch.tensor(v["cockpit"][theirs]) - torch.tensor(v["shiftlab"][ours]) for v in values.values()]
+        totals = [sum(torch.tensor(v["shiftlab"][ours]).reshape(-1).tolist()) for v in values.values()]
+        out[f"{ours}_max_count_diff"] = max(float(d.abs().max()) for d in diffs)
+        out[f"{ours}_moved_fraction"] = max(float(d.abs().sum()) / 2 / t for d, t in zip(diffs, totals))
+        out[f"{ours}_count_totals"] = [float(torch.tensor(v["cockpit"][theirs]).sum()) for v in values.values()]
+    return out

@@ -100,6 +100,8 @@ def tables(res: dict[str, Any]) -> str:
             e = ck["max_trace_rel_err"]
             lines.append(f"Trace of the batch loss, largest error vs the exact trace: Cockpit HessTrace "
                          f"{100 * e['cockpit']:.1e}%, shiftlab layer factors {100 * e['shiftlab']:.1e}%")
+        if "extras_agreement" in ck:
+            lines.append(extras_line(ck["extras_agreement"]))
     else:
         lines += ["", f"Cockpit not importable here ({(ck or {}).get('reason', 'skipped')}); published in "
                   f"issue 17 (not measured here): {PUBLISHED_COCKPIT}"]
@@ -127,6 +129,14 @@ def same_quantity_table(res: dict[str, Any], ck: dict[str, Any] | None) -> list[
          ("Hutchinson to 5% SE", added("trace_hutchinson")), "HessTrace"),
         ("top eigenvalue of the batch loss", ("Lanczos tol 1e-3", added("eigenvalue")), None, "HessMaxEV"),
         ("economy-like set", ("7 gradient tests + alpha", added("gradient_tests")), None, "economy"),
+        ("TIC, diagonal form", ("layer-factor GGN diagonal", added("tic_diag")),
+         ("Hutchinson-20 diagonal", added("tic_diag_hutchinson")), "TICDiag"),
+        ("TIC, trace form", ("layer-factor GGN diagonal", added("tic_trace")), None, "TICTrace"),
+        ("gradient histogram 1d", ("row blocks, histc", added("grad_hist_1d")), None, "GradHist1d"),
+        ("gradient histogram 2d", ("flat cell index, histc", added("grad_hist_2d")),
+         ("histogramdd", added("grad_hist_2d_histogramdd")), "GradHist2d"),
+        ("distance from initialization", ("per-layer norms", added("distance")), None, "Distance"),
+        ("update size", ("per-layer norms", added("update_size")), None, "UpdateSize"),
     ]
     out = ["", "Same quantity alone, ms added per probe (per-phase median step times of one run, minus the "
            "probe-free phases; plain model):", "",
@@ -138,3 +148,14 @@ def same_quantity_table(res: dict[str, Any], ck: dict[str, Any] | None) -> list[
         prev = "" if before is None else f"{fmt(before[1])} ({before[0]})"
         out.append(f"| {name} | {fmt(ours)} ({how}) | {prev} | {fmt(theirs)} ({theirs_name}) | {met} |")
     return out
+
+
+def extras_line(e: dict[str, Any]) -> str:
+    """TIC and histograms, shiftlab against Cockpit on the same batches (bench_probes_cockpit.extras_agreement)."""
+    exact = "".join(f", vs the exact torch.func diagonal {e[k]:.1e}" for k in ("tic_diag_max_rel_diff_exact",)
+                    if k in e)
+    return (f"TIC (Hessian diagonal path: {', '.join(e['tic_hessian_diagonal'])}), largest relative difference vs "
+            f"Cockpit: diag {e['tic_diag_max_rel_diff_cockpit']:.1e}, trace {e['tic_trace_max_rel_diff_cockpit']:.1e}"
+            f"{exact}; histograms vs Cockpit's (same bins and range): 1d largest count difference "
+            f"{e['grad_hist_1d_max_count_diff']:.0f} ({100 * e['grad_hist_1d_moved_fraction']:.1e}% of elements in "
+            f"another bin), 2d {e['grad_hist_2d_max_count_diff']:.0f} ({100 * e['grad_hist_2d_moved_fraction']:.1e}%)")

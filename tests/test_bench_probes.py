@@ -43,7 +43,12 @@ def test_quick_run_writes_results(tmp_path):
                 assert row["trace"]["ggn_rel_err"] < 1e-5
     assert all(row["trace"]["ggn"] is None for row in res["accuracy"]["bn-train"].values() if "trace" in row)
     assert {"norm_test_layers", "norm_test_vmap", "trace_ggn", "trace_hutchinson"} <= set(res["cost"]["plain"])
-    assert "| norm test alone |" in (tmp_path / "SUMMARY.md").read_text()
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "| norm test alone |" in summary and "| TIC, diagonal form |" in summary
+    assert set(bp.EXTRA_SETS) <= set(res["cost"]["plain"]) and not set(bp.EXTRA_SETS) & set(res["cost"]["bn"])
+    tic_cost = res["cost"]["plain"]["tic_diag"]["ms_per_probe"]
+    assert "hessian_diagonal" in tic_cost and "per_example_gradients" in tic_cost
+    assert "update_size" in res["cost"]["plain"]["update_size"]["ms_per_probe"]  # its end point, a step later
     assert res["cockpit"] is None
 
 
@@ -54,3 +59,20 @@ def test_added_ms_per_probe_from_step_phases():
     dt[57] += 0.5  # another job interrupts one ordinary step: the medians ignore it
     ticks = [0.0, *itertools.accumulate(dt)]
     assert bp.added_ms_per_probe(ticks) == pytest.approx(7.0)
+
+
+def test_extras_agreement_and_its_line():
+    from shiftlab.experiments.bench_probes_cockpit import extras_agreement
+    from shiftlab.experiments.bench_probes_report import extras_line
+
+    h1, h2 = [3.0, 5.0, 2.0], [[1.0, 2.0], [3.0, 4.0]]
+    values = {0: {"cockpit": {"TICDiag": 10.1, "TICTrace": 2.0, "GradHist1d": [4.0, 4.0, 2.0], "GradHist2d": h2},
+                  "shiftlab": {"tic_diag": 10.0, "tic_trace": 2.0, "tic_diag_exact_reference": 10.0,
+                               "tic_trace_exact_reference": 2.0, "grad_hist_1d": h1, "grad_hist_2d": h2,
+                               "tic_hessian_diagonal": "layers"}}}
+    e = extras_agreement(values)
+    assert e["tic_diag_max_rel_diff_cockpit"] == pytest.approx(0.01) and e["tic_trace_max_rel_diff_cockpit"] == 0
+    assert e["tic_diag_max_rel_diff_exact"] == 0 and e["tic_hessian_diagonal"] == ["layers"]
+    assert e["grad_hist_1d_max_count_diff"] == 1 and e["grad_hist_1d_moved_fraction"] == pytest.approx(0.1)
+    assert e["grad_hist_2d_max_count_diff"] == 0 and e["grad_hist_2d_moved_fraction"] == 0
+    assert "diag 1.0e-02" in extras_line(e) and "1.0e+01% of elements" in extras_line(e)

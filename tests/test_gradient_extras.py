@@ -306,3 +306,12 @@ def test_fast_2d_histogram_matches_histogramdd_and_loops():
     G64 = torch.randn(3 * gh.ROWS + 5, 11, dtype=torch.double)
     np.testing.assert_allclose(gh.histogram_1d(G64, 7, (-1.5, 1.5)).numpy(),
                                np.histogram(G64.float().clamp(-1.5, 1.5).numpy(), 7, (-1.5, 1.5))[0])
+
+
+def test_distance_and_update_size_alone_do_no_per_example_pass():
+    model, x, y = _tiny(5)
+    cb = GradientTests(every_n_steps=1, quantities=["distance", "update_size"], max_overhead=None)
+    cb.extras.before_step(model, 0)
+    values, cost, (losses, G) = cb.measure(model, x, y)
+    assert losses is None and G is None and "per_example_gradients" not in cost and "layer_path" not in values
+    assert values["distance"] == 0.0 and set(cost) == {"distance", "update_size_copy"}
