@@ -158,9 +158,9 @@ def batch_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_e
         raise ValueError(f"the layer path does not apply: {why}")
     if path != "vmap" and why is None:
         try:
-            if gradients:
-                G, losses = pel.layer_gradients(model, x, y, loss)
-                return BatchMoments(gradient_moments(G), losses, G, "layers", None)
+            if gradients:  # moments from the factors, G written block by block (one pass)
+                m, G, losses = pel.layer_moments_and_gradients(model, x, y, loss)
+                return BatchMoments(m, losses, G, "layers", None)
             m, losses = pel.layer_moments(model, x, y, loss)
             return BatchMoments(m, losses, None, "layers", None)
         except pel.NotApplicable as e:  # found in the forward pass (a layer called twice, an in-place change)

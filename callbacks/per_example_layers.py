@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["NotApplicable", "fast_path_reason", "layer_moments", "layer_gradients", "ggn_trace", "ggn_is_hessian_trace",
-           "GGNTrace", "ggn_diagonal", "GGNDiagonal", "ggn_static_reason"]
+__all__ = ["NotApplicable", "fast_path_reason", "layer_moments", "layer_moments_and_gradients", "layer_gradients",
+           "ggn_trace", "ggn_is_hessian_trace", "GGNTrace", "ggn_diagonal", "GGNDiagonal", "ggn_static_reason"]
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 BN_EVAL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -177,28 +177,50 @@ def layer_moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_e
     """``(GradientMoments, losses)`` of the per-example gradients of ``loss`` (applied to one example at a
     time, as in :func:`~shiftlab.callbacks.gradient_stats.per_example_gradients`) from one forward and one
     backward pass. Raises ValueError when :func:`fast_path_reason` is not None."""
+    m, _, losses = _moments(model, x, y, loss, False)
+    return m, losses
+
+
+def layer_moments_and_gradients(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy):
+    """``(GradientMoments, G, losses)``: the moments from the factors as :func:`layer_moments` and ``G`` as
+    :func:`layer_gradients`, from the same forward and backward pass. Why: the histograms need ``G``;
+    moments from ``G`` cost three passes over it, from the factors almost nothing, and each layer's block
+    is written straight into ``G`` (no concatenation copy)."""
+    return _moments(model, x, y, loss, True)
+
+
+def _moments(model: nn.Module, x: Tensor, y: Tensor, loss: Loss, with_g: bool):
     from shiftlab.callbacks.gradient_stats import GradientMoments
 
     owners, rec, dgrad, losses = _loss_output_grads(model, x, y, loss)
     n = x.shape[0]
-    means, coords, sq, blocks = [], [], 0.0, []
+    P = sum(getattr(m, leaf).numel() for _, m, leaf in owners)
+    ref = dgrad[owners[0][1]]
+    G = torch.empty(n, P, dtype=ref.dtype, device=ref.device) if with_g else None
+    means, coords, sq, blocks, col = [], [], 0.0, [], 0
     for _, m, leaf in owners:
         a, d = rec[m].inputs, dgrad[m]
         pe = _dense(m, leaf, a, d)
+        k = getattr(m, leaf).numel()
         if pe is None:  # Linear weight on (N, in): per-example gradient d_n a_n^T
             mean = d.T @ a / n
             sq = sq + d.square().sum(1) * a.square().sum(1)
             coords.append((d.square().T @ a.square()).reshape(-1) / n)
             blocks.append(((d @ mean) * a).sum(1))
+            if G is not None:
+                torch.mul(d.unsqueeze(2), a.unsqueeze(1), out=G[:, col:col + k].view(n, d.shape[1], a.shape[1]))
         else:
             mean = pe.mean(0)
             sq = sq + pe.square().sum(1)
             coords.append(pe.square().mean(0))
             blocks.append(pe @ mean)
+            if G is not None:
+                G[:, col:col + k] = pe
         means.append(mean.reshape(-1))
+        col += k
     grad = torch.cat(means)
     return (GradientMoments(n, grad.numel(), grad.double(), torch.as_tensor(sq).double(),
-                            torch.stack(blocks).sum(0).double(), torch.cat(coords).double()), losses)
+                            torch.stack(blocks).sum(0).double(), torch.cat(coords).double()), G, losses)
 
 
 def layer_gradients(model: nn.Module, x: Tensor, y: Tensor, loss: Loss = F.cross_entropy) -> tuple[Tensor, Tensor]:

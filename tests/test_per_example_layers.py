@@ -289,3 +289,22 @@ def test_ggn_diagonal_where_the_hessian_differs():
     frozen[1].weight.requires_grad_(False)  # trainable parameters only, in order
     full = pel.ggn_diagonal(_mlp(), x, y).diag
     torch.testing.assert_close(pel.ggn_diagonal(frozen, x, y).diag, full[frozen[1].weight.numel():])
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp-bn-eval", "conv2d"])
+def test_moments_and_gradients_from_one_pass(case):
+    """G written block by block equals the loop over examples; the moments are the factors' (not G's)."""
+    if case == "conv2d":
+        model = _cnn(2)
+        g = torch.Generator().manual_seed(9)
+        x, y = torch.randn(9, 2, 8, 8, generator=g, dtype=torch.double), torch.randint(0, 3, (9,), generator=g)
+    else:
+        model = _mlp(**CASES[case])
+        x, y = _batch(10)
+    m, G, losses = pel.layer_moments_and_gradients(model, x, y)
+    torch.testing.assert_close(G, _loop(model, x, y))
+    _assert_moments_close(m, pel.layer_moments(model, x, y)[0], rtol=1e-12)
+    _assert_moments_close(m, gs.gradient_moments(G))
+    bm = gs.batch_moments(model.float(), x.float(), y, gradients=True)
+    assert bm.path == "layers" and bm.gradients.dtype == torch.float32
+    torch.testing.assert_close(bm.gradients, _loop(model, x.float(), y), rtol=1e-4, atol=1e-6)
