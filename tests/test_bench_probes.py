@@ -76,3 +76,19 @@ def test_extras_agreement_and_its_line():
     assert e["grad_hist_1d_max_count_diff"] == 1 and e["grad_hist_1d_moved_fraction"] == pytest.approx(0.1)
     assert e["grad_hist_2d_max_count_diff"] == 0 and e["grad_hist_2d_moved_fraction"] == 0
     assert "diag 1.0e-02" in extras_line(e) and "1.0e+01% of elements" in extras_line(e)
+
+
+def test_same_quantity_verdicts_use_the_runs_spread():
+    from shiftlab.experiments.bench_probes_report import same_quantity_table
+
+    res = {"cost": {"plain": {"tic_diag": {"added_ms_per_probe": 6.0, "added_ms_runs": [5.0, 6.0, 9.0]},
+                              "grad_hist_1d": {"added_ms_per_probe": 20.0, "added_ms_runs": [19.0, 20.0, 21.0]},
+                              "distance": {"added_ms_per_probe": 0.1, "added_ms_runs": [0.1, 0.1, 0.2]}}}}
+    ck = {"added_ms_per_probe": {"TICDiag": 5.5, "GradHist1d": 15.0, "Distance": 0.3},
+          "added_ms_runs": {"TICDiag": [5.2, 5.5, 5.9], "GradHist1d": [14.0, 15.0, 16.0], "Distance": [0.2, 0.3, 0.3]}}
+    rows = {line.split("|")[1].strip(): line for line in same_quantity_table(res, ck) if line.startswith("| ")}
+    assert rows["TIC, diagonal form"].endswith("| NO (within the runs' spread) |")
+    assert "6.0 [5.0-9.0] (layer-factor GGN diagonal)" in rows["TIC, diagonal form"]
+    assert rows["gradient histogram 1d"].endswith("| NO |")
+    assert rows["distance from initialization"].endswith("| yes |")
+    assert rows["update size"].endswith("| n/a |")
