@@ -10,7 +10,7 @@ trains it (``"classification"`` when absent), and a module refuses any other.
 from __future__ import annotations
 
 import abc
-
+import copy
 from typing import Any, Callable, NamedTuple
 
 import lightning as L
@@ -29,6 +29,23 @@ class TaskLoss(NamedTuple):
     units: Tensor | int  # samples or tokens in the batch: the weight of ``value`` in epoch means
     output: Any = None  # the forward pass's output, handed to ``update_accuracy``
     per_unit: Tensor | None = None  # per-unit losses (evaluation only; ``val/loss_se``)
+
+
+_AUTO_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"
+_MANUAL_PROGRESS = "epoch_loop.manual_optimization.optim_step_progress"
+
+
+def adopt_step_progress(fit_loop: dict[str, Any], manual: bool) -> None:
+    """Copy the optimizer-step progress of a fit loop's state (Lightning 2.x layout) from the loop
+    that ran the steps to the one about to run (``manual``), when the latter has none."""
+    auto, man = fit_loop.get(_AUTO_PROGRESS), fit_loop.get(_MANUAL_PROGRESS)
+    if not isinstance(auto, dict) or not isinstance(man, dict) or "step" not in auto.get("optimizer", {}):
+        return
+    steps = lambda progress: progress["total"]["completed"]  # noqa: E731
+    if manual and steps(man) == 0 < steps(auto["optimizer"]["step"]):
+        fit_loop[_MANUAL_PROGRESS] = copy.deepcopy(auto["optimizer"]["step"])
+    elif not manual and steps(auto["optimizer"]["step"]) == 0 < steps(man):
+        auto["optimizer"]["step"] = copy.deepcopy(man)
 
 
 class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
@@ -106,6 +123,17 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self.manual_optimization = not value
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written under the other optimization loop resumes with its step count.
+
+        Why: Lightning counts optimizer steps (``global_step``) in the loop that ran them, the
+        automatic or the manual one, and a resumed run reads only its own; without this a run
+        resumed across a change of ``manual_optimization`` would restart at step 0. Called before
+        Lightning restores the loops, so the counts are copied in the checkpoint dict."""
+        fit = (checkpoint.get("loops") or {}).get("fit_loop")
+        if fit and self.full_batch is None:
+            adopt_step_progress(fit, manual=not self.automatic_optimization)
 
     # ---------------------------------------------------------------- what a task supplies
     @abc.abstractmethod
