@@ -151,7 +151,7 @@ def _state(path):
 def test_manual_optimization_trains_exactly_as_the_automatic_loop(tmp_path):
     """Same weights, metrics, global step and learning-rate schedule (cosine, stepped per epoch) with
     ``module.manual_optimization=true`` as with Lightning's automatic loop; with Lightning's gradient
-    clipping configured the module keeps the automatic loop (Lightning refuses clipping otherwise)."""
+    clipping or accumulation configured, or under DDP, the module keeps the automatic loop."""
     from conftest import QUIET, compose_cfg
 
     from shiftlab.trainers.train import train
@@ -177,9 +177,11 @@ def test_manual_optimization_trains_exactly_as_the_automatic_loop(tmp_path):
     clip = compose_cfg(common + ["module.manual_optimization=true", "+trainer.gradient_clip_val=0.5"],
                        tmp_path / "clip")
     module = harness.build(clip)[1]
-    for clip_val, accumulate, automatic in ((None, 1, False), (0.5, 1, True), (None, 2, True), (0.0, 1, False)):
-        module._trainer = SimpleNamespace(gradient_clip_val=clip_val, accumulate_grad_batches=accumulate)
-        assert module.automatic_optimization is automatic, (clip_val, accumulate)
+    for clip_val, accumulate, world, automatic in ((None, 1, 1, False), (0.5, 1, 1, True), (None, 2, 1, True),
+                                                   (0.0, 1, 1, False), (None, 1, 2, True)):
+        module._trainer = SimpleNamespace(gradient_clip_val=clip_val, accumulate_grad_batches=accumulate,
+                                          world_size=world)
+        assert module.automatic_optimization is automatic, (clip_val, accumulate, world)
     clipped = train(clip)  # Lightning would refuse clipping under manual optimization
     assert clipped["status"] == "completed" and clipped["val/loss"] != auto["val/loss"]
 

@@ -69,7 +69,7 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
             a run's checkpoints record the loop that made them, so a checkpoint is resumed under
             the same setting (see :meth:`automatic_optimization`). Runs with Lightning's gradient
             clipping or gradient accumulation keep the automatic loop (Lightning supports them
-            only there).
+            only there), and so do DDP runs.
     """
 
     task: str = ""  # the model's ``task`` this module trains; the config option's name
@@ -109,7 +109,10 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
     def automatic_optimization(self) -> bool:
         """Whether Lightning's automatic loop steps the optimizer: not for full batch (one step per
         epoch from :class:`FullBatchLoop`), not with ``manual_optimization`` unless the trainer asks
-        for gradient clipping or accumulation, which Lightning implements in the automatic loop only.
+        for gradient clipping or accumulation (Lightning implements them in the automatic loop only)
+        or runs several processes (under 2-process gloo DDP the manual loop reached the same weights
+        but different validation metrics on the BatchNorm MLP; not resolved, so DDP keeps the
+        automatic loop).
 
         Why a property: Lightning checks this before any hook runs, and the trainer's settings
         decide it, so it is read from the attached trainer rather than fixed at construction."""
@@ -118,7 +121,8 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         if not self.manual_optimization:
             return True
         trainer = self._trainer
-        return trainer is not None and (bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1)
+        return trainer is not None and (bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1
+                                        or trainer.world_size > 1)
 
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
