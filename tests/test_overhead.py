@@ -140,6 +140,31 @@ def test_running_metrics_equal_torchmetrics():
     assert float(ours_loss.compute()) == 2.0 and float(ours_acc.compute()) == 1.0
 
 
+def test_mid_epoch_checkpoint_with_the_former_accuracy_metric_resumes_its_counts():
+    """A mid-epoch checkpoint holding a micro MulticlassAccuracy's states (tp, fp, tn, fn: runs before
+    RunningAccuracy) restores the partial epoch's accuracy into RunningAccuracy."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from conftest import QUIET, compose_cfg
+    from shiftlab.callbacks.run_contract import _train_metrics
+    from shiftlab.experiments import harness
+
+    module = harness.build(compose_cfg(QUIET))[1]
+    old = MulticlassAccuracy(10, average="micro", validate_args=False)
+    logits, y = torch.randn(50, 10, generator=torch.Generator().manual_seed(1)), torch.arange(50) % 10
+    old.update(logits, y)
+    ckpt = {"shiftlab_mid_epoch": {"epoch": 1, "batches_done": 3, "train_metrics": {
+        "train_acc": {k: v.clone() for k, v in old.metric_state.items()},
+        "train_loss": {"mean_value": torch.tensor(6.0), "weight": torch.tensor(3.0)}}}}
+    module.on_load_checkpoint(ckpt)
+    states = ckpt["shiftlab_mid_epoch"]["train_metrics"]
+    for name, metric in _train_metrics(module):  # what RunContract does with them
+        for k, v in states[name].items():
+            setattr(metric, k, v)
+    assert torch.equal(module.train_acc.compute(), old.compute())
+    assert float(module.train_loss.compute()) == 2.0
+
+
 MANUAL_COMMON = ["trainer.max_epochs=3", "trainer.deterministic=true", "optimizer=momentum", "data.label_noise=0.2",
                  "model.hidden=[32]"]
 

@@ -11,7 +11,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassPrecision, MulticlassRecall)
 
 from shiftlab.trainers.modules.base import TaskLoss, TaskModule
-from shiftlab.trainers.modules.running import RunningAccuracy
+from shiftlab.trainers.modules.running import RunningAccuracy, accuracy_state_from_stat_scores
 
 
 class ClassificationModule(TaskModule):
@@ -42,6 +42,15 @@ class ClassificationModule(TaskModule):
         split = getattr(dm, "train_set", None)
         if self.example_input_array is None and getattr(split, "x", None) is not None and len(split.x):
             self.example_input_array = split.x[:1].clone()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also: a mid-epoch checkpoint of a run whose training accuracy was a ``MulticlassAccuracy``
+        resumes into :class:`RunningAccuracy` (runs before the change; the run contract restores
+        the states by name, after this hook)."""
+        super().on_load_checkpoint(checkpoint)
+        states = (checkpoint.get("shiftlab_mid_epoch") or {}).get("train_metrics") or {}
+        if "train_acc" in states:
+            states["train_acc"] = accuracy_state_from_stat_scores(states["train_acc"])
 
     def loss(self, x: Tensor, y: Tensor, total: int | None = None) -> TaskLoss:
         logits = self.model(x)

@@ -58,3 +58,13 @@ class RunningAccuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1).float()
+
+
+def accuracy_state_from_stat_scores(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:class:`RunningAccuracy`'s state from the states of a micro ``MulticlassAccuracy`` (``tp``,
+    ``fp``, ``tn``, ``fn``), which trained the classification runs before: their mid-epoch
+    checkpoints resume with the epoch's partial accuracy. Any other state is returned as it is."""
+    if not {"tp", "fn"} <= state.keys() or "correct" in state:
+        return state
+    tp, fn = torch.as_tensor(state["tp"]), torch.as_tensor(state["fn"])
+    return {"correct": tp.sum(), "total": (tp + fn).sum()}
