@@ -11,6 +11,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
                                          MulticlassPrecision, MulticlassRecall)
 
 from shiftlab.trainers.modules.base import TaskLoss, TaskModule
+from shiftlab.trainers.modules.running import RunningAccuracy, accuracy_state_from_stat_scores
 
 
 class ClassificationModule(TaskModule):
@@ -42,6 +43,15 @@ class ClassificationModule(TaskModule):
         if self.example_input_array is None and getattr(split, "x", None) is not None and len(split.x):
             self.example_input_array = split.x[:1].clone()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also: a mid-epoch checkpoint of a run whose training accuracy was a ``MulticlassAccuracy``
+        resumes into :class:`RunningAccuracy` (runs before the change; the run contract restores
+        the states by name, after this hook)."""
+        super().on_load_checkpoint(checkpoint)
+        states = (checkpoint.get("shiftlab_mid_epoch") or {}).get("train_metrics") or {}
+        if "train_acc" in states:
+            states["train_acc"] = accuracy_state_from_stat_scores(states["train_acc"])
+
     def loss(self, x: Tensor, y: Tensor, total: int | None = None) -> TaskLoss:
         logits = self.model(x)
         value = F.cross_entropy(logits, y) if total is None else \
@@ -57,8 +67,8 @@ class ClassificationModule(TaskModule):
         return x.shape[0]
 
     def make_accuracy(self, train: bool) -> Metric:
-        # the train metric skips input validation: it runs every step
-        return MulticlassAccuracy(self.num_classes, average="micro", validate_args=not train)
+        # the train metric runs every step: a correct count (the same micro accuracy, see running.py)
+        return RunningAccuracy() if train else MulticlassAccuracy(self.num_classes, average="micro")
 
     @torch.no_grad()
     def update_accuracy(self, metric: Metric, x: Tensor, y: Tensor, output: Any) -> None:
