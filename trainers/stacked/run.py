@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from shiftlab.callbacks.run_contract import RunContract
 from shiftlab.trainers.config_checks import check_config
 from shiftlab.trainers.stacked.engine import StackedGroup, build_member, pick_device
-from shiftlab.trainers.stacked.outputs import epoch_writer, finish_member, write_member
+from shiftlab.trainers.stacked.outputs import epoch_writer, finish_member, write_members
 
 
 def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -31,4 +31,4 @@ def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str
         for i, m in enumerate(members):
             finish_member(m, group, i, dirs[i])
     wall = time.perf_counter() - start
-    return [write_member(m, group, i, Path(out), wall) for i, (m, out) in enumerate(zip(members, out_dirs))]
+    return write_members(members, group, [Path(out) for out in out_dirs], wall)
