@@ -139,6 +139,7 @@ def run_once(setup: str, k: int, method: str, epochs: int, device: str, root: Pa
         args = ["--child", "-m", f"seed={','.join(map(str, range(k)))}", f"launcher={method}", *SETUPS[setup],
                 f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}", *QUIET]
     env = dict(os.environ, SHIFTLAB_ROOT=str(out))
+    load = os.getloadavg()[0]  # a shared machine: other processes' load moves wall times
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "shiftlab.experiments.bench_stacked", *args], env=env,
@@ -148,7 +149,8 @@ def run_once(setup: str, k: int, method: str, epochs: int, device: str, root: Pa
     if r.returncode != 0:
         raise RuntimeError(f"{setup} {method} K={k} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     row: dict[str, Any] = {"setup": setup, "k": k, "method": method, "epochs": epochs, "wall_s": round(wall, 2),
-                           "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2)}
+                           "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
+                           "load_1min_before": round(load, 2)}
     if method == "hand":
         seeds = [json.loads(line[len(HAND):]) for line in r.stdout.splitlines() if line.startswith(HAND)]
         n_train, accs, row["jobs"], row["stacked_jobs"] = seeds[0]["n_train"], [s["val_acc"] for s in seeds], len(seeds), 0
