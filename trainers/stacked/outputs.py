@@ -20,7 +20,7 @@ from shiftlab.callbacks.run_contract import EXIT_CODES
 from shiftlab.trainers.build import build_callbacks
 from shiftlab.trainers.checkpoint_io import RunWriteError, atomic_save, atomic_write_text, load_weights_only
 from shiftlab.trainers.stacked.engine import Member, StackedGroup
-from shiftlab.trainers.summary import _finite, evaluate_split, write_summary
+from shiftlab.trainers.summary import _finite, evaluate_split, write_outputs, write_summary
 
 log = logging.getLogger("shiftlab")
 
@@ -190,8 +190,6 @@ def member_summary(member: Member, group: StackedGroup, i: int, out: Path, wall:
     """Write member ``i``'s metrics.csv (checkpoints are written every epoch by :func:`epoch_writer`);
     return its summary and the drawing it still needs: ``(function, args)`` pairs that write summary.json
     and the plots, as :func:`~shiftlab.trainers.summary.write_outputs` writes them for a plain run."""
-    from shiftlab.trainers.summary import write_outputs
-
     epochs = len(member.history)
     atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
     h = member.history[-1] if member.history else {}
