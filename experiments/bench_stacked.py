@@ -12,7 +12,8 @@ For each setup and K seeds, three fresh processes are timed as a user would run 
 Recorded per run: wall time (process start to exit: start-up, Hydra, checkpoints, plots included), CPU
 time of the process and its children (on a shared machine it moves less with other processes' load than
 wall time), training samples per second (K x epochs x training samples / wall), the main process's peak
-resident memory (and peak CUDA memory with ``--device cuda``), and, for the stacked launcher, which jobs
+resident memory (the stacked launcher's forked plot workers are not in it; peak CUDA memory with
+``--device cuda``), and, for the stacked launcher, which jobs
 fell back to the basic path and why (the launcher's console line).
 
     python -m shiftlab.experiments.bench_stacked [--ks 1 2 4 8 16 32] [--setups default mnist1d_cnn]
