@@ -119,11 +119,11 @@ def test_full_batch_members_equal_their_plain_runs(tmp_path, overrides):
     """batching=full over chunks of 500 of the ~1260 training samples (an uneven last chunk): one step per epoch;
     with BatchNorm each chunk uses its own statistics in the plain and the stacked run alike.
 
-    Loop counters are not compared: the plain full-batch run uses manual optimization, whose counters
-    the stacked checkpoint writer (outputs.py) does not write yet."""
+    Loop counters are compared too: the plain full-batch run uses manual optimization, and the stacked
+    checkpoint writer (outputs.py) writes that layout for full-batch members."""
     ov = ("batching=full", "batching.chunk_size=500", "trainer.max_epochs=3", *overrides)
     for got, want, mine, plain in _run_both(tmp_path, (0, 1), ov):
-        _assert_member_equals_plain(got, want, mine, plain, RTOL, ATOL, loops=False)
+        _assert_member_equals_plain(got, want, mine, plain, RTOL, ATOL, loops=True)
         assert got["global_step"] == 3
 
 
@@ -146,9 +146,6 @@ def test_plain_run_resumes_a_bn_member_checkpoint(tmp_path):
     assert int(a["model.net.2.num_batches_tracked"]) == got["global_step"]
 
 
-@pytest.mark.xfail(strict=True, reason="outputs.py writes automatic-optimization loop counters for full-batch members; "
-                   "the plain full-batch run uses manual optimization, so a run resumed after 2 epochs ends at "
-                   "global_step 1, not 3 (fit_loop_state needs the manual layout; see the stk-bn report)")
 def test_plain_run_resumes_a_full_batch_member_checkpoint(tmp_path):
     ov = ("norm=batchnorm", "batching=full", "batching.chunk_size=500", "optimizer=momentum", "optimizer.lr=0.5",
           "scheduler=constant")

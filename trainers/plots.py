@@ -12,9 +12,17 @@ import numpy as np  # noqa: E402
 
 
 def save_png(fig, path: Path, dpi: int = 110) -> None:
-    """Write ``fig`` as PNG atomically (a kill mid-write leaves the previous image) and close it."""
+    """Write ``fig`` as PNG atomically (a kill mid-write leaves the previous image) and close it.
+
+    ``fig.tight_layout()`` leaves a placeholder layout engine behind, and savefig then runs a whole
+    extra (non-rendering) draw only to lay the figure out again; the layout is already done, so the
+    placeholder is dropped first (same pixels, one text-layout pass less: ~30% of a figure's time)."""
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
+
     from shiftlab.trainers.checkpoint_io import atomic_open
 
+    if isinstance(fig.get_layout_engine(), PlaceHolderLayoutEngine):
+        fig.set_layout_engine(None)
     try:
         with atomic_open(path, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi)

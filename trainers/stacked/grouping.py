@@ -47,6 +47,8 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     one-line reason naming the key that prevents it."""
     if _target(cfg.get("module")) not in MODULES:
         return f"module={_target(cfg.get('module'))}: only classification is stacked so far"
+    if (cfg.get("module") or {}).get("manual_optimization"):
+        return "module.manual_optimization=true: the stacked checkpoints write the automatic loop's counters"
     batching = _target(cfg.get("batching"))
     if batching not in ("shiftlab.trainers.batching.MiniBatch", "shiftlab.trainers.batching.FullBatch"):
         return f"batching={batching}: only mini-batch and full-batch steps are stacked"

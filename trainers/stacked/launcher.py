@@ -33,9 +33,28 @@ class StackedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        self._composed: dict[tuple[str, ...], DictConfig] = {}
+        self._remember_compositions(hydra_context.config_loader)
+
+    def _remember_compositions(self, loader) -> None:
+        """Hydra's basic sweeper composes every job of a batch to check it (``validate_batch_is_legal``)
+        and throws the configs away; the launcher would compose each job again (~0.1 s of CPU per job).
+        The loader is wrapped so the sweeper's configs for this launcher's sweep config are kept, and
+        :meth:`_job_config` takes each one once (it is the same call, so the same config)."""
+        compose = loader.load_sweep_config
+
+        def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+            cfg = compose(master_config, sweep_overrides)
+            if master_config is self.config:
+                self._composed[tuple(sweep_overrides)] = cfg
+            return cfg
+
+        loader.load_sweep_config = load_sweep_config
 
     def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        cfg = self._composed.pop(tuple(overrides), None)
+        if cfg is None:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg):
             cfg.hydra.job.id = idx
             cfg.hydra.job.num = idx

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,19 +18,23 @@ import torch
 from shiftlab.callbacks import reporting
 from shiftlab.callbacks.run_contract import EXIT_CODES
 from shiftlab.trainers.build import build_callbacks
-from shiftlab.trainers.checkpoint_io import atomic_save, atomic_write_text, load_weights_only
+from shiftlab.trainers.checkpoint_io import RunWriteError, atomic_save, atomic_write_text, load_weights_only
 from shiftlab.trainers.stacked.engine import Member, StackedGroup
-from shiftlab.trainers.summary import _finite, write_outputs
+from shiftlab.trainers.summary import _finite, write_outputs, write_summary
+
+log = logging.getLogger("shiftlab")
 
 
 def _progress(total: dict, current: dict) -> dict:
     return {"total": dict(total), "current": dict(current)}
 
 
-def fit_loop_state(epochs: int, batches: int, val_batches: int) -> dict[str, Any]:
+def fit_loop_state(epochs: int, batches: int, val_batches: int, manual: bool = False) -> dict[str, Any]:
     """Lightning's ``loops`` entry as a plain fit of ``epochs`` epochs of ``batches`` steps leaves it at
     the end of its last epoch (the layout of Lightning 2.x; tests compare it with a real checkpoint)."""
     steps = epochs * batches
+    # manual optimization (the full-batch loop): Lightning counts its steps in the manual loop instead
+    auto_steps, auto_batches, sched = (0, 0, 0) if manual else (steps, batches, 1)
     four = lambda n: {"ready": n, "started": n, "processed": n, "completed": n}  # noqa: E731
     two = lambda n: {"ready": n, "completed": n}  # noqa: E731
     zero4 = four(0)
@@ -34,14 +42,15 @@ def fit_loop_state(epochs: int, batches: int, val_batches: int) -> dict[str, Any
         "state_dict": {},
         "epoch_loop.state_dict": {"_batches_that_stepped": steps},
         "epoch_loop.batch_progress": {**_progress(four(steps), four(batches)), "is_last_batch": True},
-        "epoch_loop.scheduler_progress": _progress(two(epochs), two(1)),
+        "epoch_loop.scheduler_progress": _progress(two(epochs * sched), two(sched)),
         "epoch_loop.automatic_optimization.state_dict": {},
         "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {
-            "step": _progress(two(steps), two(batches)),
-            "zero_grad": _progress({"ready": steps, "started": steps, "completed": steps},
-                                   {"ready": batches, "started": batches, "completed": batches})}},
+            "step": _progress(two(auto_steps), two(auto_batches)),
+            "zero_grad": _progress({"ready": auto_steps, "started": auto_steps, "completed": auto_steps},
+                                   {"ready": auto_batches, "started": auto_batches, "completed": auto_batches})}},
         "epoch_loop.manual_optimization.state_dict": {},
-        "epoch_loop.manual_optimization.optim_step_progress": _progress(two(0), two(0)),
+        "epoch_loop.manual_optimization.optim_step_progress": _progress(two(steps - auto_steps),
+                                                                         two(steps - auto_steps)),
         "epoch_loop.val_loop.state_dict": {},
         "epoch_loop.val_loop.batch_progress": {**_progress(four(val_batches), four(val_batches)),
                                                "is_last_batch": True},
@@ -63,7 +72,8 @@ def _checkpoint(member: Member, group: StackedGroup, epochs: int, state_dict: di
                 scheduler: dict | None, callbacks: dict) -> dict[str, Any]:
     val_batches = -(-len(member.dm.val_set) // group.eval_batch_size)
     return {"epoch": epochs - 1, "global_step": epochs * group.batches, "pytorch-lightning_version": L.__version__,
-            "state_dict": state_dict, "loops": fit_loop_state(epochs, group.batches, val_batches),
+            "state_dict": state_dict, "loops": fit_loop_state(epochs, group.batches, val_batches,
+                                                               manual=group.full_batch is not None),
             "callbacks": callbacks, "optimizer_states": [optimizer],
             "lr_schedulers": [scheduler] if scheduler is not None else []}
 
@@ -187,15 +197,18 @@ def _metrics_csv(member: Member, batches: int) -> str:
     return buf.getvalue()
 
 
-def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: float,
-                 probes: list | None = None) -> dict[str, Any]:
-    """Write member ``i``'s metrics.csv, summary.json and plots (checkpoints are written every epoch by
-    :func:`epoch_writer`); return its summary. ``probes``: the member's epoch probes (reporters)."""
+def member_summary(member: Member, group: StackedGroup, i: int, out: Path, wall: float,
+                   probes: list | None = None) -> tuple[dict[str, Any], list[tuple[Callable, tuple]]]:
+    """Write member ``i``'s metrics.csv (checkpoints are written every epoch by :func:`epoch_writer`);
+    return its summary and the drawing it still needs: ``(function, args)`` pairs that write summary.json
+    and the plots, as :func:`~shiftlab.trainers.summary.write_outputs` writes them for a plain run.
+    ``probes``: the member's epoch probes (reporters)."""
     epochs = len(member.history)
     atomic_write_text(out / "metrics.csv", _metrics_csv(member, group.batches))
     h = member.history[-1] if member.history else {}
     done = member.status == "completed"
-    reporters = [*(probes or []), *diagnose_member(member, out), *group.callbacks[i].reporters()]
+    diagnosed, drawings = diagnose_member(member, out)
+    reporters = [*(probes or []), *diagnosed, *group.callbacks[i].reporters()]
     reason = (reporting.stop_reason(reporters) or f"max_epochs={group.max_epochs} reached") if done else member.stop_reason
     last = out / "checkpoints" / "last.ckpt"
     if not done:
@@ -226,17 +239,80 @@ def write_member(member: Member, group: StackedGroup, i: int, out: Path, wall: f
     summary.update(reporting.summary_items(reporters))
     group.callbacks[i].write_files(out)
     summary = {k: _finite(v) for k, v in summary.items()}
-    write_outputs(out, summary, member.history, title=f"{member.cfg.get('task_name', 'train')}: {out.name}",
-                  note="; ".join(reporting.plot_notes(reporters)) or None)
-    return summary
+    title = f"{member.cfg.get('task_name', 'train')}: {out.name}"
+    note = "; ".join(reporting.plot_notes(reporters)) or None
+    return summary, [(write_outputs, (out, summary, member.history, title, note)), *drawings]
 
 
-def diagnose_member(member: Member, out: Path) -> list:
+def write_members(members: list[Member], group: StackedGroup, out_dirs: list[Path], wall: float,
+                  workers: int | None = None, probes: list[list] | None = None) -> list[dict[str, Any]]:
+    """Every member's metrics.csv, summary.json and plots; return the summaries.
+
+    The figures (~1 s of matplotlib per member, most of a small group's output time) are drawn by
+    ``workers`` forked processes (default: one per available CPU, at most one per member), and this waits
+    for all of them. A member whose output could not be written ends ``failed`` with the reason, as a
+    plain run's summary says when its plots fail; the other members keep theirs."""
+    done = [member_summary(m, group, i, Path(out), wall, probes[i] if probes else None)
+            for i, (m, out) in enumerate(zip(members, out_dirs))]
+    errors = draw_all([d for _, d in done], plot_workers(len(done)) if workers is None else workers)
+    summaries = []
+    for i, (summary, _) in enumerate(done):
+        if errors[i] is not None:
+            log.error("%s", errors[i])
+            summary = {**summary, "status": "failed", "stop_reason": errors[i]}
+            try:  # the summary is small: it may still fit where a plot did not
+                write_summary(Path(out_dirs[i]), summary)
+            except RunWriteError:
+                pass
+        summaries.append(summary)
+    return summaries
+
+
+def plot_workers(members: int) -> int:
+    """One drawing process per CPU this process may run on, at most one per member; 1 (draw here) where
+    processes cannot be forked."""
+    if "fork" not in mp.get_all_start_methods():
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(members, cpus))
+
+
+def draw(drawings: list[tuple[Callable, tuple]]) -> str | None:
+    """Run one member's drawings; the first error as the one line its summary gives (None: all written)."""
+    try:
+        for fn, args in drawings:
+            fn(*args)
+    except RunWriteError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - a plot that fails fails its member, as a plain run's job
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def draw_all(per_member: list[list[tuple[Callable, tuple]]], workers: int) -> list[str | None]:
+    """Each member's drawings, in ``workers`` forked processes (here when ``workers`` <= 1): forked, not
+    spawned, so a worker starts with matplotlib already imported and nothing is re-imported."""
+    if workers <= 1 or len(per_member) <= 1:
+        return [draw(d) for d in per_member]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        futures = [pool.submit(draw, d) for d in per_member]
+        errors = []
+        for f in futures:
+            try:
+                errors.append(f.result())
+            except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                errors.append(f"plot worker failed: {type(e).__name__}: {e}")
+        return errors
+
+
+def diagnose_member(member: Member, out: Path) -> tuple[list, list[tuple[Callable, tuple]]]:
     """The configured LearningCurveDiagnosis, fed the member's history as its callback hooks would feed it:
-    ``diagnosis`` in summary.json, its plot note and plots/learning_curve_diagnosis.png."""
+    ``diagnosis`` in summary.json and its plot note; returns the reporters and the
+    plots/learning_curve_diagnosis.png drawings still to make."""
     from shiftlab.callbacks.learning_curve_diagnosis import LearningCurveDiagnosis, diagnose, plot_diagnosis
 
     found = [cb for cb in build_callbacks(member.cfg) if isinstance(cb, LearningCurveDiagnosis)]
+    drawings: list[tuple[Callable, tuple]] = []
     for cb in found:
         rows = [r for r in member.history if cb.train_key in r and cb.val_key in r]
         if not rows:
@@ -248,5 +324,6 @@ def diagnose_member(member: Member, out: Path) -> list:
         acc = cb.history["train_acc"] if all(a == a for a in cb.history["train_acc"]) else None
         cb.diagnosis = diagnose(cb.history["train_loss"], cb.history["val_loss"], acc, **cb.diagnose_kwargs)
         if cb.plot:
-            plot_diagnosis(cb.history, cb.diagnosis, Path(cb.output_dir or out) / "plots" / "learning_curve_diagnosis.png")
-    return found
+            path = Path(cb.output_dir or out) / "plots" / "learning_curve_diagnosis.png"
+            drawings.append((plot_diagnosis, (cb.history, cb.diagnosis, path)))
+    return found, drawings

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from shiftlab.callbacks.run_contract import RunContract
 from shiftlab.trainers.config_checks import check_config
 from shiftlab.trainers.stacked.engine import StackedGroup, build_member, pick_device
-from shiftlab.trainers.stacked.outputs import epoch_writer, finish_member, write_member
+from shiftlab.trainers.stacked.outputs import epoch_writer, finish_member, write_members
 from shiftlab.trainers.stacked.probes import MemberProbes
 
 
@@ -48,5 +48,4 @@ def train_stacked(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str
             finish_member(m, group, i, dirs[i])
         reporters = [p.finish() for p in probes]
     wall = time.perf_counter() - start
-    return [write_member(m, group, i, Path(out), wall, reporters[i])
-            for i, (m, out) in enumerate(zip(members, out_dirs))]
+    return write_members(members, group, [Path(out) for out in out_dirs], wall, probes=reporters)
