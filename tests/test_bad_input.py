@@ -309,3 +309,20 @@ def test_machine_checks_can_be_skipped_for_a_config_meant_elsewhere(tmp_path):
     check_config(cfg, machine=False)
     with pytest.raises(ConfigError, match="^trainer.accelerator=gpu is not allowed"):
         check_config(cfg)
+
+
+def test_sweep_check_composes_group_choices_but_not_every_value() -> None:
+    """The multirun pre-check composes what composition can tell apart: each group choice, and a value-only
+    key's first value (a seed sweep composes alike); a typo'd key or group option is still caught."""
+    from shiftlab.trainers.cli_checks import preflight, sweep_jobs
+
+    with _hydra(CONFIG_DIR):
+        jobs = sweep_jobs(["seed=0,1,2", "norm=none,batchnorm", "optimizer.lr=0.1,0.2", "+x=1,2"],
+                          collapse_values=True)
+        full = sweep_jobs(["seed=0,1,2", "norm=none,batchnorm"])
+    assert sorted(map(tuple, jobs)) == sorted([("seed=0", f"norm={n}", "optimizer.lr=0.1", f"+x={x}")
+                                               for n in ("none", "batchnorm") for x in (1, 2)])
+    assert len(full) == 6
+    for argv, key in ((["-m", "seed=0,1", "sed=3,4"], "sed"), (["-m", "seed=0,1", "norm=none,batchnrm"], "batchnrm")):
+        with pytest.raises(ConfigError, match=key):
+            preflight(argv, CONFIG_DIR)
