@@ -218,3 +218,45 @@ def test_curvature_rule_sees_the_members_standard_errors_and_logs_its_diagnostic
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
         key = next(k for k in _ckpt(p)["callbacks"] if k.startswith("CurvatureEarlyStopping"))
         _assert_tensors_close(_ckpt(d)["callbacks"][key], _ckpt(p)["callbacks"][key], f"member {j}: rule state")
+
+
+def _group(tmp_path: Path, *overrides: str, lrs=(None, None, None)):
+    from shiftlab.trainers.stacked.engine import StackedGroup, build_member
+
+    own = lambda lr: [f"optimizer.lr={lr}"] if lr is not None else []  # noqa: E731
+    cfgs = [compose_cfg(SMALL + [f"seed={s}", *overrides, *own(lr)], tmp_path / f"m{s}") for s, lr in enumerate(lrs)]
+    return StackedGroup([build_member(c) for c in cfgs], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("opt", ["adam", "momentum"])
+def test_shared_optimizer_group_steps_like_per_member_groups_and_keeps_a_stopped_member_still(tmp_path, opt,
+                                                                                             monkeypatch):
+    """Members whose settings agree share one param group over the stacked tensors; each member's update and
+    optimizer state equal those of per-member groups, and a stopped member's weights and state stay put."""
+    import shiftlab.trainers.stacked.engine as engine
+
+    common = ("norm=none", f"optimizer={opt}", "data.train_fraction=0.3")
+    shared = _group(tmp_path / "a", *common)
+    monkeypatch.setattr(engine, "_same", lambda a, b: False)
+    per_member = _group(tmp_path / "b", *common)
+    monkeypatch.undo()
+    assert shared.shared and len(shared.optimizer.param_groups) == 1
+    assert not per_member.shared and len(per_member.optimizer.param_groups) == 3
+    assert not _group(tmp_path / "c", *common, lrs=(0.01, 0.02, 0.01)).shared
+    for g in (shared, per_member):
+        g.train_epoch(0)
+        g.active[1] = False
+    frozen = (shared.member_weights(1), shared.member_optimizer_state(1)["state"])
+    for g in (shared, per_member):
+        g.train_epoch(1)
+    for i in range(3):
+        _assert_tensors_close(shared.member_weights(i), per_member.member_weights(i), f"member {i} weights")
+        if i != 1:
+            _assert_tensors_close(shared.member_optimizer_state(i), per_member.member_optimizer_state(i),
+                                  f"member {i} optimizer state")
+    _assert_tensors_close(shared.member_weights(1), frozen[0], "stopped member's weights")
+    state = shared.member_optimizer_state(1)["state"]
+    for j, s in frozen[1].items():
+        for k, v in s.items():
+            if v.dim():  # the moments; a shared step count runs on with the active members
+                assert torch.equal(state[j][k], v), f"stopped member's {k}"

@@ -7,8 +7,12 @@ of the members' mean losses, so member k's slice of each stacked gradient is exa
 One optimizer holds member k's slices (views of the stacked tensors) as param group k, built by member k's
 own optimizer factory, so each member keeps its own learning rate and weight decay and a scheduler scales
 each group from its own base rate; SGD / momentum / Adam / AdamW are elementwise, so each member gets
-exactly its own update. A member that stopped (early stopping, divergence) freezes: its slices get no
-gradient, so the optimizer skips them. Each member draws its own data order from the same seeded sampler
+exactly its own update. When every member's group has the same settings (a seed sweep), the optimizer
+holds the stacked tensors themselves as one group instead (the same elementwise update, in a few large
+tensor operations rather than K times as many small ones: the optimizer step was about a third of the
+training time of 8 digits MLPs with Adam). A member that stopped (early stopping, divergence) freezes:
+its slices get no gradient, so the optimizer skips them (one shared group: its slices of the parameters
+and of the optimizer state are put back after each step). Each member draws its own data order from the same seeded sampler
 its plain run uses.
 
 BatchNorm: the buffers (running_mean / running_var / num_batches_tracked) are stacked like the
@@ -80,6 +84,20 @@ def pick_device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two param groups' settings are equal (values may be numbers, tuples, tensors or None)."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            if not (torch.is_tensor(x) and torch.is_tensor(y) and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 class StackedGroup:
     """The stacked model, optimizer and scheduler of one group, and its training loop."""
 
@@ -118,11 +136,33 @@ class StackedGroup:
     def _member_optimizer(self) -> torch.optim.Optimizer:
         """One optimizer, param group i as member i's own optimizer factory builds it over its slices
         (``foreach`` as configured: torch's default takes it on CUDA; on a CPU the per-tensor loop measured
-        faster here)."""
+        faster here); or, when all those groups' settings are equal, one group over the stacked tensors
+        (``self.shared``)."""
         opts = [m.module.optimizer_factory([sl[n] for n in self.names]) for m, sl in zip(self.members, self.slices)]
+        settings = [{k: v for k, v in o.param_groups[0].items() if k != "params"} for o in opts]
+        self.shared = self.k > 1 and all(_same(s, settings[0]) for s in settings[1:])
+        if self.shared:
+            return self.members[0].module.optimizer_factory([self.params[n] for n in self.names])
         for o in opts[1:]:
             opts[0].add_param_group(o.param_groups[0])
         return opts[0]
+
+    def _step(self) -> None:
+        """``optimizer.step()``; with one shared group, the stopped members' slices of the parameters and
+        of the optimizer state are restored afterwards (a per-member group would have been skipped)."""
+        frozen = [i for i in range(self.k) if not self.active[i]]
+        if not self.shared or not frozen:
+            self.optimizer.step()
+            return
+        idx = torch.tensor(frozen, device=self.device)
+        params = [self.params[n] for n in self.names]
+        stacked = params + [v for p in params for v in self.optimizer.state.get(p, {}).values()
+                            if torch.is_tensor(v) and v.shape == p.shape]
+        with torch.no_grad():
+            kept = [(t, t[idx].clone()) for t in stacked]
+            self.optimizer.step()
+            for t, v in kept:
+                t[idx] = v
 
     def predict(self, x: Tensor) -> Tensor:
         """Eval-mode logits (K, b, C) of every member on its own inputs ``x`` (K, b, ...): BatchNorm uses its
@@ -160,7 +200,7 @@ class StackedGroup:
             losses.sum().backward()
             self.guard.before_step(epoch * self.batches + b, self.params.values())
             self._member_grads()
-            self.optimizer.step()
+            self._step()
             with torch.no_grad():
                 self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
                 loss_sum += losses.detach().double() * idx.shape[1]
@@ -234,7 +274,7 @@ class StackedGroup:
             self._clip_per_member(float(self.full_batch.clip_grad_norm))
         self.guard.before_step(epoch, self.params.values())
         self._member_grads()
-        self.optimizer.step()  # elementwise optimizers call a closure once: same as stepping after it
+        self._step()  # elementwise optimizers call a closure once: same as stepping after it
         with torch.no_grad():
             self.guard.after_step(epoch + 1, losses)
         self.guard.end_epoch()
@@ -261,7 +301,10 @@ class StackedGroup:
 
     def _member_grads(self) -> None:
         """Each member's slices get their slice of the stacked gradient; a stopped member's get none, so the
-        optimizer leaves them (and their state) alone."""
+        optimizer leaves them (and their state) alone. One shared group reads the stacked gradients
+        themselves (a stopped member's slices are restored by :meth:`_step`)."""
+        if self.shared:
+            return
         grads = {n: p.grad for n, p in self.params.items()}
         for i, sl in enumerate(self.slices):
             for n, p in sl.items():
@@ -281,9 +324,18 @@ class StackedGroup:
             target.copy_(v.to(target.device))
 
     def member_optimizer_state(self, i: int) -> dict[str, Any]:
-        """Member ``i``'s param group and state, in the plain optimizer's ``state_dict`` form."""
+        """Member ``i``'s param group and state, in the plain optimizer's ``state_dict`` form (read while
+        the member trains: a shared group's step counts are every active member's)."""
         sd = self.optimizer.state_dict()
         n = len(self.names)
+        if self.shared:
+            shapes = [self.params[name].shape for name in self.names]
+            state = {j: {k: (v[i] if v.shape == shapes[j] else v).detach().cpu().clone() if torch.is_tensor(v)
+                         else copy.deepcopy(v) for k, v in sd["state"][j].items()}
+                     for j in range(n) if j in sd["state"]}
+            group = copy.deepcopy(sd["param_groups"][0])
+            group["params"] = list(range(n))
+            return {"state": state, "param_groups": [group]}
         state = {j: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i * n + j].items()}
                  for j in range(n) if i * n + j in sd["state"]}
         group = copy.deepcopy(sd["param_groups"][i])
