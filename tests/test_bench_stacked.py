@@ -8,7 +8,7 @@ from conftest import compose_cfg
 from shiftlab.experiments import bench_stacked as bench
 from shiftlab.experiments import harness
 
-CONSOLE = """shiftlab: stacked: jobs #0 #2 train as one stacked model (2 seeds)
+CONSOLE = """shiftlab: stacked: jobs #0 #2 train as one stacked model (2 members)
 shiftlab: stacked: job #1 (seed=1 optimizer=lbfgs) runs alone: optimizer=torch.optim.LBFGS: only elementwise SGD
 shiftlab: completed test/acc=0.9 val/acc=0.9; run directory: /x/0
 """
@@ -24,7 +24,7 @@ def test_fallback_lines_are_parsed_and_shown_in_the_table():
              "peak_rss_mib": 510.0}]
     line = bench.table(rows).splitlines()[1]
     assert "2.50x" in line and "1/3 jobs ran alone (optimizer=torch.optim.LBFGS" in line
-    assert bench.fallbacks("shiftlab: stacked: jobs #0 #1 train as one stacked model (2 seeds)") == []
+    assert bench.fallbacks("shiftlab: stacked: jobs #0 #1 train as one stacked model (2 members)") == []
 
 
 def test_hand_loop_trains_the_configured_model(tmp_path):

@@ -115,7 +115,7 @@ def test_cli_stacks_seeds_and_runs_lbfgs_alone(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
-    assert "shiftlab: stacked: jobs #0 #2 train as one stacked model (2 seeds)" in lines
+    assert "shiftlab: stacked: jobs #0 #2 train as one stacked model (2 members)" in lines
     alone = [ln for ln in lines if "runs alone" in ln]
     assert len(alone) == 2 and all("optimizer=torch.optim.LBFGS" in ln for ln in alone)
     runs = sorted((tmp_path / "outputs" / "train" / "multiruns").glob("*/*/summary.json"))

@@ -80,7 +80,7 @@ class StackedLauncher(Launcher):
         returns: dict[int, JobReturn] = {}
         for members in groups:
             jobs = " ".join(f"#{initial_job_idx + i}" for i in members)
-            print(f"shiftlab: stacked: jobs {jobs} train as one stacked model ({len(members)} seeds)", flush=True)
+            print(f"shiftlab: stacked: jobs {jobs} train as one stacked model ({len(members)} members)", flush=True)
             returns.update(self._run_group(members, configs))
         for i in sorted(alone):
             lst = " ".join(filter_overrides(job_overrides[i]))
