@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
 from shiftlab.trainers.checkpoint_io import epoch_checkpoint
@@ -107,6 +108,8 @@ class RunContract(L.Callback):
         # A signal during validation or data setup: last.ckpt is the boundary we just crossed.
         if self._agreed(trainer):
             self._stop(trainer, save=False)
+        if self._pending and "mid" not in self._pending and self._pending.get("rng") is not None:
+            self._restore_rng_at_epoch_start(trainer, self._pending.pop("rng"))
 
     # ------------------------------------------------------------------ exact resume
     def state_dict(self) -> dict[str, Any]:
@@ -144,11 +147,8 @@ class RunContract(L.Callback):
         if not self._pending:
             return
         pending, self._pending = self._pending, None
-        rng = pending.get("rng")
-        if rng is not None:
-            torch.set_rng_state(rng["torch_rng"])
-            if "cuda_rng" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda_rng"])
+        if pending.get("rng") is not None:
+            self._restore_rng(pending["rng"])
         mid = pending.get("mid")
         if mid:
             states = mid.get("train_metrics", {})
@@ -158,6 +158,32 @@ class RunContract(L.Callback):
                     setattr(metric, k, v.to(cur.device) if isinstance(v, torch.Tensor) and
                             isinstance(cur, torch.Tensor) else v)
                 metric._update_count = max(1, metric._update_count)
+
+
+    @classmethod
+    def _restore_rng_at_epoch_start(cls, trainer: L.Trainer, rng: dict[str, Any]) -> None:
+        """Resuming from an epoch-end checkpoint: the generator as saved, then the draws this epoch's
+        training iterator makes from it (DataLoader iterators draw a base seed from the global generator).
+
+        Why: an uninterrupted run creates the epoch's training iterator after ``on_train_epoch_start``,
+        from the saved state; a resumed run's iterator was made before the restore, from another state,
+        so every later draw (dropout masks) would shift. A throwaway iterator from the restored state
+        makes the same draws (single-process loaders only: one with workers would start processes; its
+        resumed generator may differ by those draws). A mid-epoch checkpoint was saved after the epoch's
+        iterator drew: its state is restored at the first batch."""
+        cls._restore_rng(rng)
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else (
+            list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
+        for loader in loaders:
+            if isinstance(loader, DataLoader) and loader.num_workers == 0:
+                iter(loader)
+
+    @staticmethod
+    def _restore_rng(rng: dict[str, Any]) -> None:
+        torch.set_rng_state(rng["torch_rng"])
+        if "cuda_rng" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
 
 
 def _train_metrics(pl_module: L.LightningModule) -> list[tuple[str, Metric]]:

@@ -43,9 +43,11 @@ def test_last_ckpt_is_the_last_finished_epoch_even_when_best_is_earlier(tmp_path
     assert best["epoch"] == accs.index(min(accs))
 
 
-@pytest.mark.parametrize("batching", ["mini", "full"])
+@pytest.mark.parametrize("batching", ["mini", "full", "mini_dropout"])
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(tmp_path, batching):
-    extra = ["batching=full", "optimizer.lr=0.05"] if batching == "full" else []
+    extra = {"full": ["batching=full", "optimizer.lr=0.05"], "mini": [],
+             "mini_dropout": ["model.dropout=0.2"]}[batching]
+    batching = batching.split("_")[0]
     full = train(_cfg(tmp_path, "full", *extra))
     stop = ["+callbacks.sig._target_=helpers_callbacks.SignalAt", "+callbacks.sig.epoch=1",
             f"+callbacks.sig.batch={0 if batching == 'full' else 5}", f"+callbacks.sig.signum={int(signal.SIGTERM)}"]
