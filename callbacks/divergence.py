@@ -106,9 +106,14 @@ class DivergenceGuard(L.Callback, Reporter):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        # module.steps_per_call > 1: the call took several steps; check each one's loss, by its batch index
+        steps = getattr(pl_module, "step_losses", None) or [(batch_idx, getattr(pl_module, "last_loss", None))]
+        for index, loss in steps:
+            self._check_loss(trainer, index, loss)
+
+    def _check_loss(self, trainer: L.Trainer, batch_idx: int, loss) -> None:
         if batch_idx % self.check_every:
             return
-        loss = getattr(pl_module, "last_loss", None)
         if loss is None:
             return
         value = float(loss.detach().float().cpu()) if isinstance(loss, torch.Tensor) else float(loss)
