@@ -58,7 +58,9 @@ def per_step_hook_reason(callback: L.Callback) -> str | None:
     ``Timer`` (they only report or stop later: at the group's end); epoch-wise ``ModelCheckpoint``;
     the run contract (it stops at the group's end, see the module's docstring); the divergence guard
     (it checks every step's loss, :attr:`TaskModule.step_losses`); probes with ``every_n_steps=0``.
-    Refused: step probes, step-wise or timed checkpoints and any other per-batch callback."""
+    Refused: step probes, step-wise or timed checkpoints and any other per-batch callback, unless it
+    declares ``grouped_steps_ok = True`` (it reads the loader item as given: a list of ``(x, y)``
+    batches, once per group)."""
     from lightning.pytorch.callbacks import (DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint,
                                              ProgressBar, Timer)
 
@@ -66,8 +68,8 @@ def per_step_hook_reason(callback: L.Callback) -> str | None:
     from shiftlab.callbacks.run_contract import RunContract
 
     cls = type(callback)
-    if not any(getattr(cls, hook) is not getattr(L.Callback, hook)
-               for hook in ("on_train_batch_start", "on_train_batch_end")):
+    if getattr(callback, "grouped_steps_ok", False) or not any(
+            getattr(cls, hook) is not getattr(L.Callback, hook) for hook in ("on_train_batch_start", "on_train_batch_end")):
         return None
     name = cls.__name__
     steps = getattr(callback, "every_n_steps", None)
