@@ -254,6 +254,18 @@ def test_divergence_guard_checks_every_step_of_a_group():
                                              None, None, 0)
 
 
+@pytest.mark.parametrize("lr,ratio", [("1e3", "100"), ("5", "3")])
+def test_a_diverging_run_stops_after_the_same_step(tmp_path, lr, ratio):
+    """The guard checks each step's loss before the next update (its optimizer-step hook), so a group
+    stops where one step per call stops: same step, same reason (steps 2 and 5: inside a group of 4)."""
+    common = QUIET + ["model.hidden=[32,32]", "norm=none", "optimizer=sgd", "scheduler=constant",
+                      f"optimizer.lr={lr}", "trainer.max_epochs=2", f"divergence.max_loss_ratio={ratio}"]
+    one = train(compose_cfg(common, tmp_path / "n1"))
+    four = train(compose_cfg(common + ["module.steps_per_call=4"], tmp_path / "n4"))
+    assert one["status"] == four["status"] == "diverged" and one["global_step"] % 4 != 0
+    assert (four["global_step"], four["stop_reason"]) == (one["global_step"], one["stop_reason"])
+
+
 # ---------------------------------------------------------------------------------------- stacked
 def test_stacked_groups_ignore_steps_per_call_and_members_resume_under_it(tmp_path):
     from omegaconf import open_dict

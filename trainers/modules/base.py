@@ -282,7 +282,10 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         opt = self.optimizers()
         trainer = self.trainer
         max_steps = trainer.max_steps if trainer.max_steps is not None else -1
-        losses = []
+        # filled before each step's update: the divergence guard checks a step's loss before the next
+        # update (its optimizer-step hook), as it would after each call with N = 1
+        losses: list[tuple[int, Tensor]] = []
+        self.step_losses = losses
         for x, y in group:
             if 0 <= max_steps <= trainer.global_step:  # the N = 1 run stops here too
                 break
@@ -291,15 +294,14 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
             self.train_loss.update(loss, out.units)
             if self.track_train_acc:
                 self.update_accuracy(self.train_acc, x, y, out.output)
+            losses.append((self._epoch_batches, loss))
+            self._epoch_batches += 1
             opt.zero_grad()
             self.manual_backward(out.value)
             opt.step()
-            losses.append((self._epoch_batches, loss))
-            self._epoch_batches += 1
         if not losses:
             return None
         self.last_loss = losses[-1][1]
-        self.step_losses = losses
         # Lightning adds 1 per loader item to the logging step (metrics.csv's ``step``); the rest of the
         # group's steps here, so the logging step counts batches as with N = 1
         trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
