@@ -32,6 +32,9 @@ DIGITS = QUIET + ["data=digits", "model=mlp", "model.hidden=[32]", "norm=batchno
 MNIST1D = QUIET + ["experiment=mnist1d_cnn", "model.channels=[8,8]", "optimizer=momentum", "scheduler=cosine",
                    "data.train_fraction=0.25", "trainer.max_epochs=2", "trainer.deterministic=true",
                    "callbacks=default", "callbacks.diagnosis=null"]
+# module=sequence: an HMM on 300 sequences (210 training), batch 32 -> 7 batches an epoch
+HMM = QUIET + ["experiment=pgm_hmm", "data.num_sequences=300", "batching.batch_size=32", "trainer.max_epochs=2",
+               "trainer.deterministic=true", "callbacks=default", "callbacks.diagnosis=null"]
 SUMMARY_KEYS = ("global_step", "epochs_run", "train/loss", "train/acc", "train/loss_epoch_mean", "val/loss",
                 "val/acc", "test/loss", "test/acc", "test/f1_macro")
 
@@ -106,10 +109,10 @@ def test_batch_counts_convert_between_groups_and_batches():
 
 
 # ---------------------------------------------------------------------------------------- same training
-@pytest.mark.parametrize("setup,sizes", [("digits", (3, 64)), ("mnist1d", (4, 64))], ids=["digits-bn-adam",
-                                                                                        "mnist1d-cnn-momentum"])
+@pytest.mark.parametrize("setup,sizes", [("digits", (3, 64)), ("mnist1d", (4, 64)), ("hmm", (3,))],
+                         ids=["digits-bn-adam", "mnist1d-cnn-momentum", "sequence-hmm"])
 def test_steps_per_call_trains_exactly_as_one_step_per_call(tmp_path, setup, sizes):
-    common = DIGITS if setup == "digits" else MNIST1D
+    common = {"digits": DIGITS, "mnist1d": MNIST1D, "hmm": HMM}[setup]
     ref = train(compose_cfg(common, tmp_path / "n1"))
     assert ref["status"] == "completed" and ref["global_step"] > 3
     for n in sizes:
