@@ -125,6 +125,14 @@ def test_steps_per_call_trains_exactly_as_one_step_per_call(tmp_path, setup, siz
             best_b["loops"]["fit_loop"]["epoch_loop.batch_progress"]
 
 
+def test_max_steps_inside_a_group_stops_at_the_same_step(tmp_path):
+    common = DIGITS + ["+trainer.max_steps=25", "test=false"]
+    one = train(compose_cfg(common, tmp_path / "n1"))
+    three = train(compose_cfg(common + ["module.steps_per_call=3"], tmp_path / "n3"))
+    assert one["global_step"] == three["global_step"] == 25  # batch 5 of epoch 1: group 1 cut after 2 steps
+    assert three["val/loss"] == one["val/loss"] and three["train/loss"] == one["train/loss"]
+
+
 # ---------------------------------------------------------------------------------------- resume
 class GroupedSignalAt(SignalAt):
     """SignalAt counting loader items (groups): it declares that it reads them as they come."""
@@ -173,7 +181,7 @@ REFUSED = [
     (["+trainer.limit_train_batches=3"], "trainer.limit_train_batches=3"),
     (["+trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5"),
     (["trainer.check_val_every_n_epoch=null"], "trainer.check_val_every_n_epoch=null"),
-    (["callbacks=gradient_tests"], "callbacks.gradient_tests.every_n_steps=10"),
+    (["callbacks=gradient_tests", "callbacks.gradient_tests.every_n_steps=0"], "callbacks.gradient_tests (the"),
     (["callbacks=activation_drift"], "callbacks.activation_drift.every_n_steps=100"),
     (["callbacks=default", "+callbacks.model_checkpoint.every_n_train_steps=5"],
      "callbacks.model_checkpoint.every_n_train_steps=5"),
@@ -212,13 +220,19 @@ def test_fit_time_refusals(tmp_path):
     from shiftlab.callbacks.divergence import DivergenceGuard
     from shiftlab.callbacks.run_contract import RunContract
 
+    from shiftlab.callbacks.activation_drift import ActivationDriftMonitor
+    from shiftlab.callbacks.gradient_tests import GradientTests
+
     ok = dict(gradient_clip_val=None, accumulate_grad_batches=1, limit_train_batches=1.0, overfit_batches=0.0,
               val_check_interval=1.0, check_val_every_n_epoch=1, world_size=1, datamodule=None,
-              callbacks=[RunContract(tmp_path), DivergenceGuard(), ModelCheckpoint(), RichProgressBar()])
+              callbacks=[RunContract(tmp_path), DivergenceGuard(), ModelCheckpoint(), RichProgressBar(),
+                         ActivationDriftMonitor(every_n_steps=0)])
     check_grouped_fit(SimpleNamespace(**ok), 4)
     for change, names in (({"world_size": 2}, "under DDP"), ({"callbacks": [_PerBatch()]}, "_PerBatch"),
                           ({"callbacks": [ModelCheckpoint(every_n_train_steps=3)]}, "every_n_train_steps"),
-                          ({"accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches=2")):
+                          ({"accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches=2"),
+                          ({"callbacks": [GradientTests(every_n_steps=0)]}, "GradientTests"),
+                          ({"callbacks": [ActivationDriftMonitor(every_n_steps=5)]}, "every_n_steps=5")):
         with pytest.raises(ConfigError, match=names):
             check_grouped_fit(SimpleNamespace(**{**ok, **change}), 4)
     with pytest.raises(ConfigError, match="^module.steps_per_call=2 is not allowed with callback _PerBatch"):

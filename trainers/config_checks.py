@@ -268,6 +268,9 @@ def _steps_per_call_fits(cfg: DictConfig) -> None:
     for name, node in (select("callbacks") or {}).items():
         if not isinstance(node, DictConfig):
             continue
+        if str(node.get("_target_", "")).endswith("GradientTests"):
+            raise ConfigError(f"{head} with callbacks.{name} (the gradient tests read each training batch); "
+                              "allowed: 1")
         for key in ("every_n_steps", "every_n_train_steps", "train_time_interval"):
             value = node.get(key)
             if value:

@@ -58,13 +58,14 @@ def per_step_hook_reason(callback: L.Callback) -> str | None:
     ``Timer`` (they only report or stop later: at the group's end); epoch-wise ``ModelCheckpoint``;
     the run contract (it stops at the group's end, see the module's docstring); the divergence guard
     (it checks every step's loss, :attr:`TaskModule.step_losses`); probes with ``every_n_steps=0``.
-    Refused: step probes, step-wise or timed checkpoints and any other per-batch callback, unless it
+    Refused: step probes, the gradient tests (they read each batch whatever their period), step-wise or timed checkpoints and any other per-batch callback, unless it
     declares ``grouped_steps_ok = True`` (it reads the loader item as given: a list of ``(x, y)``
     batches, once per group)."""
     from lightning.pytorch.callbacks import (DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint,
                                              ProgressBar, Timer)
 
     from shiftlab.callbacks.divergence import DivergenceGuard
+    from shiftlab.callbacks.probe import Probe
     from shiftlab.callbacks.run_contract import RunContract
 
     cls = type(callback)
@@ -80,7 +81,7 @@ def per_step_hook_reason(callback: L.Callback) -> str | None:
     if isinstance(callback, (ProgressBar, LearningRateMonitor, DeviceStatsMonitor, Timer, RunContract,
                              DivergenceGuard)):
         return None
-    if steps is not None:
+    if isinstance(callback, Probe):  # its batch hook acts only on a step schedule
         return None if not steps else f"{name} with every_n_steps={steps}: a step probe needs each step's batch"
     return f"{name}: it reads each training batch (on_train_batch_start / on_train_batch_end)"
 
