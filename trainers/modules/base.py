@@ -170,7 +170,7 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         fit = (checkpoint.get("loops") or {}).get("fit_loop")
         if fit and self.full_batch is None:
             adopt_step_progress(fit, manual=not self.automatic_optimization)
-        if self.steps_per_call > 1 and self.full_batch is None:
+        if self.steps_per_call > 1 and self.full_batch is None and self._trainer is not None:
             # the checkpoint counts batches (see on_save_checkpoint): count this run's groups instead
             mid = checkpoint.get("shiftlab_mid_epoch")
             if mid:
