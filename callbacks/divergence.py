@@ -85,6 +85,8 @@ class DivergenceGuard(L.Callback, Reporter):
         self._epoch_sum, self._epoch_n = 0.0, 0
         self._first: float | None = None
         self.stop_reason: str | None = None
+        self._group: list | None = None  # the module's step_losses being checked, and how many of them were
+        self._checked = 0
 
     def _decide(self, trainer: L.Trainer, why: str | None) -> None:
         bad = why is not None
@@ -97,6 +99,7 @@ class DivergenceGuard(L.Callback, Reporter):
             raise DivergenceError(self.stop_reason)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self._check_group(trainer, pl_module, but_last=True)
         if not self.check_grad_norm or trainer.global_step % self.check_every:
             return
         # The optimizer's own parameters: the ones whose update the check guards; walking
@@ -106,9 +109,26 @@ class DivergenceGuard(L.Callback, Reporter):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        if getattr(pl_module, "step_losses", None) is not None:
+            self._check_group(trainer, pl_module, but_last=False)
+        else:
+            self._check_loss(trainer, batch_idx, getattr(pl_module, "last_loss", None))
+
+    def _check_group(self, trainer: L.Trainer, pl_module: L.LightningModule, but_last: bool) -> None:
+        """``module.steps_per_call > 1`` (one call, several steps): each step's loss, by its batch index
+        in the epoch, once; a step's before the next update, so a run stops after the step N = 1 stops."""
+        steps = getattr(pl_module, "step_losses", None)
+        if steps is None:
+            return
+        if steps is not self._group:
+            self._group, self._checked = steps, 0
+        for index, loss in steps[self._checked:len(steps) - but_last]:
+            self._checked += 1
+            self._check_loss(trainer, index, loss)
+
+    def _check_loss(self, trainer: L.Trainer, batch_idx: int, loss) -> None:
         if batch_idx % self.check_every:
             return
-        loss = getattr(pl_module, "last_loss", None)
         if loss is None:
             return
         value = float(loss.detach().float().cpu()) if isinstance(loss, torch.Tensor) else float(loss)

@@ -20,6 +20,14 @@ Options of the run go to both sides, e.g. the manual-optimization loop or torch.
     nice -n 10 python -m shiftlab.experiments.bench_overhead --config mnist1d_cnn --epochs 8 --rounds 3 \
         --overrides module.manual_optimization=true
 
+Several optimizer steps per Lightning ``training_step`` call (``module.steps_per_call``, default 1)
+pay Lightning's fixed per-call cost (hooks, loop bookkeeping, optimizer wrapper, logging connector)
+once per group of N batches; the training is the same as with N = 1 (tests/test_steps_per_call.py).
+The hand loop ignores the option. Measure N in 1, 4, 16 and 64 (64: a whole epoch of either setup)::
+
+    for n in 1 4 16 64; do nice -n 10 python -m shiftlab.experiments.bench_overhead --config digits_mlp \
+        --epochs 8 --rounds 3 --overrides module.steps_per_call=$n; done
+
 Why rounds: a load change between the two measurements biases a single A-then-B comparison, so the
 hand loop runs before and after every shiftlab run and each side's median is over all its epochs.
 """

@@ -152,6 +152,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm.n_sigma": (lambda v: _num(v) and v >= 1, "a finite number >= 1"),
     "norm.r_mu": NONNEG,
     "norm.r_sigma": NONNEG,
+    "module.steps_per_call": POS_INT,
     "divergence.max_loss_ratio": (lambda v: v is None or (_num(v) and v > 1), "null or a number > 1"),
     "divergence.check_every": POS_INT,
     "callbacks.*.every_n_epochs": POS_INT,
@@ -234,6 +235,50 @@ def _sync_batchnorm_fits_norm(cfg: DictConfig) -> None:
                           "the variant's own in-layer sync")
 
 
+def _steps_per_call_fits(cfg: DictConfig) -> None:
+    """``module.steps_per_call > 1`` runs several mini-batch steps per Lightning call: refuse what
+    needs one call per step or its own loop (DDP is refused when the trainer starts, and callbacks
+    added in code: :func:`shiftlab.trainers.modules.grouped.check_grouped_fit`)."""
+    n = OmegaConf.select(cfg, "module.steps_per_call", default=1)
+    if not _int(n) or n <= 1:
+        return
+    head = f"module.steps_per_call={n} is not allowed"
+    target = str(OmegaConf.select(cfg, "batching._target_", default="") or "")
+    if target.endswith("FullBatch"):
+        raise ConfigError(f"{head} with full batch (its own loop takes one step per epoch); allowed: 1")
+    select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    refused = [("trainer.gradient_clip_val", lambda v: v in (None, 0)),
+               ("trainer.accumulate_grad_batches", lambda v: v in (None, 1)),
+               ("data.num_workers", lambda v: v in (None, 0)),
+               ("trainer.overfit_batches", lambda v: not v),
+               ("trainer.limit_train_batches", lambda v: v in (None, 1.0)),
+               ("trainer.val_check_interval", lambda v: v in (None, 1.0)),
+               ("trainer.check_val_every_n_epoch", lambda v: v is not None)]
+    for key, ok in refused:
+        value = select(key, default=1 if key == "trainer.check_val_every_n_epoch" else None)
+        if not ok(value):
+            raise ConfigError(f"{head} with {key}={show(value)} (clipping and accumulation run in Lightning's "
+                              f"automatic loop; workers, DDP and the batch limits need one loader item per "
+                              f"batch); allowed: 1")
+    devices, nodes = select("trainer.devices", "auto"), select("trainer.num_nodes", 1)
+    if (_int(devices) and devices > 1) or (isinstance(devices, (list, ListConfig)) and len(devices) > 1) or \
+            (_int(nodes) and nodes > 1):
+        raise ConfigError(f"{head} with trainer.devices={show(devices)} trainer.num_nodes={show(nodes)} (DDP: "
+                          "each rank would step its own groups); allowed: 1")
+    for name, node in (select("callbacks") or {}).items():
+        if not isinstance(node, DictConfig):
+            continue
+        if str(node.get("_target_", "")).endswith("GradientTests"):
+            raise ConfigError(f"{head} with callbacks.{name} (the gradient tests read each training batch); "
+                              "allowed: 1")
+        for key in ("every_n_steps", "every_n_train_steps", "train_time_interval"):
+            value = node.get(key)
+            if value:
+                raise ConfigError(f"{head} with callbacks.{name}.{key}={show(value)} (a per-step callback "
+                                  f"sees only each group's first or last batch); allowed: 1, or "
+                                  f"callbacks.{name}.{key}={'0' if key == 'every_n_steps' else 'null'}")
+
+
 def check_config(cfg: DictConfig, machine: bool = True) -> None:
     """Raise :class:`ConfigError` for the first out-of-range value (then the checks of
     :mod:`shiftlab.trainers.config_targets`, which import what the config names).
@@ -257,6 +302,7 @@ def check_config(cfg: DictConfig, machine: bool = True) -> None:
             if value is not None and value not in allowed:
                 raise ConfigError(f"{key}={show(value)} is not allowed; allowed: {', '.join(allowed)}")
     _fractions(cfg)
+    _steps_per_call_fits(cfg)
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False):
         _sync_batchnorm_fits_norm(cfg)
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and \

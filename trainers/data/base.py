@@ -88,17 +88,23 @@ class EpochSeededBatches(Sampler[torch.Tensor]):
 
     Why: the per-sample path pulls every index through Python before one gather; here a batch
     costs one slice. Same order, same batches (last one short), same mid-epoch skip.
+
+    With ``group > 1`` (``module.steps_per_call``) it yields tuples of up to ``group`` consecutive
+    batches (the same batches in the same order; the epoch's last tuple may be shorter, and after a
+    mid-epoch skip the tuples start at the first batch not yet seen).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, skip: tuple[int, int] | None = None) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, skip: tuple[int, int] | None = None,
+                 group: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
         self.skip = skip  # (epoch, samples), as EpochSeededSampler
+        self.group = int(group)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return math.ceil(math.ceil(self.n / self.batch_size) / self.group)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A generator: the order is drawn at the first batch, not when the iterator is made.
@@ -108,7 +114,26 @@ class EpochSeededBatches(Sampler[torch.Tensor]):
         if self.skip is not None and self.skip[0] == self.epoch:
             order = order[self.skip[1]:]
         self.skip = None
-        yield from order.split(self.batch_size)
+        batches = order.split(self.batch_size)
+        if self.group == 1:
+            yield from batches
+        else:
+            for i in range(0, len(batches), self.group):
+                yield batches[i:i + self.group]
+
+
+class BatchGroups(Dataset):
+    """A split read by :class:`EpochSeededBatches` with ``group > 1``: one item is a list of
+    ``(x, y)`` batches, one per index tensor of the tuple."""
+
+    def __init__(self, split: TensorSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, group: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.split[idx] for idx in group]
 
 
 class TensorDataModule(L.LightningDataModule, abc.ABC):
@@ -218,9 +243,17 @@ class TensorDataModule(L.LightningDataModule, abc.ABC):
             return DataLoader([torch.zeros(1)], batch_size=1)
         if self.num_workers or self._per_sample_sampler_needed():
             return self._loader(self.train_set, self.batch_size, shuffle=True)
-        batches = EpochSeededBatches(len(self.train_set), self.batch_size, self.seed, skip=self._skip)
+        group = self._steps_per_call()
+        batches = EpochSeededBatches(len(self.train_set), self.batch_size, self.seed, skip=self._skip, group=group)
         self._skip = None
-        return DataLoader(self.train_set, batch_size=None, sampler=batches, collate_fn=collate_batch)
+        data = self.train_set if group == 1 else BatchGroups(self.train_set)
+        return DataLoader(data, batch_size=None, sampler=batches, collate_fn=collate_batch)
+
+    def _steps_per_call(self) -> int:
+        """Batches per loader item: the attached module's ``steps_per_call`` (its ``training_step``
+        takes that many steps per call; refused with workers, DDP and overfit_batches)."""
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(getattr(trainer, "lightning_module", None), "steps_per_call", 1) or 1)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

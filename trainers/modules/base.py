@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
 from typing import Any, Callable, NamedTuple
 
 import lightning as L
@@ -19,6 +20,7 @@ from torchmetrics import CatMetric, MeanMetric, Metric
 
 from shiftlab.trainers.batching import FullBatch, MiniBatch
 from shiftlab.trainers.full_batch import FullBatchLoop
+from shiftlab.trainers.modules.grouped import check_grouped_fit, groups_done, shift_batch_progress
 from shiftlab.trainers.modules.running import RunningMean
 
 
@@ -72,6 +74,23 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
             :meth:`on_load_checkpoint`). Runs with Lightning's gradient clipping or gradient
             accumulation keep the automatic loop (Lightning supports them only there), and so do
             DDP runs.
+        steps_per_call: optimizer steps per ``training_step`` call (mini-batch only; Keras'
+            ``steps_per_execution``). Why: Lightning's fixed cost per call (hooks, loop bookkeeping,
+            optimizer wrapper, logging connector) is as large as a whole step of the small models
+            here; with N > 1 the training loader yields groups of up to N consecutive batches (the
+            same batches in the same order: the epoch's last group may be shorter) and the call
+            runs them with manual optimization (zero_grad, ``manual_backward``, ``optimizer.step()``
+            per batch; Lightning counts each step in ``global_step`` and calls the callbacks'
+            backward / optimizer-step hooks per step), so training is the same as with N = 1: same
+            weights, optimizer state, step count, logged metrics (the logging step counts batches).
+            What it costs: the per-loader-item hooks (``on_train_batch_start`` / ``_end``) run
+            once per group, so a signal stops the run at the end of the current group (the
+            interrupted.ckpt resumes exactly, under any N), the progress bar counts groups, and
+            callbacks that read every batch (step probes, step-wise checkpoints) are refused
+            (:func:`~shiftlab.trainers.modules.grouped.per_step_hook_reason`); so are full batch,
+            Lightning's clipping and accumulation, DDP, workers and loop options counted in loader
+            items (config checks; DDP when the trainer starts). Checkpoints count batches, not
+            groups, so they resume under any N and in stacked runs (:mod:`.grouped`).
     """
 
     task: str = ""  # the model's ``task`` this module trains; the config option's name
@@ -84,8 +103,13 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
 
     def __init__(self, model: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  batching: MiniBatch | FullBatch, num_classes: int, compile_model: bool = False,
-                 manual_optimization: bool = False) -> None:
+                 manual_optimization: bool = False, steps_per_call: int = 1) -> None:
         super().__init__()
+        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+            raise ValueError(f"module.steps_per_call={steps_per_call} is not allowed; allowed: an integer >= 1")
+        if steps_per_call > 1 and isinstance(batching, FullBatch):
+            raise ValueError(f"module.steps_per_call={steps_per_call} is not allowed with full batch (its own "
+                             "loop takes one step per epoch); allowed: 1")
         wants = getattr(model, "task", "classification")
         if wants != self.task:
             raise ValueError(f"module={self.task} is not allowed for model {type(model).__name__}; "
@@ -99,6 +123,12 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         self.num_classes = num_classes
         self.full_batch = FullBatchLoop(batching) if isinstance(batching, FullBatch) else None
         self.manual_optimization = bool(manual_optimization)
+        self.steps_per_call = steps_per_call
+        # with steps_per_call > 1: (batch index in the epoch, loss) of each step of the last call
+        # (the divergence guard checks every step), and the batches trained in this epoch so far
+        self.step_losses: list[tuple[int, Tensor]] | None = None
+        self._epoch_batches = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done): a mid-epoch resume
         self.train_acc = self.make_accuracy(train=True)
         self.val_acc = self.make_accuracy(train=False)
         # the training loss is updated every step: the cheap running mean (same values as MeanMetric)
@@ -118,7 +148,7 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
 
         Why a property: Lightning checks this before any hook runs, and the trainer's settings
         decide it, so it is read from the attached trainer rather than fixed at construction."""
-        if self.full_batch is not None:
+        if self.full_batch is not None or self.steps_per_call > 1:
             return False
         if not self.manual_optimization:
             return True
@@ -140,6 +170,32 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         fit = (checkpoint.get("loops") or {}).get("fit_loop")
         if fit and self.full_batch is None:
             adopt_step_progress(fit, manual=not self.automatic_optimization)
+        if self.steps_per_call > 1 and self.full_batch is None and self._trainer is not None:
+            # the checkpoint counts batches (see on_save_checkpoint): count this run's groups instead
+            mid = checkpoint.get("shiftlab_mid_epoch")
+            if mid:
+                self._resume_at = (int(mid["epoch"]), int(mid["batches_done"]))
+            progress = (fit or {}).get("epoch_loop.batch_progress")
+            if progress:
+                done = int(progress["current"].get("processed", 0))
+                shift_batch_progress(fit, groups_done(done, self._batches_per_epoch(), self.steps_per_call))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With ``steps_per_call > 1``: the fit loop's batch counts and the run contract's
+        ``batches_done`` in batches, as an N = 1 run writes them (Lightning counted groups). Runs
+        after the callbacks' hooks, so the run contract's mid-epoch entry is already there."""
+        if self.steps_per_call == 1 or self.full_batch is not None:
+            return
+        fit = (checkpoint.get("loops") or {}).get("fit_loop")
+        if fit:  # a mini-batch run takes one step per batch: the total is the step count
+            shift_batch_progress(fit, self._epoch_batches, total_processed=self.trainer.global_step)
+        mid = checkpoint.get("shiftlab_mid_epoch")
+        if mid:
+            mid["batches_done"] = self._epoch_batches
+
+    def _batches_per_epoch(self) -> int:
+        dm = self.trainer.datamodule
+        return math.ceil(len(dm.train_set) / dm.batch_size)
 
     # ---------------------------------------------------------------- what a task supplies
     @abc.abstractmethod
@@ -182,6 +238,10 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.steps_per_call > 1 and self._trainer is not None:
+            check_grouped_fit(self.trainer, self.steps_per_call)
+
     def on_fit_start(self) -> None:
         if self.full_batch is not None:
             self.full_batch.on_fit_start(self)
@@ -189,6 +249,8 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
     def on_train_epoch_start(self) -> None:
         self.train_loss.reset()
         self.train_acc.reset()
+        resume, self._resume_at = self._resume_at, None
+        self._epoch_batches = resume[1] if resume and resume[0] == self.current_epoch else 0
 
     def training_step(self, batch, batch_idx: int):
         if self.full_batch is not None:
@@ -196,6 +258,8 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
             self.train_loss.update(self.last_loss)
             self._log_train_epoch()
             return None
+        if self.steps_per_call > 1:
+            return self._grouped_steps(batch, batch_idx)
         x, y = batch
         out = self.loss(x, y)
         loss = out.value.detach()
@@ -213,7 +277,40 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
             self._log_train_epoch()
         return out.value if self.automatic_optimization else loss
 
-    def _log_train_epoch(self) -> None:
+    def _grouped_steps(self, group: list, batch_idx: int) -> Tensor | None:
+        """One optimizer step per batch of the loader's group, as the N = 1 manual path takes them."""
+        opt = self.optimizers()
+        trainer = self.trainer
+        max_steps = trainer.max_steps if trainer.max_steps is not None else -1
+        # filled before each step's update: the divergence guard checks a step's loss before the next
+        # update (its optimizer-step hook), as it would after each call with N = 1
+        losses: list[tuple[int, Tensor]] = []
+        self.step_losses = losses
+        for x, y in group:
+            if 0 <= max_steps <= trainer.global_step:  # the N = 1 run stops here too
+                break
+            out = self.loss(x, y)
+            loss = out.value.detach()
+            self.train_loss.update(loss, out.units)
+            if self.track_train_acc:
+                self.update_accuracy(self.train_acc, x, y, out.output)
+            losses.append((self._epoch_batches, loss))
+            self._epoch_batches += 1
+            opt.zero_grad()
+            self.manual_backward(out.value)
+            opt.step()
+        if not losses:
+            return None
+        self.last_loss = losses[-1][1]
+        # Lightning adds 1 per loader item to the logging step (metrics.csv's ``step``); the rest of the
+        # group's steps here, so the logging step counts batches as with N = 1
+        trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # the batch size Lightning would infer from an N = 1 call's batch (it weights the epoch value)
+            self._log_train_epoch(batch_size=int(group[len(losses) - 1][0].shape[0]))
+        return self.last_loss
+
+    def _log_train_epoch(self, batch_size: int | None = None) -> None:
         """Log the epoch's train loss / accuracy once, from the last training step.
 
         Why not ``self.log`` every step: Lightning's per-call logging cost is about a millisecond,
@@ -221,9 +318,11 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         ``on_train_epoch_end``) makes the values visible to every callback's epoch-end hook.
         ``compute()`` reduces across DDP ranks.
         """
-        self.log("train/loss", self.train_loss.compute(), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", self.train_loss.compute(), on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=batch_size)
         if self.track_train_acc:
-            self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True, prog_bar=True)
+            self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=batch_size)
 
     def on_train_epoch_end(self) -> None:
         if self.full_batch is not None:

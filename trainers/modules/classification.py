@@ -38,6 +38,7 @@ class ClassificationModule(TaskModule):
     def setup(self, stage: str) -> None:
         """One training sample as ``example_input_array``: the model summary then shows input/output sizes
         and real FLOPs instead of "FLOPs 0"."""
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         split = getattr(dm, "train_set", None)
         if self.example_input_array is None and getattr(split, "x", None) is not None and len(split.x):

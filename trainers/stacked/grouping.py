@@ -119,11 +119,15 @@ def _why_not_early_stopping(cfg: DictConfig, names: list[str]) -> str | None:
 
 
 def group_key(cfg: DictConfig) -> str:
-    """The config with the per-member keys removed, unresolved: jobs with equal keys form a group. A
-    per-member key other than the seed that another value interpolates stays in the key (that value would
-    differ between members too)."""
+    """The config with the per-member keys (and ``module.steps_per_call``) removed, unresolved: jobs with
+    equal keys form a group. A per-member key other than the seed that another value interpolates stays in
+    the key (that value would differ between members too)."""
     node = OmegaConf.to_container(cfg, resolve=False)
     node.pop("hydra", None)
+    # module.steps_per_call changes nothing a member computes (the engine runs its own loop, and the
+    # member's checkpoints count batches, which a plain run resumes under any steps_per_call)
+    if isinstance(node.get("module"), dict):
+        node["module"].pop("steps_per_call", None)
     text = OmegaConf.to_yaml(OmegaConf.create(node))
     for key in MEMBER_KEYS:
         parent, _, leaf = key.rpartition(".")
