@@ -14,7 +14,8 @@ def _weights(path):
     return torch.load(path, weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.dropout=0.2"]], ids=["plain", "dropout"])
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.2"], ["model.dropout=0.2", "module.steps_per_call=3"]],
+                         ids=["plain", "dropout", "dropout-grouped"])
 def test_resume_from_last_checkpoint_is_exact(tmp_path, extra):
     """With dropout the masks come from the global generator: the resumed run must restore it before the
     epoch's training iterator draws its base seed from it, as the uninterrupted run's iterator did."""
