@@ -27,6 +27,14 @@ accumulated over the same ``chunk_size`` chunks in the same order as
 :class:`shiftlab.trainers.full_batch.FullBatchLoop` (with BatchNorm each chunk is normalized with its
 own statistics there and here); gradient clipping and the finite-difference gradient-norm penalty are
 applied per member (each member's own norm and step ``h``).
+
+Dropout (:mod:`shiftlab.trainers.stacked.dropout`): on a CPU each member draws exactly its plain run's
+masks. ATen's CPU dropout multiplies by ``bernoulli_(1 - p) / (1 - p)`` noise from the global generator;
+member k holds a generator with its plain run's global state after its model is built, makes the
+same other draws (one per DataLoader iterator) at the same points, and draws its masks with it in the
+plain forward's layer order and shapes for every train-mode forward (mini-batch steps, full-batch
+chunks, the gradient-norm-penalty pass); the masks enter ``vmap`` as batched inputs. On CUDA the plain
+run's fused Philox kernel cannot be replayed: there members get independent generators.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ from torch.nn import functional as F
 from shiftlab.trainers.build import build_datamodule, build_module
 from shiftlab.trainers.data.base import EpochSeededSampler
 from shiftlab.trainers.stacked.divergence import StackedGuard
+from shiftlab.trainers.stacked.dropout import MemberDropout
 from shiftlab.trainers.stacked.members import MemberCallbacks, measure_memorization
 
 
@@ -64,6 +73,7 @@ class Member:
     stop_reason: str = ""
     stopped_step: int | None = None
     test_weights: str = ""
+    rng_state: Tensor | None = None  # the global CPU RNG state once the module is built (dropout.py)
 
 
 def build_member(cfg: DictConfig) -> Member:
@@ -74,7 +84,8 @@ def build_member(cfg: DictConfig) -> Member:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    return Member(cfg, dm, build_module(cfg, dm))
+    module = build_module(cfg, dm)
+    return Member(cfg, dm, module, rng_state=torch.get_rng_state())
 
 
 def pick_device(cfg: DictConfig) -> torch.device:
@@ -106,6 +117,7 @@ class StackedGroup:
         self.k = len(members)
         lead = members[0]
         self.template = copy.deepcopy(lead.module.model).to("meta").train()
+        self.dropout = MemberDropout(self.template, members, device)  # its nn.Dropout -> MaskedDropout
         models = [m.module.model for m in members]
         params, buffers = stack_module_state(models)
         self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
@@ -178,11 +190,12 @@ class StackedGroup:
 
     def _losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-member mean cross-entropy (K,) and the logits (K, b, C)."""
-        logits = self.forward(self.params, self.buffers, x)
+        logits = self.forward(self.params, self.dropout.with_masks(self.buffers, x), x)
         per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
         return per_sample.mean(dim=1), logits
 
     def train_epoch(self, epoch: int) -> dict[str, Tensor]:
+        self.dropout.loader_draw()  # the plain run's train loader draw (dropout.py)
         if self.full_batch is not None:
             return self.full_batch_epoch(epoch)
         for s in self.samplers:
@@ -220,7 +233,7 @@ class StackedGroup:
         chunk = self.full_batch.chunk_size
         for start in range(0, self.n_train, chunk):
             x, y = self.x_train[:, start:start + chunk], self.y_train[:, start:start + chunk]
-            logits = self.forward(self.params, self.buffers, x)
+            logits = self.forward(self.params, self.dropout.with_masks(self.buffers, x), x)
             per = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
             losses = per.sum(dim=1) / self.n_train
             losses.sum().backward()
@@ -376,6 +389,7 @@ class StackedGroup:
                     m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
                     self.active[i] = False
             val = self.evaluate("val")
+            self.dropout.loader_draw()  # the plain run's validation loader draw
             rows = {i: {"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}}
                     for i in range(self.k) if self.active[i]}
             stops = {i: self.callbacks[i].early_stop(epoch, rows[i]) for i in rows}
