@@ -28,13 +28,11 @@ accumulated over the same ``chunk_size`` chunks in the same order as
 own statistics there and here); gradient clipping and the finite-difference gradient-norm penalty are
 applied per member (each member's own norm and step ``h``).
 
-Dropout (:mod:`shiftlab.trainers.stacked.dropout`): on a CPU each member draws exactly its plain run's
-masks. ATen's CPU dropout multiplies by ``bernoulli_(1 - p) / (1 - p)`` noise from the global generator;
-member k holds a generator with its plain run's global state after its model is built, makes the
-same other draws (one per DataLoader iterator) at the same points, and draws its masks with it in the
-plain forward's layer order and shapes for every train-mode forward (mini-batch steps, full-batch
-chunks, the gradient-norm-penalty pass); the masks enter ``vmap`` as batched inputs. On CUDA the plain
-run's fused Philox kernel cannot be replayed: there members get independent generators.
+Dropout (:mod:`shiftlab.trainers.stacked.dropout`): exact on a CPU, where ATen's dropout multiplies by
+``bernoulli_(1 - p) / (1 - p)`` noise from the global generator: member k draws its masks (plain layer
+order and shapes, every train-mode forward) from a generator that holds its plain run's global state and
+makes the plain run's other draws (DataLoader iterators) at the same points; masks are batched ``vmap``
+inputs. Not on CUDA (the fused Philox kernel cannot be replayed): independent generators there.
 """
 from __future__ import annotations
 

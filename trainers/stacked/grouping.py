@@ -72,8 +72,8 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     stops = [k for k in extra if _target(callbacks[k]) == EARLY_STOPPING]
     probes = [k for k in extra if k not in stops]
     if probes and float((cfg.model or {}).get("dropout") or 0.0) > 0:  # masks: stacked/dropout.py
-        return (f"callbacks.{probes[0]} with model.dropout>0: a probe's train-mode forwards draw from the "
-                "plain run's global RNG and shift its later dropout masks")
+        return (f"callbacks.{probes[0]} with model.dropout>0: a probe may draw from the plain run's global RNG "
+                "(train-mode forwards), which shifts the run's later dropout masks")
     for name in probes:  # epoch probes run per member (probes.py)
         reason = why_not_hosted(name, callbacks[name])
         if reason:
