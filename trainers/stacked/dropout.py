@@ -50,11 +50,14 @@ class MaskedDropout(nn.Module):
         return x * self.mask
 
 
-def draw_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device) -> Tensor:
-    """The noise ATen's CPU dropout multiplies by, drawn from ``generator`` (p == 1: zeros, no draw)."""
+def draw_mask(shape: torch.Size, p: float, generator: torch.Generator, device: torch.device,
+              out: Tensor | None = None) -> Tensor:
+    """The noise ATen's CPU dropout multiplies by, drawn from ``generator`` (p == 1: zeros, no draw), into
+    ``out`` (a contiguous slice of the stacked masks: the same kernel on the same shape) when given."""
+    out = torch.empty(shape, device=device) if out is None else out
     if p >= 1:
-        return torch.zeros(shape, device=device)
-    return torch.empty(shape, device=device).bernoulli_(1 - p, generator=generator).div_(1 - p)
+        return out.zero_()
+    return out.bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 
 class MemberDropout:
@@ -94,10 +97,11 @@ class MemberDropout:
             return buffers
         shapes = self._layer_shapes(x.shape[1:])
         gens, where = (self.cuda, self.device) if self.cuda is not None else (self.cpu, torch.device("cpu"))
-        drawn = [[draw_mask(s, m.p, g, where) for s, (_, m) in zip(shapes, self.layers)] for g in gens]
-        masks = {f"{name}.mask": torch.stack([d[j] for d in drawn]).to(self.device)
-                 for j, (name, _) in enumerate(self.layers)}
-        return {**buffers, **masks}
+        masks = [torch.empty((len(gens), *s), device=where) for s in shapes]
+        for k, g in enumerate(gens):  # member k's draws in its plain forward's layer order
+            for out, (_, m) in zip(masks, self.layers):
+                draw_mask(out.shape[1:], m.p, g, where, out=out[k])
+        return {**buffers, **{f"{name}.mask": t.to(self.device) for (name, _), t in zip(self.layers, masks)}}
 
     def loader_draw(self) -> None:
         """A DataLoader iterator's ``_base_seed`` draw from each member's global generator."""
