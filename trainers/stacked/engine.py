@@ -27,6 +27,12 @@ accumulated over the same ``chunk_size`` chunks in the same order as
 :class:`shiftlab.trainers.full_batch.FullBatchLoop` (with BatchNorm each chunk is normalized with its
 own statistics there and here); gradient clipping and the finite-difference gradient-norm penalty are
 applied per member (each member's own norm and step ``h``).
+
+Dropout (:mod:`shiftlab.trainers.stacked.dropout`): exact on a CPU, where ATen's dropout multiplies by
+``bernoulli_(1 - p) / (1 - p)`` noise from the global generator: member k draws its masks (plain layer
+order and shapes, every train-mode forward) from a generator that holds its plain run's global state and
+makes the plain run's other draws (DataLoader iterators) at the same points; masks are batched ``vmap``
+inputs. Not on CUDA (the fused Philox kernel cannot be replayed): independent generators there.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from torch.nn import functional as F
 from shiftlab.trainers.build import build_datamodule, build_module
 from shiftlab.trainers.data.base import EpochSeededSampler
 from shiftlab.trainers.stacked.divergence import StackedGuard
+from shiftlab.trainers.stacked.dropout import MemberDropout
 from shiftlab.trainers.stacked.members import MemberCallbacks, measure_memorization
 
 
@@ -64,6 +71,7 @@ class Member:
     stop_reason: str = ""
     stopped_step: int | None = None
     test_weights: str = ""
+    rng_state: Tensor | None = None  # the global CPU RNG state once the module is built (dropout.py)
 
 
 def build_member(cfg: DictConfig) -> Member:
@@ -74,7 +82,8 @@ def build_member(cfg: DictConfig) -> Member:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    return Member(cfg, dm, build_module(cfg, dm))
+    module = build_module(cfg, dm)
+    return Member(cfg, dm, module, rng_state=torch.get_rng_state())
 
 
 def pick_device(cfg: DictConfig) -> torch.device:
@@ -106,6 +115,7 @@ class StackedGroup:
         self.k = len(members)
         lead = members[0]
         self.template = copy.deepcopy(lead.module.model).to("meta").train()
+        self.dropout = MemberDropout(self.template, members, device)  # its nn.Dropout -> MaskedDropout
         models = [m.module.model for m in members]
         params, buffers = stack_module_state(models)
         self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
@@ -178,11 +188,12 @@ class StackedGroup:
 
     def _losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-member mean cross-entropy (K,) and the logits (K, b, C)."""
-        logits = self.forward(self.params, self.buffers, x)
+        logits = self.forward(self.params, self.dropout.with_masks(self.buffers, x), x)
         per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
         return per_sample.mean(dim=1), logits
 
     def train_epoch(self, epoch: int) -> dict[str, Tensor]:
+        self.dropout.loader_draw()  # the plain run's train loader draw (dropout.py)
         if self.full_batch is not None:
             return self.full_batch_epoch(epoch)
         for s in self.samplers:
@@ -220,7 +231,7 @@ class StackedGroup:
         chunk = self.full_batch.chunk_size
         for start in range(0, self.n_train, chunk):
             x, y = self.x_train[:, start:start + chunk], self.y_train[:, start:start + chunk]
-            logits = self.forward(self.params, self.buffers, x)
+            logits = self.forward(self.params, self.dropout.with_masks(self.buffers, x), x)
             per = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
             losses = per.sum(dim=1) / self.n_train
             losses.sum().backward()
@@ -376,6 +387,7 @@ class StackedGroup:
                     m.status, m.stop_reason, m.stopped_step = "diverged", why, self.guard.step_of(i)
                     self.active[i] = False
             val = self.evaluate("val")
+            self.dropout.loader_draw()  # the plain run's validation loader draw
             rows = {i: {"epoch": epoch, **{k: float(v[i]) for k, v in {**val, **train}.items()}}
                     for i in range(self.k) if self.active[i]}
             stops = {i: self.callbacks[i].early_stop(epoch, rows[i]) for i in rows}

@@ -65,14 +65,15 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
         return f"optimizer={_target(cfg.get('optimizer'))}: only elementwise SGD / momentum / Adam / AdamW stack"
     if cfg.get("scheduler") is not None and _target(cfg.scheduler) not in SCHEDULERS:
         return f"scheduler={_target(cfg.scheduler)}: not an epoch-wise schedule the stacked engine knows"
-    if float((cfg.model or {}).get("dropout") or 0.0) > 0:
-        return "model.dropout>0: per-member dropout streams are not reproduced yet"
     if int((cfg.get("divergence") or {}).get("check_every", 1)) != 1:
         return "divergence.check_every>1: the stacked guard checks every step"
     callbacks = cfg.get("callbacks") or {}
     extra = sorted(set(callbacks.keys()) - BASE_CALLBACKS)
     stops = [k for k in extra if _target(callbacks[k]) == EARLY_STOPPING]
     probes = [k for k in extra if k not in stops]
+    if probes and float((cfg.model or {}).get("dropout") or 0.0) > 0:  # masks: stacked/dropout.py
+        return (f"callbacks.{probes[0]} with model.dropout>0: a probe may draw from the plain run's global RNG "
+                "(train-mode forwards), which shifts the run's later dropout masks")
     for name in probes:  # epoch probes run per member (probes.py)
         reason = why_not_hosted(name, callbacks[name])
         if reason:

@@ -126,6 +126,7 @@ def epoch_writer(members: list[Member], group: StackedGroup, out_dirs: list[Path
         ckdir.mkdir(parents=True, exist_ok=True)
         states = _callback_states(member, out, epoch + 1, group.guard.state_dict(i), checkpoint_cbs[i])
         states.update(group.callbacks[i].states())  # early stopping, memorization probe
+        states.update(group.dropout.states(i))  # with dropout: RunContract's RNG state (stacked/dropout.py)
         states.update(extra_states(i) if extra_states is not None else {})  # the member's epoch probes
         ckpt = _checkpoint(member, group, epoch + 1, prefixed(group.member_weights(i)),
                            group.member_optimizer_state(i), group.member_scheduler_state(i), states)
