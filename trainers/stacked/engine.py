@@ -53,6 +53,7 @@ from shiftlab.trainers.data.base import EpochSeededSampler
 from shiftlab.trainers.stacked.divergence import StackedGuard
 from shiftlab.trainers.stacked.dropout import MemberDropout
 from shiftlab.trainers.stacked.members import MemberCallbacks, measure_memorization
+from shiftlab.trainers.stacked.slices import MemberSlices, same_settings
 
 
 @dataclass
@@ -93,21 +94,7 @@ def pick_device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two param groups' settings are equal (values may be numbers, tuples, tensors or None)."""
-    if a.keys() != b.keys():
-        return False
-    for k in a:
-        x, y = a[k], b[k]
-        if torch.is_tensor(x) or torch.is_tensor(y):
-            if not (torch.is_tensor(x) and torch.is_tensor(y) and torch.equal(x, y)):
-                return False
-        elif x != y:
-            return False
-    return True
-
-
-class StackedGroup:
+class StackedGroup(MemberSlices):
     """The stacked model, optimizer and scheduler of one group, and its training loop."""
 
     def __init__(self, members: list[Member], device: torch.device) -> None:
@@ -150,29 +137,12 @@ class StackedGroup:
         (``self.shared``)."""
         opts = [m.module.optimizer_factory([sl[n] for n in self.names]) for m, sl in zip(self.members, self.slices)]
         settings = [{k: v for k, v in o.param_groups[0].items() if k != "params"} for o in opts]
-        self.shared = self.k > 1 and all(_same(s, settings[0]) for s in settings[1:])
+        self.shared = self.k > 1 and all(same_settings(s, settings[0]) for s in settings[1:])
         if self.shared:
             return self.members[0].module.optimizer_factory([self.params[n] for n in self.names])
         for o in opts[1:]:
             opts[0].add_param_group(o.param_groups[0])
         return opts[0]
-
-    def _step(self) -> None:
-        """``optimizer.step()``; with one shared group, the stopped members' slices of the parameters and
-        of the optimizer state are restored afterwards (a per-member group would have been skipped)."""
-        frozen = [i for i in range(self.k) if not self.active[i]]
-        if not self.shared or not frozen:
-            self.optimizer.step()
-            return
-        idx = torch.tensor(frozen, device=self.device)
-        params = [self.params[n] for n in self.names]
-        stacked = params + [v for p in params for v in self.optimizer.state.get(p, {}).values()
-                            if torch.is_tensor(v) and v.shape == p.shape]
-        with torch.no_grad():
-            kept = [(t, t[idx].clone()) for t in stacked]
-            self.optimizer.step()
-            for t, v in kept:
-                t[idx] = v
 
     def predict(self, x: Tensor) -> Tensor:
         """Eval-mode logits (K, b, C) of every member on its own inputs ``x`` (K, b, ...): BatchNorm uses its
@@ -310,56 +280,6 @@ class StackedGroup:
         return {f"{split}/loss": losses.mean(dim=1), f"{split}/acc": correct.float() / n,
                 f"{split}/loss_se": losses.std(dim=1) / n ** 0.5}
 
-    def _member_grads(self) -> None:
-        """Each member's slices get their slice of the stacked gradient; a stopped member's get none, so the
-        optimizer leaves them (and their state) alone. One shared group reads the stacked gradients
-        themselves (a stopped member's slices are restored by :meth:`_step`)."""
-        if self.shared:
-            return
-        grads = {n: p.grad for n, p in self.params.items()}
-        for i, sl in enumerate(self.slices):
-            for n, p in sl.items():
-                p.grad = grads[n][i] if self.active[i] else None
-
-    def member_weights(self, i: int) -> dict[str, Tensor]:
-        """Member ``i``'s parameters and buffers under the plain model's names (on the CPU)."""
-        out = {n: p[i].detach().cpu().clone() for n, p in self.params.items()}
-        out.update({n: b[i].detach().cpu().clone() for n, b in self.buffers.items()})
-        return out
-
-    @torch.no_grad()
-    def load_member_weights(self, i: int, weights: dict[str, Tensor]) -> None:
-        """Put ``weights`` (plain model names) into member ``i``'s parameter and buffer slices."""
-        for n, v in weights.items():
-            target = self.slices[i][n] if n in self.slices[i] else self.buffers[n][i]
-            target.copy_(v.to(target.device))
-
-    def member_optimizer_state(self, i: int) -> dict[str, Any]:
-        """Member ``i``'s param group and state, in the plain optimizer's ``state_dict`` form (read while
-        the member trains: a shared group's step counts are every active member's)."""
-        sd = self.optimizer.state_dict()
-        n = len(self.names)
-        if self.shared:
-            shapes = [self.params[name].shape for name in self.names]
-            state = {j: {k: (v[i] if v.shape == shapes[j] else v).detach().cpu().clone() if torch.is_tensor(v)
-                         else copy.deepcopy(v) for k, v in sd["state"][j].items()}
-                     for j in range(n) if j in sd["state"]}
-            group = copy.deepcopy(sd["param_groups"][0])
-            group["params"] = list(range(n))
-            return {"state": state, "param_groups": [group]}
-        state = {j: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i * n + j].items()}
-                 for j in range(n) if i * n + j in sd["state"]}
-        group = copy.deepcopy(sd["param_groups"][i])
-        group["params"] = list(range(n))
-        return {"state": state, "param_groups": [group]}
-
-    def member_scheduler_state(self, i: int) -> dict[str, Any] | None:
-        """Member ``i``'s view of the scheduler (its group's base and last rate), as a plain run's."""
-        if self.scheduler is None:
-            return None
-        sd = self.scheduler.state_dict()
-        return {k: ([v[i]] if isinstance(v, list) and len(v) == self.k else copy.deepcopy(v)) for k, v in sd.items()}
-
     def fit(self, on_epoch_end: Callable[[int, int, bool], None] | None = None,
             signalled: Callable[[], str | None] | None = None) -> None:
         """Train all members for ``max_epochs``, recording each member's history; a member that diverges
@@ -380,7 +300,7 @@ class StackedGroup:
                 break
             if not any(self.active):
                 break
-            train = self.train_epoch(epoch)
+            train = self._train_epoch_keeping_frozen_buffers(epoch)
             for i, why in self.guard.newly_diverged(epoch):
                 if self.active[i]:
                     m = self.members[i]
