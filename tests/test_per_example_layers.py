@@ -118,8 +118,8 @@ def test_falls_back_and_says_why():
 
 
 # --------------------------------------------------------------------------- Gauss-Newton trace
-def _dense_ggn_trace(model, x, y) -> float:
-    """tr of (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n with dense Jacobians."""
+def _dense_jacobian_and_hessian_of_loss(model, x):
+    """Dense logit Jacobians J (N, C, P) and the softmax cross-entropy Hessians A = diag p - p p^T (N, C, C)."""
     names = [n for n, _ in model.named_parameters()]
     flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -134,6 +134,12 @@ def _dense_ggn_trace(model, x, y) -> float:
     J = torch.autograd.functional.jacobian(logits, flat0)  # (N, C, P)
     p = torch.softmax(logits(flat0), 1)
     A = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    return J, A
+
+
+def _dense_ggn_trace(model, x, y) -> float:
+    """tr of (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n with dense Jacobians."""
+    J, A = _dense_jacobian_and_hessian_of_loss(model, x)
     return float((A * (J @ J.transpose(1, 2))).sum()) / x.shape[0]
 
 
@@ -242,20 +248,7 @@ def test_convolutions_by_unfolded_patches(dims):
 # --------------------------------------------------------------------------- Gauss-Newton diagonal
 def _dense_ggn_diagonal(model, x, y) -> torch.Tensor:
     """diag of (1/N) sum_n J_n^T (diag p_n - p_n p_n^T) J_n with dense Jacobians."""
-    names = [n for n, _ in model.named_parameters()]
-    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-
-    def logits(flat):
-        d, i = dict(buffers), 0
-        for n, p in zip(names, model.parameters()):
-            d[n] = flat[i: i + p.numel()].view_as(p)
-            i += p.numel()
-        return torch.func.functional_call(model, d, (x,))
-
-    J = torch.autograd.functional.jacobian(logits, flat0)  # (N, C, P)
-    p = torch.softmax(logits(flat0), 1)
-    A = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    J, A = _dense_jacobian_and_hessian_of_loss(model, x)
     return torch.einsum("ncp,ncd,ndp->p", J, A, J) / x.shape[0]
 
 

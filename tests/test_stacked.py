@@ -106,13 +106,17 @@ def test_grouping_reasons():
     assert why_not_stacked(compose_cfg(SMALL + ["norm=none", "batching=full"])) is None  # tests/test_stacked_bn.py
 
 
-def test_cli_stacks_seeds_and_runs_lbfgs_alone(tmp_path):
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``shiftlab-train -m <args>`` with a small one-epoch MLP, quiet, under ``tmp_path``."""
     env = dict(os.environ, SHIFTLAB_ROOT=str(tmp_path), WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    args = ["-m", "launcher=stacked", "seed=0,1", "norm=none", "optimizer=sgd,lbfgs", "trainer.max_epochs=1",
-            "print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "model.hidden=[16]"]
-    r = subprocess.run([sys.executable, "-m", "shiftlab.trainers.train", *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    argv = ["-m", *args, "trainer.max_epochs=1", "print_config=false", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "model.hidden=[16]"]
+    return subprocess.run([sys.executable, "-m", "shiftlab.trainers.train", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_stacks_seeds_and_runs_lbfgs_alone(tmp_path):
+    r = run_cli(tmp_path, "launcher=stacked", "seed=0,1", "norm=none", "optimizer=sgd,lbfgs")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert "shiftlab: stacked: jobs #0 #2 train as one stacked model (2 members)" in lines

@@ -2,23 +2,19 @@
 so it ends where its plain run ends, and its checkpoint carries its plain run's global RNG state."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import lightning as L
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, compose_cfg
+from conftest import compose_cfg
 from shiftlab.trainers.checkpoint_io import load_weights_only
 from shiftlab.trainers.stacked.dropout import draw_mask
 from shiftlab.trainers.stacked.engine import build_member
 from shiftlab.trainers.stacked.grouping import why_not_stacked
 from shiftlab.trainers.stacked.run import train_stacked
 from shiftlab.trainers.train import train
-from test_stacked import RTOL, SEEDS, SMALL, _cfg, _close
+from test_stacked import RTOL, SEEDS, SMALL, _cfg, _close, run_cli
 
 
 def test_mask_is_atens_cpu_dropout():
@@ -154,12 +150,7 @@ def test_dropout_stacks_but_not_with_epoch_probes():
 
 
 def test_cli_stacks_dropout_seeds(tmp_path):
-    env = dict(os.environ, SHIFTLAB_ROOT=str(tmp_path), WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    args = ["-m", "seed=0,1", "model.dropout=0.2", "launcher=stacked", "norm=none", "trainer.max_epochs=1",
-            "print_config=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "model.hidden=[16]"]
-    r = subprocess.run([sys.executable, "-m", "shiftlab.trainers.train", *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli(tmp_path, "seed=0,1", "model.dropout=0.2", "launcher=stacked", "norm=none")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "shiftlab: stacked: jobs #0 #1 train as one stacked model (2 members)" in r.stdout.splitlines()
     assert not [ln for ln in r.stdout.splitlines() if "runs alone" in ln]

@@ -23,6 +23,12 @@ LR_WD = [(0, ("optimizer.lr=0.05", "optimizer.weight_decay=0.0")),
          (2, ("optimizer.lr=0.1", "optimizer.weight_decay=0.001"))]
 
 
+# patience=1 on val/loss with three learning rates: members that stop after different epochs
+STOPPING = ("optimizer=sgd", "scheduler=constant", "callbacks=patience_stop", "callbacks.patience_stop.patience=1",
+            "trainer.max_epochs=6", "data.train_fraction=0.3")
+STOPPING_MEMBERS = [(0, ("optimizer.lr=2.0",)), (1, ("optimizer.lr=1.0",)), (2, ("optimizer.lr=0.05",))]
+
+
 def _run_both(tmp_path: Path, members, *common: str) -> list[tuple[dict, dict, Path, Path]]:
     """Train ``members`` stacked and each alone; (stacked summary, plain summary, stacked dir, plain dir)."""
     cfg = lambda out, seed, own: compose_cfg(SMALL + [f"seed={seed}", *common, *own], out)  # noqa: E731
@@ -144,11 +150,8 @@ def test_members_stop_early_where_their_plain_runs_stop(tmp_path):
     the one at lr 0.05 runs all 6 epochs. Each stopped member freezes with its restored best weights;
     status, stop reason, steps, test report (on the restored weights), rule state and checkpoints equal the
     plain run's."""
-    common = ("norm=none", "optimizer=sgd", "scheduler=constant", "callbacks=patience_stop",
-              "callbacks.patience_stop.patience=1", "trainer.max_epochs=6", "data.train_fraction=0.3")
-    members = [(0, ("optimizer.lr=2.0",)), (1, ("optimizer.lr=1.0",)), (2, ("optimizer.lr=0.05",))]
     epochs = []
-    for j, (got, want, d, p) in enumerate(_run_both(tmp_path, members, *common)):
+    for j, (got, want, d, p) in enumerate(_run_both(tmp_path, STOPPING_MEMBERS, "norm=none", *STOPPING)):
         epochs.append(want["epochs_run"])
         assert (got["status"], got["epochs_run"], got["global_step"], got["stop_reason"], got["test/weights"]) == \
             (want["status"], want["epochs_run"], want["global_step"], want["stop_reason"], want["test/weights"])
@@ -266,11 +269,8 @@ def test_batchnorm_members_stop_early_where_their_plain_runs_stop(tmp_path):
     """A stopped BatchNorm member keeps its running statistics: the others' train-mode forwards go on updating
     every member's buffers, so they are put back after each epoch (without that, the stopped members' final
     train-split figures, taken in eval mode, drifted: train/loss 0.229 vs 0.258)."""
-    common = ("norm=batchnorm", "optimizer=sgd", "scheduler=constant", "callbacks=patience_stop",
-              "callbacks.patience_stop.patience=1", "trainer.max_epochs=6", "data.train_fraction=0.3")
-    members = [(0, ("optimizer.lr=2.0",)), (1, ("optimizer.lr=1.0",)), (2, ("optimizer.lr=0.05",))]
     epochs = []
-    for j, (got, want, d, p) in enumerate(_run_both(tmp_path, members, *common)):
+    for j, (got, want, d, p) in enumerate(_run_both(tmp_path, STOPPING_MEMBERS, "norm=batchnorm", *STOPPING)):
         epochs.append(want["epochs_run"])
         assert (got["epochs_run"], got["global_step"]) == (want["epochs_run"], want["global_step"])
         for key in ("val/loss", "train/loss", "test/loss", "test/acc"):
