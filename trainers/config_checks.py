@@ -235,6 +235,19 @@ def _sync_batchnorm_fits_norm(cfg: DictConfig) -> None:
                           "the variant's own in-layer sync")
 
 
+# Trainer options ``module.steps_per_call > 1`` needs at these values (clipping and accumulation run in
+# Lightning's automatic loop only; the rest count loader items, which are then groups): checked on the
+# config here and on the built trainer by shiftlab.trainers.modules.grouped.check_grouped_fit.
+GROUPED_TRAINER_OPTIONS: dict[str, Callable[[Any], bool]] = {
+    "gradient_clip_val": lambda v: v in (None, 0),
+    "accumulate_grad_batches": lambda v: v in (None, 1),
+    "overfit_batches": lambda v: not v,
+    "limit_train_batches": lambda v: v in (None, 1.0),
+    "val_check_interval": lambda v: v in (None, 1.0),
+    "check_val_every_n_epoch": lambda v: v is not None,
+}
+
+
 def _steps_per_call_fits(cfg: DictConfig) -> None:
     """``module.steps_per_call > 1`` runs several mini-batch steps per Lightning call: refuse what
     needs one call per step or its own loop (DDP is refused when the trainer starts, and callbacks
@@ -247,13 +260,8 @@ def _steps_per_call_fits(cfg: DictConfig) -> None:
     if target.endswith("FullBatch"):
         raise ConfigError(f"{head} with full batch (its own loop takes one step per epoch); allowed: 1")
     select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
-    refused = [("trainer.gradient_clip_val", lambda v: v in (None, 0)),
-               ("trainer.accumulate_grad_batches", lambda v: v in (None, 1)),
-               ("data.num_workers", lambda v: v in (None, 0)),
-               ("trainer.overfit_batches", lambda v: not v),
-               ("trainer.limit_train_batches", lambda v: v in (None, 1.0)),
-               ("trainer.val_check_interval", lambda v: v in (None, 1.0)),
-               ("trainer.check_val_every_n_epoch", lambda v: v is not None)]
+    refused = [("data.num_workers", lambda v: v in (None, 0))] + [
+        (f"trainer.{key}", ok) for key, ok in GROUPED_TRAINER_OPTIONS.items()]
     for key, ok in refused:
         value = select(key, default=1 if key == "trainer.check_val_every_n_epoch" else None)
         if not ok(value):

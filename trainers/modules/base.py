@@ -261,21 +261,27 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         if self.steps_per_call > 1:
             return self._grouped_steps(batch, batch_idx)
         x, y = batch
-        out = self.loss(x, y)
-        loss = out.value.detach()
-        self.last_loss = loss
-        self.train_loss.update(loss, out.units)
-        if self.track_train_acc:
-            self.update_accuracy(self.train_acc, x, y, out.output)
+        out = self._train_forward(x, y)
+        self.last_loss = loss = out.value.detach()
         if not self.automatic_optimization:
-            # Lightning's automatic order: forward, zero_grad, backward, (hooks, clipping) step
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(out.value)
-            opt.step()
+            self._manual_step(self.optimizers(), out.value)
         if batch_idx + 1 >= self.trainer.num_training_batches:
             self._log_train_epoch()
         return out.value if self.automatic_optimization else loss
+
+    def _train_forward(self, x: Tensor, y: Tensor) -> TaskLoss:
+        """A training batch's loss, added to the epoch's running loss and accuracy."""
+        out = self.loss(x, y)
+        self.train_loss.update(out.value.detach(), out.units)
+        if self.track_train_acc:
+            self.update_accuracy(self.train_acc, x, y, out.output)
+        return out
+
+    def _manual_step(self, opt, value: Tensor) -> None:
+        """Lightning's automatic order: (forward,) zero_grad, backward, (hooks, clipping) step."""
+        opt.zero_grad()
+        self.manual_backward(value)
+        opt.step()
 
     def _grouped_steps(self, group: list, batch_idx: int) -> Tensor | None:
         """One optimizer step per batch of the loader's group, as the N = 1 manual path takes them."""
@@ -289,16 +295,10 @@ class TaskModule(L.LightningModule, metaclass=abc.ABCMeta):
         for x, y in group:
             if 0 <= max_steps <= trainer.global_step:  # the N = 1 run stops here too
                 break
-            out = self.loss(x, y)
-            loss = out.value.detach()
-            self.train_loss.update(loss, out.units)
-            if self.track_train_acc:
-                self.update_accuracy(self.train_acc, x, y, out.output)
-            losses.append((self._epoch_batches, loss))
+            out = self._train_forward(x, y)
+            losses.append((self._epoch_batches, out.value.detach()))
             self._epoch_batches += 1
-            opt.zero_grad()
-            self.manual_backward(out.value)
-            opt.step()
+            self._manual_step(opt, out.value)
         if not losses:
             return None
         self.last_loss = losses[-1][1]

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 
-from shiftlab.trainers.config_checks import ConfigError
+from shiftlab.trainers.config_checks import GROUPED_TRAINER_OPTIONS, ConfigError
 
 _BATCH_PROGRESS = "epoch_loop.batch_progress"
 _COUNTERS = ("ready", "started", "processed", "completed")
@@ -90,14 +90,8 @@ def check_grouped_fit(trainer: L.Trainer, steps_per_call: int) -> None:
     """Refuse, before the first step, what cannot run with ``steps_per_call > 1`` that the config
     checks cannot see: several processes and callbacks added in code (one line, a ConfigError)."""
     head = f"module.steps_per_call={steps_per_call} is not allowed"
-    loop_options = {"gradient_clip_val": (trainer.gradient_clip_val or 0) == 0,
-                    "accumulate_grad_batches": trainer.accumulate_grad_batches == 1,
-                    "limit_train_batches": trainer.limit_train_batches in (None, 1.0),
-                    "overfit_batches": not trainer.overfit_batches,
-                    "val_check_interval": trainer.val_check_interval in (None, 1.0),
-                    "check_val_every_n_epoch": trainer.check_val_every_n_epoch is not None}
-    for key, ok in loop_options.items():
-        if not ok:
+    for key, ok in GROUPED_TRAINER_OPTIONS.items():
+        if not ok(getattr(trainer, key)):
             raise ConfigError(f"{head} with trainer.{key}={getattr(trainer, key)} (Lightning counts it in loader "
                               f"items, or runs it in the automatic loop only); allowed: 1")
     if trainer.world_size > 1:
