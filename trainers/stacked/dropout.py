@@ -17,9 +17,9 @@ On CUDA a plain run's dropout is a fused Philox kernel whose draws cannot be rep
 there each member gets its own CUDA generator seeded with its seed (independent streams, not its plain
 run's masks).
 
-Checkpoints: a plain run's ``RunContract`` state holds the global RNG state and a resumed plain run
-restores it at its first training batch; :meth:`MemberDropout.states` writes member k's generator state
-in that form, so a plain run resumed from a member's checkpoint continues the member's dropout stream.
+Checkpoints: a plain run's ``RunContract`` state holds the global RNG state as it was at the epoch's end,
+and a plain run resumed from it restores it at the next epoch's start (replaying the epoch's loader draw);
+:meth:`MemberDropout.states` writes member k's generator state in that form, so a plain run resumed from a member's checkpoint continues the member's dropout stream.
 """
 from __future__ import annotations
 

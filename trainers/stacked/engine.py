@@ -12,7 +12,7 @@ holds the stacked tensors themselves as one group instead (the same elementwise 
 tensor operations rather than K times as many small ones: the optimizer step was about a third of the
 training time of 8 digits MLPs with Adam). A member that stopped (early stopping, divergence) freezes:
 its slices get no gradient, so the optimizer skips them (one shared group: its slices of the parameters
-and of the optimizer state are put back after each step). Each member draws its own data order from the same seeded sampler
+and of the optimizer state are put back after each epoch, with its BatchNorm buffers). Each member draws its own data order from the same seeded sampler
 its plain run uses.
 
 BatchNorm: the buffers (running_mean / running_var / num_batches_tracked) are stacked like the
@@ -162,7 +162,8 @@ class StackedGroup(MemberSlices):
         per_sample = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
         return per_sample.mean(dim=1), logits
 
-    def train_epoch(self, epoch: int) -> dict[str, Tensor]:
+    def _train_epoch(self, epoch: int) -> dict[str, Tensor]:
+        """One epoch for every member, stopped ones included (:meth:`train_epoch` puts those back)."""
         self.dropout.loader_draw()  # the plain run's train loader draw (dropout.py)
         if self.full_batch is not None:
             return self.full_batch_epoch(epoch)
@@ -181,7 +182,7 @@ class StackedGroup(MemberSlices):
             losses.sum().backward()
             self.guard.before_step(epoch * self.batches + b, self.params.values())
             self._member_grads()
-            self._step()
+            self.optimizer.step()
             with torch.no_grad():
                 self.guard.after_step(epoch * self.batches + b + 1, losses.detach())
                 loss_sum += losses.detach().double() * idx.shape[1]
@@ -255,7 +256,7 @@ class StackedGroup(MemberSlices):
             self._clip_per_member(float(self.full_batch.clip_grad_norm))
         self.guard.before_step(epoch, self.params.values())
         self._member_grads()
-        self._step()  # elementwise optimizers call a closure once: same as stepping after it
+        self.optimizer.step()  # elementwise optimizers call a closure once: same as stepping after it
         with torch.no_grad():
             self.guard.after_step(epoch + 1, losses)
         self.guard.end_epoch()
@@ -300,7 +301,7 @@ class StackedGroup(MemberSlices):
                 break
             if not any(self.active):
                 break
-            train = self._train_epoch_keeping_frozen_buffers(epoch)
+            train = self.train_epoch(epoch)
             for i, why in self.guard.newly_diverged(epoch):
                 if self.active[i]:
                     m = self.members[i]

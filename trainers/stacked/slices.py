@@ -31,42 +31,32 @@ def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
 class MemberSlices:
     """Member-wise views of the stacked state; mixed into ``StackedGroup``."""
 
-    def _step(self) -> None:
-        """``optimizer.step()``; with one shared group, the stopped members' slices of the parameters and
-        of the optimizer state are restored afterwards (a per-member group would have been skipped)."""
+    def train_epoch(self, epoch: int) -> dict[str, Tensor]:
+        """One training epoch (``_train_epoch``), after which each stopped member's slices are what they were
+        at its stop: its parameters and, with one shared param group, its optimizer state (a per-member group
+        got no gradient and was skipped), and its buffers (BatchNorm running statistics and batch count,
+        which every train-mode forward updates for all members), as its plain run ended there. Once per
+        epoch suffices: members do not read each other's slices, and nothing reads a stopped member's before
+        the epoch ends."""
         frozen = [i for i in range(self.k) if not self.active[i]]
-        if not self.shared or not frozen:
-            self.optimizer.step()
-            return
+        if not frozen:
+            return self._train_epoch(epoch)
         idx = torch.tensor(frozen, device=self.device)
         params = [self.params[n] for n in self.names]
-        stacked = params + [v for p in params for v in self.optimizer.state.get(p, {}).values()
-                            if torch.is_tensor(v) and v.shape == p.shape]
+        state = [v for p in params for v in self.optimizer.state.get(p, {}).values()
+                 if torch.is_tensor(v) and v.shape == p.shape] if self.shared else []
         with torch.no_grad():
-            kept = [(t, t[idx].clone()) for t in stacked]
-            self.optimizer.step()
+            kept = [(t, t[idx].clone()) for t in (*params, *state, *self.buffers.values())]
+        out = self._train_epoch(epoch)
+        with torch.no_grad():
             for t, v in kept:
                 t[idx] = v
-
-    def _train_epoch_keeping_frozen_buffers(self, epoch: int) -> dict[str, Tensor]:
-        """:meth:`train_epoch`, after which a stopped member's buffers (BatchNorm running statistics and
-        batch count, which every train-mode forward updates for all members) are what they were at its
-        stop, as its plain run's end there."""
-        frozen = [i for i in range(self.k) if not self.active[i]]
-        if not frozen or not self.buffers:
-            return self.train_epoch(epoch)
-        idx = torch.tensor(frozen, device=self.device)
-        kept = {n: b[idx].clone() for n, b in self.buffers.items()}
-        out = self.train_epoch(epoch)
-        with torch.no_grad():
-            for n, v in kept.items():
-                self.buffers[n][idx] = v
         return out
 
     def _member_grads(self) -> None:
         """Each member's slices get their slice of the stacked gradient; a stopped member's get none, so the
         optimizer leaves them (and their state) alone. One shared group reads the stacked gradients
-        themselves (a stopped member's slices are restored by :meth:`_step`)."""
+        themselves (a stopped member's slices are restored by :meth:`train_epoch`)."""
         if self.shared:
             return
         grads = {n: p.grad for n, p in self.params.items()}
