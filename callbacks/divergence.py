@@ -47,6 +47,35 @@ def grad_norm(parameters) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
 
 
+class StepGradNorm:
+    """:func:`grad_norm` of one optimizer's parameters, every step, at less Python cost.
+
+    Why: the guard checks every step, and on the digits MLP (a ~1 ms step) the generic path (walk the
+    param groups, filter and convert the gradients, group them by device and dtype) took ~0.1 ms a step.
+    The parameter list and whether every tensor is a float32 tensor on one device are read once per
+    optimizer; such gradients take the same two reductions as ``get_total_norm`` (the per-tensor norms
+    in one foreach call, then the norm of those), so the value is the same; anything else takes
+    :func:`grad_norm`.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._params: list[torch.Tensor] = []
+        self._uniform = False
+
+    def __call__(self, optimizer) -> torch.Tensor:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        key = (id(inner), sum(len(g["params"]) for g in inner.param_groups))
+        if key != self._key:
+            self._key, self._params = key, optimizer_parameters(inner)
+            self._uniform = (len({(p.device, p.dtype) for p in self._params}) == 1
+                             and self._params[0].dtype == torch.float32)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not self._uniform or not grads or any(g.dtype != torch.float32 for g in grads):
+            return grad_norm(self._params)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def optimizer_parameters(optimizer) -> list[torch.Tensor]:
     """The tensors ``optimizer`` updates (a Lightning-wrapped optimizer is unwrapped)."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -87,6 +116,7 @@ class DivergenceGuard(L.Callback, Reporter):
         self.stop_reason: str | None = None
         self._group: list | None = None  # the module's step_losses being checked, and how many of them were
         self._checked = 0
+        self._grad_norm = StepGradNorm()
 
     def _decide(self, trainer: L.Trainer, why: str | None) -> None:
         bad = why is not None
@@ -104,7 +134,7 @@ class DivergenceGuard(L.Callback, Reporter):
             return
         # The optimizer's own parameters: the ones whose update the check guards; walking
         # ``pl_module.parameters()`` visits every submodule (metrics included) each step.
-        norm = float(grad_norm(optimizer_parameters(optimizer)))
+        norm = float(self._grad_norm(optimizer))
         self._decide(trainer, None if math.isfinite(norm) else f"gradient norm became {norm}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,

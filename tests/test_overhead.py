@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from shiftlab.callbacks.divergence import grad_norm, optimizer_parameters
+from shiftlab.callbacks.divergence import StepGradNorm, grad_norm, optimizer_parameters
 from shiftlab.trainers.data import DigitsDataModule, EpochSeededSampler
 from shiftlab.trainers.data.base import EpochSeededBatches, collate_batch
 
@@ -64,6 +64,34 @@ def test_fused_grad_norm_equals_per_tensor_norm():
     class P:
         grad = half[0]
     assert torch.isfinite(grad_norm([P()]))
+
+
+def test_step_grad_norm_equals_grad_norm_and_follows_the_optimizer():
+    """The guard's per-step norm is grad_norm's value bit for bit (fp32: the fast path; a float64 tensor among
+    them or an fp16 gradient: grad_norm itself), sees a non-finite gradient, skips parameters without a
+    gradient and re-reads the parameters when a param group is added."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
+    opt = torch.optim.Adam(list(model[0].parameters()) + list(model[1].parameters()), lr=0.1)
+    model(torch.randn(4, 5)).square().sum().backward()
+    norm = StepGradNorm()
+    assert torch.equal(norm(opt), grad_norm(optimizer_parameters(opt)))
+    model[1].bias.grad = None
+    assert torch.equal(norm(opt), grad_norm(optimizer_parameters(opt)))
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert torch.equal(norm(opt), grad_norm(optimizer_parameters(opt)))
+    assert norm(opt) > grad_norm(list(model[0].parameters()) + list(model[1].parameters()))
+    model[2].weight.grad[0, 0] = float("nan")
+    assert not torch.isfinite(norm(opt))
+    extra = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    extra.grad = torch.full((3,), 2.0, dtype=torch.float64)
+    model[2].weight.grad[0, 0] = 1.0
+    opt.add_param_group({"params": [extra]})
+    assert torch.equal(norm(opt), grad_norm(optimizer_parameters(opt)))
+    half = torch.nn.Parameter(torch.full((4,), 60000.0, dtype=torch.float16))  # its fp16 norm would overflow
+    half.grad = half.detach().clone()
+    only_half = torch.optim.SGD([half], lr=0.1)
+    assert torch.equal(norm(only_half), grad_norm([half])) and torch.isfinite(norm(only_half))
 
 
 @pytest.mark.slow
