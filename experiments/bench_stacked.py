@@ -130,8 +130,11 @@ def setup_epochs(setup: str) -> int:
     return int(compose(SETUPS[setup]).trainer.max_epochs)
 
 
-def run_once(setup: str, k: int, method: str, epochs: int, device: str, root: Path) -> dict[str, Any]:
-    """One timed command; its row of the table."""
+def run_once(setup: str, k: int, method: str, epochs: int, device: str, root: Path, threads: int = 1
+             ) -> dict[str, Any]:
+    """One timed command; its row of the table. ``threads``: the child's torch / OpenMP threads (one by
+    default, for every method alike: on a shared 2-core machine a second OpenMP thread made runs several
+    times slower, and unevenly between methods)."""
     out = root / setup / f"{method}_k{k}"
     accel = "gpu" if device == "cuda" else "cpu"
     if method == "hand":
@@ -139,7 +142,7 @@ def run_once(setup: str, k: int, method: str, epochs: int, device: str, root: Pa
     else:
         args = ["--child", "-m", f"seed={','.join(map(str, range(k)))}", f"launcher={method}", *SETUPS[setup],
                 f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}", *QUIET]
-    env = dict(os.environ, SHIFTLAB_ROOT=str(out))
+    env = dict(os.environ, SHIFTLAB_ROOT=str(out), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     load = os.getloadavg()[0]  # a shared machine: other processes' load moves wall times
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run for tests: K 1 2, 1 epoch, default_norm_none only (unless given)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench_stacked"))
+    p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of every timed process")
     a = p.parse_args(argv)
     ks = a.ks or ([1, 2] if a.quick else [1, 2, 4, 8, 16, 32])
     setups = a.setups or (["default_norm_none"] if a.quick else ["default", "default_norm_none", "mnist1d_cnn"])
@@ -255,13 +259,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         epochs = epochs_arg or setup_epochs(setup)
         for k in ks:
             for method in a.methods:
-                rows.append(run_once(setup, k, method, epochs, a.device, root))
+                rows.append(run_once(setup, k, method, epochs, a.device, root, a.threads))
                 print(json.dumps(rows[-1]), flush=True)
     print("\n" + table(rows))
     from shiftlab.experiments.harness import describe_machine
 
     meta = {"setups": {s: SETUPS[s] for s in setups}, "device": a.device, "machine": describe_machine(),
-            "omp_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_end": os.getloadavg()}
+            "threads": a.threads, "load_avg_end": os.getloadavg()}
     result = {"meta": meta, "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "bench_stacked.json").write_text(json.dumps(result, indent=2))

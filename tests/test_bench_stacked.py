@@ -40,4 +40,4 @@ def test_quick_run_times_a_stacked_multirun(tmp_path):
     assert row["method"] == "stacked" and row["jobs"] == 2 and row["stacked_jobs"] == 2 and row["fell_back"] == []
     assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["peak_rss_mib"] > 100 and row["samples_per_s"] > 0
     assert json.loads((tmp_path / "bench_stacked.json").read_text())["rows"] == result["rows"]
-    assert (tmp_path / "bench_stacked.png").stat().st_size > 0
+    assert (tmp_path / "bench_stacked.png").stat().st_size > 0 and result["meta"]["threads"] == 1
