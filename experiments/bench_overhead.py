@@ -30,6 +30,12 @@ The hand loop ignores the option. Measure N in 1, 4, 16 and 64 (64: a whole epoc
 
 Why rounds: a load change between the two measurements biases a single A-then-B comparison, so the
 hand loop runs before and after every shiftlab run and each side's median is over all its epochs.
+
+``--floor`` times a third side in each round: the same hand-written epoch inside a bare LightningModule
+(one ``training_step`` call per epoch running all of its steps with ``manual_backward`` and the
+LightningOptimizer, one validation batch logging loss and accuracy; no callbacks, logger, metrics
+objects or checkpoints). It is what Lightning itself costs over the hand loop at best, so a target below
+its ratio cannot be met by any run that trains through Lightning's loops.
 """
 from __future__ import annotations
 
@@ -119,11 +125,62 @@ def hand_loop_epochs(cfg) -> dict[str, list[float]]:
     return times
 
 
-def compare(cfg, rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Epoch times of both sides (first epoch of each run dropped: one-off warm-up in both), the hand
-    loop run before and after each shiftlab run."""
+class BareEpochs(L.LightningModule):
+    """The hand loop's epoch as one ``training_step`` of a bare LightningModule (``--floor``)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_factory, x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int) -> None:
+        super().__init__()
+        self.model, self.optimizer_factory, self.batch_size = model, optimizer_factory, batch_size
+        self.x, self.y = x, y
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.model.parameters())
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        opt = self.optimizers()
+        perm = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(self.current_epoch))
+        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+        for s in range(0, self.x.shape[0], self.batch_size):
+            idx = perm[s:s + self.batch_size]
+            logits = self.model(self.x[idx])
+            loss = F.cross_entropy(logits, self.y[idx])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            loss_sum += loss.detach() * idx.numel()
+            correct += (logits.detach().argmax(1) == self.y[idx]).sum()
+        self.train_history = (float(loss_sum) / self.x.shape[0], int(correct) / self.x.shape[0])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=x.shape[0])
+        self.log("val/acc", (logits.argmax(1) == y).float().mean(), batch_size=x.shape[0])
+
+
+def floor_epochs(cfg) -> dict[str, list[float]]:
+    """Epoch times of :class:`BareEpochs` under a Trainer with nothing else switched on (and its final
+    ``val_acc``: it trains)."""
+    dm, module = harness.build(cfg)
+    bare = BareEpochs(module.model, module.optimizer_factory, dm.train_set.x, dm.train_set.y, dm.batch_size)
+    val = torch.utils.data.TensorDataset(dm.val_set.x, dm.val_set.y)
+    clock = EpochClock()
+    trainer = L.Trainer(max_epochs=int(cfg.trainer.max_epochs), accelerator="cpu", logger=False, callbacks=[clock],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(bare, torch.utils.data.DataLoader([0], batch_size=1),
+                torch.utils.data.DataLoader(val, batch_size=1024))
+    return {**clock.times, "val_acc": float(trainer.callback_metrics["val/acc"])}
+
+
+def compare(cfg, rounds: int, floor: bool = False) -> dict[str, dict[str, list[float]]]:
+    """Epoch times of each side (first epoch of each run dropped: one-off warm-up in all), the hand
+    loop run before and after each shiftlab run (and each floor run, ``floor``)."""
     ours = {k: [] for k in CLOCKS}
     hand = {k: [] for k in CLOCKS}
+    bare = {k: [] for k in CLOCKS}
 
     def add(into: dict, times: dict) -> None:
         for k in CLOCKS:
@@ -133,7 +190,13 @@ def compare(cfg, rounds: int) -> dict[str, dict[str, list[float]]]:
     for _ in range(rounds):
         add(ours, shiftlab_epochs(cfg))
         add(hand, hand_loop_epochs(cfg))
-    return {"shiftlab": ours, "hand": hand}
+        if floor:
+            add(bare, floor_epochs(cfg))
+            add(hand, hand_loop_epochs(cfg))
+    out = {"shiftlab": ours, "hand": hand}
+    if floor:
+        out["lightning_floor"] = bare
+    return out
 
 
 def main() -> None:
@@ -144,10 +207,12 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/bench_overhead")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
     ap.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for both sides")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the hand loop's epoch inside a bare LightningModule (Lightning's own cost)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = compose_cfg(args.config, args.epochs, Path(args.out), args.overrides)
-    times = compare(cfg, args.rounds)
+    times = compare(cfg, args.rounds, args.floor)
     result: dict = {"config": args.config, "overrides": args.overrides, "rounds": args.rounds,
                     "epochs_timed": len(times["shiftlab"]["wall"]), "batch_size": int(cfg.batching.batch_size),
                     "target": TARGETS[args.config]}
@@ -158,6 +223,10 @@ def main() -> None:
                      "ratio": round(m_ours / m_hand, 3),
                      "shiftlab_fastest_epoch_s": round(b_ours, 4), "hand_loop_fastest_epoch_s": round(b_hand, 4),
                      "ratio_of_fastest": round(b_ours / b_hand, 3)}
+        if args.floor:
+            m_bare, b_bare = statistics.median(times["lightning_floor"][k]), min(times["lightning_floor"][k])
+            result[k].update(lightning_floor_epoch_s=round(m_bare, 4), lightning_floor_ratio=round(m_bare / m_hand, 3),
+                             lightning_floor_ratio_of_fastest=round(b_bare / b_hand, 3))
     result.update(threads=torch.get_num_threads(), machine=harness.describe_machine())
     print(json.dumps(result, indent=2))
 
