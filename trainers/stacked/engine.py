@@ -20,7 +20,13 @@ parameters and passed to ``vmap`` as batched inputs, so each member normalizes w
 statistics and BN's in-place running-stat update writes member k's slice only (the "Patching Batch
 Norm" way of torch.func that keeps the module's semantics exact; ``replace_all_batch_norm_modules_``
 would drop the running statistics). Validation and test run the template in eval mode (running
-statistics), training in train mode, as Lightning switches the plain module.
+statistics), training in train mode, as Lightning switches the plain module. The same holds for
+``norm=ghost_bn`` (per-chunk statistics and the closed-form K-chunk running update read no Python
+number from a buffer) and ``norm=batch_renorm`` (its r/d limits come from the batched step count
+through ``renorm_limits_tensor``); both keep BatchNorm's buffer names, so a stopped member's buffers are
+put back as plain BN's are. ``momentum=None`` (a cumulative average that reads ``num_batches_tracked``
+as a Python number) and ``noisy_bn`` (noise from the global RNG inside forward) are refused in
+:mod:`~shiftlab.trainers.stacked.grouping`.
 
 ``batching=full``: one step per epoch from the gradient of the mean loss over the whole training set,
 accumulated over the same ``chunk_size`` chunks in the same order as

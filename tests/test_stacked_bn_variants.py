@@ -1,0 +1,131 @@
+"""launcher=stacked with the BatchNorm variants ghost_bn and batch_renorm: each stacked member ends where its
+plain run ends, member by member (weights, running statistics, batch counts, optimizer state, metrics), with
+per-member batch statistics (per virtual batch for ghost_bn) and per-member running statistics.
+
+Tolerances as in tests/test_stacked_bn.py: RTOL / ATOL of tests/test_stacked.py for SGD with momentum, the
+stated ADAM_BN_* bounds for Adam (a bias right before the norm has a true gradient of zero, and Adam rescales
+the rounding noise there). batch_renorm uses a short warm-up and ramp, so its limits move and bind within the
+test's 40 steps; the test checks that r or d was clipped after the warm-up (otherwise it would only test BN).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import vmap
+
+from conftest import compose_cfg
+from shiftlab.trainers.checkpoint_io import load_weights_only
+from shiftlab.trainers.norms import batch_renorm
+from shiftlab.trainers.norms.batch_renorm import renorm_limits, renorm_limits_tensor
+from shiftlab.trainers.stacked.grouping import why_not_stacked
+from test_stacked import ATOL, RTOL, SMALL, _close
+from test_stacked_bn import ADAM_BN_ACC, ADAM_BN_ATOL, ADAM_BN_RTOL, _assert_member_equals_plain, _run_both
+from test_stacked_members import STOPPING, STOPPING_MEMBERS, _assert_tensors_close
+from test_stacked_members import _run_both as _run_members
+
+# digits: 1258 training samples, batches of 64 (the last one 42): virtual batches of 24 give chunks
+# 24, 24, 16 (a trailing chunk) per batch and 24, 18 in the last one
+GHOST = ("norm=ghost_bn", "norm.virtual_batch_size=24")
+# limits 1 / 0 for 4 steps, then d_max reached at step 12 and r_max at step 30 of the 40
+RENORM = ("norm=batch_renorm", "norm.r_max=1.5", "norm.d_max=0.5", "norm.warmup_steps=4", "norm.r_max_steps=30",
+          "norm.d_max_steps=12")
+
+
+@pytest.fixture
+def clipping(monkeypatch) -> dict[str, int]:
+    """Counts batch_renorm's corrections after the warm-up: ``clipped`` plain forwards where r or d hit its
+    limit, ``plain`` / ``stacked`` forwards (stacked ones run under vmap and are only counted)."""
+    seen = {"plain": 0, "clipped": 0, "stacked": 0}
+    real = batch_renorm.renorm_corrections
+
+    def spy(mean, std, running_mean, running_std, r_lim, d_lim):
+        r, d = real(mean, std, running_mean, running_std, r_lim, d_lim)
+        if torch._C._functorch.is_batchedtensor(mean):
+            seen["stacked"] += 1
+        elif float(r_lim) > 1 or float(d_lim) > 0:
+            seen["plain"] += 1
+            raw_r, raw_d = std / running_std, (mean - running_mean) / running_std
+            seen["clipped"] += bool((r != raw_r).any() or (d != raw_d).any())
+        return r, d
+
+    monkeypatch.setattr(batch_renorm, "renorm_corrections", spy)
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["ghost", "renorm"])
+def test_bn_variant_members_equal_their_plain_runs_with_momentum(tmp_path, clipping, variant):
+    overrides = (*(GHOST if variant == "ghost" else RENORM), "optimizer=momentum")
+    runs = _run_both(tmp_path, (0, 1), overrides)
+    for got, want, mine, plain in runs:
+        _assert_member_equals_plain(got, want, mine, plain, RTOL, ATOL)
+        assert got["global_step"] == 40
+    if variant == "renorm":
+        # 2 renorm layers x 36 post-warm-up steps x 2 plain runs
+        assert clipping["plain"] == 144 and clipping["clipped"] > 0 and clipping["stacked"] > 0, clipping
+    else:
+        assert clipping == {"plain": 0, "clipped": 0, "stacked": 0}
+
+
+@pytest.mark.parametrize("variant", ["ghost", "renorm"])
+def test_bn_variant_members_equal_their_plain_runs_with_adam(tmp_path, clipping, variant):
+    overrides = (*(GHOST if variant == "ghost" else RENORM), "optimizer=adam")
+    for got, want, mine, plain in _run_both(tmp_path, (0, 1), overrides):
+        _assert_member_equals_plain(got, want, mine, plain, 0.0, ADAM_BN_ATOL, metric_rtol=ADAM_BN_RTOL,
+                                    acc_atol=ADAM_BN_ACC)
+    assert variant == "ghost" or clipping["clipped"] > 0, clipping
+
+
+def test_ghost_bn_full_batch_members_equal_their_plain_runs(tmp_path):
+    """batching=full over chunks of 500 (500, 500, 258): virtual batches of 96 inside each chunk (5 x 96 + 20,
+    2 x 96 + 66), one step per epoch."""
+    ov = ("batching=full", "batching.chunk_size=500", "trainer.max_epochs=3", "norm=ghost_bn",
+          "norm.virtual_batch_size=96", "optimizer=momentum", "optimizer.lr=0.5")
+    for got, want, mine, plain in _run_both(tmp_path, (0, 1), ov):
+        _assert_member_equals_plain(got, want, mine, plain, RTOL, ATOL, loops=True)
+        assert got["global_step"] == 3
+
+
+@pytest.mark.parametrize("variant", ["ghost", "renorm"])
+def test_bn_variant_members_stop_early_where_their_plain_runs_stop(tmp_path, variant):
+    """A stopped member keeps its variant's running statistics and batch count (the same buffer names as
+    BatchNorm's, put back after each epoch)."""
+    norm = GHOST if variant == "ghost" else RENORM
+    epochs = []
+    for j, (got, want, d, p) in enumerate(_run_members(tmp_path, STOPPING_MEMBERS, *norm, *STOPPING)):
+        epochs.append(want["epochs_run"])
+        assert (got["epochs_run"], got["global_step"]) == (want["epochs_run"], want["global_step"])
+        for key in ("val/loss", "train/loss", "test/loss", "test/acc"):
+            _close(got[key], want[key], f"member {j}: {key}")
+        mine = load_weights_only(d / "checkpoints" / "last.ckpt")["state_dict"]
+        plain = load_weights_only(p / "checkpoints" / "last.ckpt")["state_dict"]
+        _assert_tensors_close(mine, plain, f"member {j}: last.ckpt")
+    assert len(set(epochs)) > 1, epochs  # members stopped at different epochs
+
+
+@pytest.mark.parametrize("warmup,r_steps,d_steps", [(10, 30, 20), (10, 5, 10), (10, 11, 10), (0, 7, 3),
+                                                    (3, 40000, 25000)])
+def test_renorm_limits_tensor_equals_renorm_limits(warmup, r_steps, d_steps):
+    """The tensor form (the layer's, also under vmap) gives renorm_limits' numbers exactly, around the warm-up
+    end and each ramp end, including ramps that end inside the warm-up."""
+    steps = sorted({s for b in (0, warmup, r_steps, d_steps) for s in range(max(b - 3, 0), b + 4)} | {10**6})
+    want = torch.tensor([renorm_limits(s, 3.0, 5.0, warmup, r_steps, d_steps) for s in steps], dtype=torch.float64)
+    step_t = torch.tensor(steps)
+    for i, s in enumerate(steps):
+        got = renorm_limits_tensor(step_t[i], 3.0, 5.0, warmup, r_steps, d_steps)
+        assert (float(got[0]), float(got[1])) == tuple(want[i].tolist()), s
+    batched = vmap(lambda t: torch.stack(renorm_limits_tensor(t, 3.0, 5.0, warmup, r_steps, d_steps)))(step_t)
+    assert torch.equal(batched, want)
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (list(GHOST), None),
+    (list(RENORM), None),
+    (["norm=batch_renorm"], None),  # sync=true by default: a no-op in a single process
+    (["norm=ghost_bn", "batching=full"], None),
+    (["norm=ghost_bn", "norm.momentum=null"], "norm.momentum=null"),
+    (["norm=batch_renorm", "norm.momentum=null"], "norm.momentum=null"),
+    (["norm=noisy_bn"], "noise is drawn from the global RNG"),
+])
+def test_grouping_accepts_ghost_and_renorm_and_names_the_rest(overrides, reason):
+    why = why_not_stacked(compose_cfg(SMALL + overrides))
+    assert why == reason if reason is None else (why is not None and reason in why), why
