@@ -1,6 +1,7 @@
-"""launcher=stacked with the BatchNorm variants ghost_bn and batch_renorm: each stacked member ends where its
-plain run ends, member by member (weights, running statistics, batch counts, optimizer state, metrics), with
-per-member batch statistics (per virtual batch for ghost_bn) and per-member running statistics.
+"""launcher=stacked with the BatchNorm variants ghost_bn, batch_renorm and noisy_bn: each stacked member ends
+where its plain run ends, member by member (weights, running statistics, batch counts, optimizer state,
+metrics), with per-member batch statistics (per virtual batch for ghost_bn) and per-member running statistics;
+noisy_bn members draw their plain runs' noise (CPU), interleaved with dropout masks.
 
 Tolerances as in tests/test_stacked_bn.py: RTOL / ATOL of tests/test_stacked.py for SGD with momentum, the
 stated ADAM_BN_* bounds for Adam (a bias right before the norm has a true gradient of zero, and Adam rescales
@@ -18,7 +19,9 @@ from shiftlab.trainers.checkpoint_io import load_weights_only
 from shiftlab.trainers.norms import batch_renorm
 from shiftlab.trainers.norms.batch_renorm import renorm_limits, renorm_limits_tensor
 from shiftlab.trainers.stacked.grouping import why_not_stacked
-from test_stacked import ATOL, RTOL, SMALL, _close
+from shiftlab.trainers.stacked.run import train_stacked
+from shiftlab.trainers.train import train
+from test_stacked import ATOL, RTOL, SMALL, _cfg, _close
 from test_stacked_bn import ADAM_BN_ACC, ADAM_BN_ATOL, ADAM_BN_RTOL, _assert_member_equals_plain, _run_both
 from test_stacked_members import STOPPING, STOPPING_MEMBERS, _assert_tensors_close
 from test_stacked_members import _run_both as _run_members
@@ -75,21 +78,56 @@ def test_bn_variant_members_equal_their_plain_runs_with_adam(tmp_path, clipping,
     assert variant == "ghost" or clipping["clipped"] > 0, clipping
 
 
-def test_ghost_bn_full_batch_members_equal_their_plain_runs(tmp_path):
-    """batching=full over chunks of 500 (500, 500, 258): virtual batches of 96 inside each chunk (5 x 96 + 20,
-    2 x 96 + 66), one step per epoch."""
-    ov = ("batching=full", "batching.chunk_size=500", "trainer.max_epochs=3", "norm=ghost_bn",
-          "norm.virtual_batch_size=96", "optimizer=momentum", "optimizer.lr=0.5")
+@pytest.mark.parametrize("norm", [
+    ("norm=ghost_bn", "norm.virtual_batch_size=96"),
+    ("norm=noisy_bn", "batching.grad_norm_penalty=0.1", "batching.clip_grad_norm=0.05"),
+], ids=["ghost", "noisy-penalty-clip"])
+def test_full_batch_members_equal_their_plain_runs(tmp_path, norm):
+    """batching=full over chunks of 500 (500, 500, 258), one step per epoch: ghost_bn with virtual batches of
+    96 inside each chunk (5 x 96 + 20, 2 x 96 + 66); noisy_bn with the gradient-norm penalty's extra pass (which
+    draws noise too). Clipped as test_stacked_bn's penalty case: the penalty's finite difference divides
+    rounding differences by its small step (measured without clipping: weights 1.0e-6, momentum buffer 3.3e-6
+    apart; with one extra draw before each layer's noise, i.e. other noise than its plain run's, 5.7e-2)."""
+    ov = ("batching=full", "batching.chunk_size=500", "trainer.max_epochs=3", *norm, "optimizer=momentum",
+          "optimizer.lr=0.5")
     for got, want, mine, plain in _run_both(tmp_path, (0, 1), ov):
         _assert_member_equals_plain(got, want, mine, plain, RTOL, ATOL, loops=True)
         assert got["global_step"] == 3
 
 
-@pytest.mark.parametrize("variant", ["ghost", "renorm"])
+@pytest.mark.parametrize("overrides", [
+    ("norm=noisy_bn", "optimizer=momentum"),
+    ("norm=noisy_bn", "norm.noise_position=before_affine", "model.dropout=0.2", "optimizer=momentum"),
+], ids=["after-affine", "before-affine-dropout"])
+def test_noisy_bn_members_draw_their_plain_runs_noise(tmp_path, overrides):
+    """Each member's noise (and dropout masks, drawn between the noisy layers' draws in the forward's call
+    order) is its plain run's: weights, running statistics and the RunContract RNG state at the end agree."""
+    for got, want, mine, plain in _run_both(tmp_path, (0, 1), overrides):
+        _assert_member_equals_plain(got, want, mine, plain, RTOL, ATOL)
+        a, b = (load_weights_only(d / "checkpoints" / "last.ckpt")["callbacks"] for d in (mine, plain))
+        assert torch.equal(a["RunContract"]["torch_rng"], b["RunContract"]["torch_rng"])
+
+
+def test_plain_run_resumes_a_noisy_bn_member(tmp_path):
+    """A plain run resumed from a noisy_bn member's last.ckpt continues its noise stream (the RunContract RNG
+    state) and ends where the uninterrupted 3-epoch plain run ends."""
+    ov = ("norm=noisy_bn", "optimizer=momentum", "scheduler=constant")
+    dirs = [tmp_path / "s0", tmp_path / "s1"]
+    train_stacked([_cfg(d, s, *ov) for s, d in enumerate(dirs)], dirs)
+    got = train(_cfg(tmp_path / "resumed", 1, *ov, "trainer.max_epochs=3",
+                     f"ckpt_path={dirs[1] / 'checkpoints' / 'last.ckpt'}"))
+    train(_cfg(tmp_path / "plain", 1, *ov, "trainer.max_epochs=3"))
+    assert (got["status"], got["epochs_run"]) == ("completed", 3)
+    a = load_weights_only(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_weights_only(tmp_path / "plain" / "checkpoints" / "last.ckpt")["state_dict"]
+    _assert_tensors_close(a, b, "resumed noisy_bn member")
+
+
+@pytest.mark.parametrize("variant", ["ghost", "renorm", "noisy"])
 def test_bn_variant_members_stop_early_where_their_plain_runs_stop(tmp_path, variant):
     """A stopped member keeps its variant's running statistics and batch count (the same buffer names as
     BatchNorm's, put back after each epoch)."""
-    norm = GHOST if variant == "ghost" else RENORM
+    norm = {"ghost": GHOST, "renorm": RENORM, "noisy": ("norm=noisy_bn",)}[variant]
     epochs = []
     for j, (got, want, d, p) in enumerate(_run_members(tmp_path, STOPPING_MEMBERS, *norm, *STOPPING)):
         epochs.append(want["epochs_run"])
@@ -122,10 +160,13 @@ def test_renorm_limits_tensor_equals_renorm_limits(warmup, r_steps, d_steps):
     (list(RENORM), None),
     (["norm=batch_renorm"], None),  # sync=true by default: a no-op in a single process
     (["norm=ghost_bn", "batching=full"], None),
+    (["norm=noisy_bn", "model.dropout=0.2"], None),
     (["norm=ghost_bn", "norm.momentum=null"], "norm.momentum=null"),
     (["norm=batch_renorm", "norm.momentum=null"], "norm.momentum=null"),
-    (["norm=noisy_bn"], "noise is drawn from the global RNG"),
+    (["norm=noisy_bn", "norm.momentum=null"], "norm.momentum=null"),
+    (["norm=noisy_bn", "callbacks=batch_noise", "callbacks.noise_scale.every_n_epochs=1"], "with norm=noisy_bn"),
+    (["norm=triton_bn"], "not the BatchNorm variants triton_bn / weight_std"),
 ])
-def test_grouping_accepts_ghost_and_renorm_and_names_the_rest(overrides, reason):
+def test_grouping_accepts_the_variants_and_names_the_rest(overrides, reason):
     why = why_not_stacked(compose_cfg(SMALL + overrides))
     assert why == reason if reason is None else (why is not None and reason in why), why
