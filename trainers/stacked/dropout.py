@@ -123,12 +123,20 @@ class MemberDropout:
             order: list[int] = []
             hooks = [m.register_forward_pre_hook(lambda *_, j=j: order.append(j))
                      for j, (_, m) in enumerate(self.layers)]
+            # every other layer in eval mode: a train-mode BN variant may read a tensor's value (ghost_bn's
+            # chunk count, batch_renorm's batch count), which a meta tensor does not have; shapes are the same
+            random = {id(m) for _, m in self.layers}
+            others = [m for m in self.template.modules() if id(m) not in random and m.training]
+            for m in others:
+                m.training = False
             try:
                 with torch.no_grad():
                     self.template(torch.empty(sample, device="meta"))
             finally:
                 for h in hooks:
                     h.remove()
+                for m in others:
+                    m.training = True
             plan = []
             for j in order:
                 name, m = self.layers[j]
