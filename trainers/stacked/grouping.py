@@ -24,7 +24,7 @@ BN_KINDS = {BATCHNORM, GHOST_BN, BATCH_RENORM, NOISY_BN}
 NORMS = {"shiftlab.trainers.norms.none.build", "shiftlab.trainers.norms.layernorm.build",
          "shiftlab.trainers.norms.groupnorm.build"} | BN_KINDS
 NOT_STACKED = {
-    "shiftlab.trainers.norms.triton_bn.build": "its Triton kernels have no vmap batching rule",
+    "shiftlab.trainers.norms.triton_bn.build": "its Triton kernel ops are not checked under vmap",
     "shiftlab.trainers.norms.weight_std.build": "its standardized convolutions are not checked member by member",
 }
 OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
