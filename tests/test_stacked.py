@@ -94,7 +94,7 @@ def test_plain_run_resumes_a_stacked_checkpoint(tmp_path):
 def test_grouping_reasons():
     cfgs = [compose_cfg(SMALL + [f"seed={s}", "norm=none"]) for s in (0, 1)]
     cfgs += [compose_cfg(SMALL + ["seed=2", "norm=none", "optimizer=lbfgs"]),
-             compose_cfg(SMALL + ["seed=3", "norm=ghost_bn"]),
+             compose_cfg(SMALL + ["seed=3", "norm=triton_bn"]),
              compose_cfg(SMALL + ["seed=4", "norm=none", "optimizer.eps=1e-6"])]
     for c in cfgs:
         with open_dict(c):

@@ -42,6 +42,35 @@ def renorm_limits(step: int, r_max: float, d_max: float, warmup_steps: int,
     return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
 
 
+def renorm_limits_tensor(step: Tensor, r_max: float, d_max: float, warmup_steps: int,
+                         r_max_steps: int, d_max_steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`renorm_limits` of a step count held in a tensor (float64, same numbers).
+
+    Why: the layer reads its step from ``num_batches_tracked``; as a tensor it never becomes a Python
+    number, so the schedule also works under ``vmap`` (a stacked group's per-member step counts)."""
+    t = step.to(torch.float64)
+
+    def ramp(final: float, start_val: float, end: int) -> Tensor:
+        start, fin = torch.full_like(t, start_val), torch.full_like(t, final)
+        if end <= warmup_steps:
+            return torch.where(t <= warmup_steps, start, fin)
+        frac = (t - warmup_steps) / (end - warmup_steps)
+        mid = start_val + frac * (final - start_val)
+        return torch.where(t <= warmup_steps, start, torch.where(t >= end, fin, mid))
+
+    return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
+
+
+def renorm_corrections(mean: Tensor, std: Tensor, running_mean: Tensor, running_std: Tensor, r_lim: Tensor,
+                       d_lim: Tensor) -> tuple[Tensor, Tensor]:
+    """The clipped ``(r, d)`` of one training forward (no gradient flows through them)."""
+    # bounds rounded to the working dtype from float64, as clamp rounds Python-number bounds
+    r_lo, r_hi, d_hi = (1.0 / r_lim).to(std.dtype), r_lim.to(std.dtype), d_lim.to(mean.dtype)
+    r = torch.clamp(std / running_std.to(std.dtype), r_lo, r_hi)
+    d = torch.clamp((mean - running_mean.to(mean.dtype)) / running_std.to(mean.dtype), -d_hi, d_hi)
+    return r, d
+
+
 class BatchRenorm(StatBatchNorm):
     """Batch Renorm with ``nn.BatchNorm*d`` state_dict keys and in-layer DDP sync."""
 
@@ -62,9 +91,10 @@ class BatchRenorm(StatBatchNorm):
         return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
                 f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}")
 
-    def current_limits(self) -> tuple[float, float]:
-        return renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max,
-                             self.warmup_steps, self.r_max_steps, self.d_max_steps)
+    def current_limits(self) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) in force now, as float64 tensors (batched under a stacked group's ``vmap``)."""
+        return renorm_limits_tensor(self.num_batches_tracked, self.r_max, self.d_max,
+                                    self.warmup_steps, self.r_max_steps, self.d_max_steps)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -79,8 +109,7 @@ class BatchRenorm(StatBatchNorm):
         self.update_running(mean, var, n, factor)
         std = torch.sqrt(var + self.eps)
         with torch.no_grad():
-            r = (std / running_std.to(std.dtype)).clamp(1.0 / r_lim, r_lim)
-            d = ((mean - running_mean.to(mean.dtype)) / running_std.to(mean.dtype)).clamp(-d_lim, d_lim)
+            r, d = renorm_corrections(mean, std, running_mean, running_std, r_lim, d_lim)
         scale = r / std
         shift = d - mean * scale
         y = x * channel_view(scale, x).to(x.dtype) + channel_view(shift, x).to(x.dtype)

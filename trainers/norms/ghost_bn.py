@@ -68,9 +68,9 @@ class GhostBatchNorm(StatBatchNorm):
         if (counts <= 1).any():
             raise ValueError("ghost_bn: expected more than 1 value per channel in every virtual batch when training")
         unbiased = var * (counts / (counts - 1))[:, None]
-        n0 = float(self.num_batches_tracked)
-        self.num_batches_tracked.add_(k)
         if self.momentum is None:  # cumulative average over all chunks seen
+            # a Python number: not under vmap, so the stacked launcher refuses momentum=None
+            n0 = float(self.num_batches_tracked)
             w = torch.full((k,), 1.0 / (n0 + k), dtype=mean.dtype, device=mean.device)
             keep = n0 / (n0 + k)
         else:  # K successive EMA updates: r_K = (1-m)^K r_0 + m * sum_j (1-m)^(K-1-j) s_j
@@ -78,6 +78,7 @@ class GhostBatchNorm(StatBatchNorm):
             expo = torch.arange(k - 1, -1, -1, dtype=mean.dtype, device=mean.device)
             w = m * (1 - m) ** expo
             keep = (1 - m) ** k
+        self.num_batches_tracked.add_(k)
         self.running_mean.mul_(keep).add_((w[:, None] * mean).sum(0).to(self.running_mean.dtype))
         self.running_var.mul_(keep).add_((w[:, None] * unbiased).sum(0).to(self.running_var.dtype))
 

@@ -20,20 +20,31 @@ import torch
 from torch import Tensor, nn
 
 from shiftlab.trainers.norms import register_norm
-from shiftlab.trainers.norms._bn_common import StatBatchNorm, channel_view
+from shiftlab.trainers.norms._bn_common import StatBatchNorm
 
 POSITIONS = ("after_affine", "before_affine")
+
+
+def noise_draws(shape: torch.Size, n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
+                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The ``(s, m)`` of one step of Alg. 1 for an activation of ``shape`` ``(N, C, *)``.
+
+    Why separate from applying them: a stacked member draws its plain run's ``(s, m)`` from its own
+    generator outside ``vmap`` (``shiftlab.trainers.stacked.dropout``), in this order of draws."""
+    kw = dict(device=device, dtype=dtype)
+    per_channel = (1, shape[1]) + (1,) * (len(shape) - 2)
+    mu_t = (torch.rand(shape[1], generator=generator, **kw) * 2 - 1) * n_mu
+    sigma_t = 1 + torch.rand(shape[1], generator=generator, **kw) * (n_sigma - 1)
+    m = mu_t.view(per_channel) + (torch.rand(shape, generator=generator, **kw) * 2 - 1) * r_mu
+    s = sigma_t.view(per_channel) + torch.randn(shape, generator=generator, **kw) * r_sigma
+    return s, m
 
 
 def nonstationary_noise(a: Tensor, n_mu: float, n_sigma: float, r_mu: float, r_sigma: float,
                         generator: torch.Generator | None = None) -> Tensor:
     """Apply one step of Alg. 1's noise to ``a`` ``(N, C, *)``: ``s * a + m``."""
-    c = a.shape[1]
-    kw = dict(device=a.device, dtype=a.dtype)
-    mu_t = (torch.rand(c, generator=generator, **kw) * 2 - 1) * n_mu
-    sigma_t = 1 + torch.rand(c, generator=generator, **kw) * (n_sigma - 1)
-    m = channel_view(mu_t, a) + (torch.rand(a.shape, generator=generator, **kw) * 2 - 1) * r_mu
-    s = channel_view(sigma_t, a) + torch.randn(a.shape, generator=generator, **kw) * r_sigma
+    s, m = noise_draws(a.shape, n_mu, n_sigma, r_mu, r_sigma, generator, a.dtype, a.device)
     return s * a + m
 
 

@@ -20,7 +20,13 @@ parameters and passed to ``vmap`` as batched inputs, so each member normalizes w
 statistics and BN's in-place running-stat update writes member k's slice only (the "Patching Batch
 Norm" way of torch.func that keeps the module's semantics exact; ``replace_all_batch_norm_modules_``
 would drop the running statistics). Validation and test run the template in eval mode (running
-statistics), training in train mode, as Lightning switches the plain module.
+statistics), training in train mode, as Lightning switches the plain module. The same holds for
+``norm=ghost_bn`` (per-chunk statistics and the closed-form K-chunk running update read no Python
+number from a buffer) and ``norm=batch_renorm`` (its r/d limits come from the batched step count
+through ``renorm_limits_tensor``) and ``norm=noisy_bn`` (its noise as dropout's masks, below); they keep
+BatchNorm's buffer names, so a stopped member's buffers are put back as plain BN's are. ``momentum=None``
+(a cumulative average that reads ``num_batches_tracked`` as a Python number) is refused in
+:mod:`~shiftlab.trainers.stacked.grouping`.
 
 ``batching=full``: one step per epoch from the gradient of the mean loss over the whole training set,
 accumulated over the same ``chunk_size`` chunks in the same order as
@@ -32,7 +38,9 @@ Dropout (:mod:`shiftlab.trainers.stacked.dropout`): exact on a CPU, where ATen's
 ``bernoulli_(1 - p) / (1 - p)`` noise from the global generator: member k draws its masks (plain layer
 order and shapes, every train-mode forward) from a generator that holds its plain run's global state and
 makes the plain run's other draws (DataLoader iterators) at the same points; masks are batched ``vmap``
-inputs. Not on CUDA (the fused Philox kernel cannot be replayed): independent generators there.
+inputs. ``norm=noisy_bn`` draws its noise from the same generator in the same way, interleaved with the
+masks in the plain forward's call order. Not on CUDA (the fused Philox kernel cannot be replayed):
+independent generators there.
 """
 from __future__ import annotations
 
@@ -102,7 +110,8 @@ class StackedGroup(MemberSlices):
         self.k = len(members)
         lead = members[0]
         self.template = copy.deepcopy(lead.module.model).to("meta").train()
-        self.dropout = MemberDropout(self.template, members, device)  # its nn.Dropout -> MaskedDropout
+        # its nn.Dropout -> MaskedDropout, NoisyBatchNorm -> GivenNoiseBN
+        self.dropout = MemberDropout(self.template, members, device)
         models = [m.module.model for m in members]
         params, buffers = stack_module_state(models)
         self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}

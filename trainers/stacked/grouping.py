@@ -13,11 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from shiftlab.trainers.stacked.probes import why_not_hosted
 
-# BatchNorm: per-member batch and running statistics (stacked buffers under vmap; see engine.py).
-# Not stacked: ghost / renorm / noisy / triton / weight-std BN variants (their own modules and state).
-NORMS = {"shiftlab.trainers.norms.none.build", "shiftlab.trainers.norms.layernorm.build",
-         "shiftlab.trainers.norms.groupnorm.build", "shiftlab.trainers.norms.batchnorm.build"}
+# BatchNorm, Ghost BatchNorm, Batch Renorm and noisy BN: per-member batch and running statistics (stacked
+# buffers under vmap; see engine.py), noisy BN's noise drawn per member as its plain run draws it (dropout.py).
+# Not stacked: the Triton BN and weight-standardized convolutions (:data:`NOT_STACKED` gives the reasons).
 BATCHNORM = "shiftlab.trainers.norms.batchnorm.build"
+GHOST_BN = "shiftlab.trainers.norms.ghost_bn.build"
+BATCH_RENORM = "shiftlab.trainers.norms.batch_renorm.build"
+NOISY_BN = "shiftlab.trainers.norms.noisy_bn.build"
+BN_KINDS = {BATCHNORM, GHOST_BN, BATCH_RENORM, NOISY_BN}
+NORMS = {"shiftlab.trainers.norms.none.build", "shiftlab.trainers.norms.layernorm.build",
+         "shiftlab.trainers.norms.groupnorm.build"} | BN_KINDS
+NOT_STACKED = {
+    "shiftlab.trainers.norms.triton_bn.build": "its Triton kernel ops are not checked under vmap",
+    "shiftlab.trainers.norms.weight_std.build": "its standardized convolutions are not checked member by member",
+}
 OPTIMIZERS = {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"}
 SCHEDULERS = {"shiftlab.trainers.optim.constant_schedule", "shiftlab.trainers.optim.cosine_schedule",
               "shiftlab.trainers.optim.step_schedule"}
@@ -54,11 +63,12 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
         return f"batching={batching}: only mini-batch and full-batch steps are stacked"
     norm = _target(cfg.get("norm"))
     if norm not in NORMS:
-        return (f"norm={norm}: only none / layernorm / groupnorm / plain BatchNorm are stacked "
-                "(not the BatchNorm variants)")
+        why = NOT_STACKED.get(norm, "a norm the stacked engine does not know")
+        return (f"norm={norm}: only none / layernorm / groupnorm / batchnorm / ghost_bn / batch_renorm / noisy_bn "
+                f"are stacked, not the BatchNorm variants triton_bn / weight_std ({why})")
     if norm == BATCHNORM and cfg.norm.get("sync", False):
         return "norm.sync=true: the all-reducing BatchNorm is for DDP; stacked members use nn.BatchNorm"
-    if norm == BATCHNORM and cfg.norm.get("momentum", 0.1) is None:
+    if norm in BN_KINDS and cfg.norm.get("momentum", 0.1) is None:
         return ("norm.momentum=null: BN's cumulative average reads num_batches_tracked as a Python number, "
                 "which vmap does not allow")
     if _target(cfg.get("optimizer")) not in OPTIMIZERS:
@@ -74,6 +84,9 @@ def why_not_stacked(cfg: DictConfig) -> str | None:
     if probes and float((cfg.model or {}).get("dropout") or 0.0) > 0:  # masks: stacked/dropout.py
         return (f"callbacks.{probes[0]} with model.dropout>0: a probe may draw from the plain run's global RNG "
                 "(train-mode forwards), which shifts the run's later dropout masks")
+    if probes and norm == NOISY_BN:  # noise: stacked/dropout.py
+        return (f"callbacks.{probes[0]} with norm=noisy_bn: a probe may draw from the plain run's global RNG "
+                "(train-mode forwards), which shifts the run's later noise")
     for name in probes:  # epoch probes run per member (probes.py)
         reason = why_not_hosted(name, callbacks[name])
         if reason:
