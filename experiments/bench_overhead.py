@@ -89,28 +89,37 @@ def shiftlab_epochs(cfg) -> dict[str, list[float]]:
     return clock.times
 
 
+def hand_epoch(model: torch.nn.Module, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch: int,
+               backward=lambda loss: loss.backward()) -> tuple[float, float]:
+    """One training epoch written by hand: shuffle, forward, backward, step, and the same bookkeeping as a
+    run (epoch train loss and accuracy, returned). ``backward``: how the loss is backpropagated (the
+    floor side routes it through Lightning's ``manual_backward``)."""
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
+    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    for s in range(0, x.shape[0], batch_size):
+        idx = perm[s:s + batch_size]
+        logits = model(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        backward(loss)
+        opt.step()
+        loss_sum += loss.detach() * idx.numel()
+        correct += (logits.detach().argmax(1) == y[idx]).sum()
+    return float(loss_sum) / x.shape[0], int(correct) / x.shape[0]
+
+
 def hand_loop_epochs(cfg) -> dict[str, list[float]]:
-    """The same work written by hand: shuffle, forward, backward, step; then one validation pass."""
+    """The same work written by hand: :func:`hand_epoch`, then one validation pass."""
     dm, module = harness.build(cfg)
     model = module.model
     opt = module.optimizer_factory(model.parameters())  # the configured optimizer, all its arguments
     x, y, xv, yv = dm.train_set.x, dm.train_set.y, dm.val_set.x, dm.val_set.y
-    bs, times = dm.batch_size, {k: [] for k in CLOCKS}
+    times = {k: [] for k in CLOCKS}
     history = []
     for epoch in range(cfg.trainer.max_epochs):
         t = {k: f() for k, f in CLOCKS.items()}
         model.train()
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
-        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-        for s in range(0, x.shape[0], bs):  # the same bookkeeping: epoch train loss and accuracy
-            idx = perm[s:s + bs]
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * idx.numel()
-            correct += (logits.detach().argmax(1) == y[idx]).sum()
+        train_loss, train_acc = hand_epoch(model, opt, x, y, dm.batch_size, epoch)
         model.eval()
         val_loss, val_correct = 0.0, 0
         with torch.no_grad():
@@ -118,8 +127,7 @@ def hand_loop_epochs(cfg) -> dict[str, list[float]]:
                 logits = model(xv[s:s + 1024])
                 val_loss += float(F.cross_entropy(logits, yv[s:s + 1024], reduction="sum"))
                 val_correct += int((logits.argmax(1) == yv[s:s + 1024]).sum())
-        history.append((float(loss_sum) / x.shape[0], int(correct) / x.shape[0], val_loss / xv.shape[0],
-                        val_correct / xv.shape[0]))
+        history.append((train_loss, train_acc, val_loss / xv.shape[0], val_correct / xv.shape[0]))
         for k, f in CLOCKS.items():
             times[k].append(f() - t[k])
     return times
@@ -139,19 +147,8 @@ class BareEpochs(L.LightningModule):
         return self.optimizer_factory(self.model.parameters())
 
     def training_step(self, batch, batch_idx: int) -> None:
-        opt = self.optimizers()
-        perm = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(self.current_epoch))
-        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-        for s in range(0, self.x.shape[0], self.batch_size):
-            idx = perm[s:s + self.batch_size]
-            logits = self.model(self.x[idx])
-            loss = F.cross_entropy(logits, self.y[idx])
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-            loss_sum += loss.detach() * idx.numel()
-            correct += (logits.detach().argmax(1) == self.y[idx]).sum()
-        self.train_history = (float(loss_sum) / self.x.shape[0], int(correct) / self.x.shape[0])
+        hand_epoch(self.model, self.optimizers(), self.x, self.y, self.batch_size, self.current_epoch,
+                   backward=self.manual_backward)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
